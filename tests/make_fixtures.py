@@ -150,23 +150,21 @@ def routing_margins(model, ids):
     all tokens and MoE layers: float32 vs float64 rounding must not flip a routing decision."""
     gaps = []
 
-    def hook(mod, inp, out):
+    def hook(gate, inp, out):  # gate: DeepseekV2TopkRouter (mlp.gate)
         x = inp[0].reshape(-1, inp[0].shape[-1]).to(torch.float64)
-        s = torch.softmax(x @ mod.weight.to(torch.float64).T, dim=-1)
-        moe = mod._dsv2_moe
-        if moe.topk_method == "group_limited_greedy":
-            g = s.view(s.shape[0], moe.num_group, -1).max(dim=-1).values.sort(dim=-1, descending=True).values
-            gaps.append((g[:, moe.topk_group - 1] - g[:, moe.topk_group]).min().item())
-            keep = g[:, moe.topk_group - 1:moe.topk_group]
-            grp = s.view(s.shape[0], moe.num_group, -1).max(dim=-1).values >= keep
-            s = (s.view(s.shape[0], moe.num_group, -1) * grp[..., None]).view(s.shape[0], -1)
+        s = torch.softmax(x @ gate.weight.to(torch.float64).T, dim=-1)
+        if gate.topk_method == "group_limited_greedy":
+            g = s.view(s.shape[0], gate.num_group, -1).max(dim=-1).values
+            gs = g.sort(dim=-1, descending=True).values
+            gaps.append((gs[:, gate.topk_group - 1] - gs[:, gate.topk_group]).min().item())
+            keep = g >= gs[:, gate.topk_group - 1:gate.topk_group]
+            s = (s.view(s.shape[0], gate.num_group, -1) * keep[..., None]).view(s.shape[0], -1)
         v = s.sort(dim=-1, descending=True).values
-        gaps.append((v[:, moe.top_k - 1] - v[:, moe.top_k]).min().item())
+        gaps.append((v[:, gate.top_k - 1] - v[:, gate.top_k]).min().item())
 
     hs = []
     for layer in model.model.layers:
         if hasattr(layer.mlp, "gate"):
-            layer.mlp.gate._dsv2_moe = layer.mlp
             hs.append(layer.mlp.gate.register_forward_hook(hook))
     with torch.no_grad():
         model(torch.tensor([ids]))
@@ -200,9 +198,9 @@ def unit_values(ref, cfg, f, gen):
     v = torch.randn(37, generator=gen, dtype=torch.float64) * 4
     write_values(f, "softmax_x", v.tolist())
     write_values(f, "softmax_y", torch.softmax(v, dim=-1).tolist())
-    moe = m.layers[1].mlp
-    logits = torch.randn(1, 8, cfg["n_routed_experts"], generator=gen, dtype=torch.float32) * 2
-    idx, w = moe.route_tokens_to_experts(logits)
+    gate = m.layers[1].mlp.gate
+    x = torch.randn(8, cfg["hidden_size"], generator=gen, dtype=torch.float64)
+    logits, w, idx = gate(x)
     order = idx.argsort(dim=-1)  # torch.topk(sorted=False) order is unspecified: sort by expert
     write_values(f, "route_logits", logits.flatten().tolist())
     write_values(f, "route_idx", idx.gather(1, order).flatten().tolist())
