@@ -3,6 +3,9 @@ CC ?= gcc
 CFLAGS ?= -O3 -march=native -Wall -Wextra
 OMP = -fopenmp
 PYTHON ?= python3
+FIXTURES = lite v2
+FIXTURE_MODELS = $(foreach f,$(FIXTURES),build/fixtures/$(f).fp32.bin build/fixtures/$(f).bf16.bin)
+FIXTURE_TOKS = $(foreach f,$(FIXTURES),build/fixtures/$(f).tok.bin)
 
 .PHONY: all run test clean
 all: dsv2
@@ -13,10 +16,22 @@ dsv2: dsv2.c
 test_all: test_all.c dsv2.c
 	$(CC) $(CFLAGS) $(OMP) -o $@ test_all.c -lm
 
-# the tokenizer work stream's prerequisites (exported tokenizers, downloads, fuzz)
+build/fixtures/%.fp32.bin: tests/fixtures/%/config.json export.py
+	@mkdir -p build/fixtures
+	$(PYTHON) export.py tests/fixtures/$* $@ --dtype fp32
+
+build/fixtures/%.bf16.bin: tests/fixtures/%/config.json export.py
+	@mkdir -p build/fixtures
+	$(PYTHON) export.py tests/fixtures/$* $@ --dtype bf16
+
+build/fixtures/%.tok.bin: tests/fixtures/%/tokenizer.json export.py
+	@mkdir -p build/fixtures
+	$(PYTHON) export.py tests/fixtures/$* --tokenizer $@
+
+# the tokenizer tests' prerequisites (exported tokenizers, downloads, fuzz)
 include tests/tokenizer.mk
 
-test: dsv2 test_all $(TOK_TEST_DEPS)
+test: dsv2 test_all $(FIXTURE_MODELS) $(FIXTURE_TOKS) $(TOK_TEST_DEPS)
 	./test_all
 
 clean:

@@ -15,10 +15,11 @@
 #include <unistd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <errno.h>
+#include <stdarg.h>
 
 // one clear error line, then a non-zero exit
 static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-#include <stdarg.h>
 static void die(const char *fmt, ...) {
     va_list ap; va_start(ap, fmt);
     fprintf(stderr, "dsv2: error: ");
@@ -73,11 +74,882 @@ void tokenizer_cli(Tokenizer *t, const char *mode, const char *input) {
 // ---------------- end of tokenizer
 // ----------------------------------------------------------------------------
 
-// ---------------- Model (config, weights, forward, sampler, CLI): main author
+// ----------------------------------------------------------------------------
+// ---------------- The model file: config and weights
+//
+// export.py writes one file: a 256-byte header (magic "DSV2", version, the Config fields below
+// in this order), then every tensor in the order map_weights() walks, each aligned to 64 bytes,
+// as fp32 or bf16, row-major in the Hugging Face shape [out, in]. docs/FORMAT.md has the table.
+
+#define DSV2_MAGIC 0x32565344u  // "DSV2" read as a little-endian uint32
+#define DSV2_VERSION 1
+#define HEADER_BYTES 256
+#define TENSOR_ALIGN 64
+
+typedef struct {
+    int32_t dtype;                  // 0: fp32 weights, 1: bf16 weights
+    int32_t dim;                    // d, hidden size
+    int32_t n_layers;
+    int32_t n_heads;                // n_h
+    int32_t vocab_size;
+    int32_t q_lora_rank;            // d_c', 0 when the query is not compressed (V2-Lite)
+    int32_t kv_lora_rank;           // d_c, the KV latent
+    int32_t qk_nope_head_dim;       // d_h
+    int32_t qk_rope_head_dim;       // d_h^R
+    int32_t v_head_dim;             // value dimension per head
+    int32_t intermediate_size;      // dense FFN width
+    int32_t moe_intermediate_size;  // one expert's width
+    int32_t n_routed_experts;       // N_r
+    int32_t n_shared_experts;       // N_s
+    int32_t n_experts_per_tok;      // K_r
+    int32_t first_k_dense_replace;  // layers below this use the dense FFN
+    int32_t moe_layer_freq;         // (original hub code) MoE only where layer % freq == 0
+    int32_t topk_method;            // 0 greedy, 1 group_limited_greedy (device-limited routing)
+    int32_t n_group;                // M groups of experts ("devices")
+    int32_t topk_group;             // groups kept per token
+    int32_t norm_topk_prob;         // renormalise the top-k weights (original hub code)
+    int32_t max_position_embeddings;
+    int32_t rope_yarn;              // 1: rope_scaling type yarn
+    int32_t original_max_position_embeddings;
+    int32_t bos_token_id, eos_token_id;  // from config.json (-1 if absent)
+    float rms_norm_eps;
+    float rope_theta;
+    float routed_scaling_factor;
+    float rope_factor, beta_fast, beta_slow, mscale, mscale_all_dim, attention_factor;  // YaRN
+} Config;
+
+// a weight matrix inside the memory map; element type given by the file
+typedef struct {
+    const void *data;
+    int bf16;
+} Mat;
+
+typedef struct {
+    Mat gate_proj, up_proj, down_proj;  // SwiGLU: down(silu(gate x) * up x)
+} FFN;
+
+typedef struct {
+    Mat input_layernorm;     // (dim)
+    Mat q_a_proj;            // W^DQ (q_lora_rank, dim); data NULL when q_lora_rank == 0
+    Mat q_a_layernorm;       // (q_lora_rank)
+    Mat q_proj;              // q_b_proj [W^UQ; W^QR] per head (n_heads*(d_h+d_h^R), q_lora_rank),
+                             // or q_proj (same rows, dim) when the query is not compressed
+    Mat kv_a_proj_with_mqa;  // [W^DKV; W^KR] (kv_lora_rank + d_h^R, dim)
+    Mat kv_a_layernorm;      // (kv_lora_rank)
+    Mat kv_b_proj;           // per head [W^UK_i; W^UV_i] (n_heads*(d_h+v_head_dim), kv_lora_rank)
+    Mat o_proj;              // W^O (dim, n_heads*v_head_dim)
+    Mat post_attention_layernorm;  // (dim)
+    int is_moe;
+    FFN dense;               // dense layers: width intermediate_size
+    Mat gate;                // MoE: the centroids e_i as rows (n_routed_experts, dim)
+    FFN *experts;            // MoE: n_routed_experts routed experts, width moe_intermediate_size
+    FFN shared;              // MoE: the N_s shared experts as one FFN, width N_s * moe_intermediate_size
+} Layer;
+
+typedef struct {
+    Config config;
+    Mat embed_tokens;        // (vocab_size, dim)
+    Layer *layers;           // (n_layers)
+    Mat norm;                // (dim)
+    Mat lm_head;             // (vocab_size, dim)
+    void *map;               // the memory-mapped file
+    size_t file_size;
+} Model;
+
+static void *xcalloc(size_t n, size_t size) {
+    void *p = calloc(n ? n : 1, size);
+    if (!p) die("out of memory (%zu x %zu bytes)", n, size);
+    return p;
+}
+
+static inline float bf16_to_float(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float mat_at(Mat m, size_t i) {
+    return m.bf16 ? bf16_to_float(((const uint16_t *)m.data)[i]) : ((const float *)m.data)[i];
+}
+
+static int is_moe_layer(const Config *c, int l) {
+    return c->n_routed_experts > 0 && l >= c->first_k_dense_replace && l % c->moe_layer_freq == 0;
+}
+
+// Points every weight of the model at its place in the file, walking the tensors in file
+// order. Returns the bytes the file must have: the caller checks that against the file size
+// before any weight is read, so a truncated or padded file is refused.
+static uint64_t map_weights(Model *m, const char *base) {
+    const Config *c = &m->config;
+    uint64_t off = HEADER_BYTES;
+    int width = c->dtype == 1 ? 2 : 4;
+    uint64_t qk_head = (uint64_t)c->qk_nope_head_dim + c->qk_rope_head_dim;
+#define TAKE(dst, rows, cols) do { \
+        off = (off + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN; \
+        (dst).data = base + off; (dst).bf16 = c->dtype == 1; \
+        off += (uint64_t)(rows) * (uint64_t)(cols) * width; \
+    } while (0)
+    TAKE(m->embed_tokens, c->vocab_size, c->dim);
+    for (int l = 0; l < c->n_layers; l++) {
+        Layer *L = &m->layers[l];
+        TAKE(L->input_layernorm, 1, c->dim);
+        if (c->q_lora_rank) {
+            TAKE(L->q_a_proj, c->q_lora_rank, c->dim);
+            TAKE(L->q_a_layernorm, 1, c->q_lora_rank);
+            TAKE(L->q_proj, c->n_heads * qk_head, c->q_lora_rank);
+        } else {
+            TAKE(L->q_proj, c->n_heads * qk_head, c->dim);
+        }
+        TAKE(L->kv_a_proj_with_mqa, c->kv_lora_rank + c->qk_rope_head_dim, c->dim);
+        TAKE(L->kv_a_layernorm, 1, c->kv_lora_rank);
+        TAKE(L->kv_b_proj, (uint64_t)c->n_heads * (c->qk_nope_head_dim + c->v_head_dim), c->kv_lora_rank);
+        TAKE(L->o_proj, c->dim, (uint64_t)c->n_heads * c->v_head_dim);
+        TAKE(L->post_attention_layernorm, 1, c->dim);
+        L->is_moe = is_moe_layer(c, l);
+        if (L->is_moe) {
+            uint64_t mi = c->moe_intermediate_size, si = mi * c->n_shared_experts;
+            TAKE(L->gate, c->n_routed_experts, c->dim);
+            for (int e = 0; e < c->n_routed_experts; e++) {
+                TAKE(L->experts[e].gate_proj, mi, c->dim);
+                TAKE(L->experts[e].up_proj, mi, c->dim);
+                TAKE(L->experts[e].down_proj, c->dim, mi);
+            }
+            if (c->n_shared_experts) {
+                TAKE(L->shared.gate_proj, si, c->dim);
+                TAKE(L->shared.up_proj, si, c->dim);
+                TAKE(L->shared.down_proj, c->dim, si);
+            }
+        } else {
+            TAKE(L->dense.gate_proj, c->intermediate_size, c->dim);
+            TAKE(L->dense.up_proj, c->intermediate_size, c->dim);
+            TAKE(L->dense.down_proj, c->dim, c->intermediate_size);
+        }
+    }
+    TAKE(m->norm, 1, c->dim);
+    TAKE(m->lm_head, c->vocab_size, c->dim);
+#undef TAKE
+    return off;
+}
+
+// Every field a corrupt header could set to something that would crash the forward pass.
+static void check_config(const Config *c, const char *path) {
+#define RANGE(field, lo, hi) do { if (c->field < (lo) || c->field > (hi)) \
+        die("%s: unsupported or corrupt config: " #field " = %d (expected %d..%d)", path, \
+            (int)c->field, (int)(lo), (int)(hi)); } while (0)
+    RANGE(dtype, 0, 1);
+    RANGE(dim, 1, 1 << 16);
+    RANGE(n_layers, 1, 1024);
+    RANGE(n_heads, 1, 1024);
+    RANGE(vocab_size, 1, 1 << 22);
+    RANGE(q_lora_rank, 0, 1 << 16);
+    RANGE(kv_lora_rank, 1, 1 << 16);
+    RANGE(qk_nope_head_dim, 1, 4096);
+    RANGE(qk_rope_head_dim, 2, 4096);
+    RANGE(v_head_dim, 1, 4096);
+    RANGE(intermediate_size, 1, 1 << 20);
+    RANGE(moe_intermediate_size, 1, 1 << 20);
+    RANGE(n_routed_experts, 1, 4096);
+    RANGE(n_shared_experts, 0, 64);
+    RANGE(n_experts_per_tok, 1, c->n_routed_experts);
+    RANGE(first_k_dense_replace, 0, c->n_layers);
+    RANGE(moe_layer_freq, 1, 1024);
+    RANGE(topk_method, 0, 1);
+    RANGE(n_group, 1, c->n_routed_experts);
+    RANGE(topk_group, 1, c->n_group);
+    RANGE(norm_topk_prob, 0, 1);
+    RANGE(max_position_embeddings, 1, 1 << 24);
+    RANGE(rope_yarn, 0, 1);
+#undef RANGE
+    if (c->qk_rope_head_dim % 2) die("%s: qk_rope_head_dim must be even", path);
+    if (c->n_routed_experts % c->n_group) die("%s: n_routed_experts is not a multiple of n_group", path);
+    if (!(c->rms_norm_eps > 0 && c->rms_norm_eps < 1) || !(c->rope_theta > 1) ||
+        !isfinite(c->routed_scaling_factor) || (c->rope_yarn && !(c->rope_factor >= 1)) ||
+        (c->rope_yarn && c->original_max_position_embeddings < 1))
+        die("%s: unsupported or corrupt config: a float field is out of range", path);
+}
+
+static void model_load(Model *m, const char *path) {
+    memset(m, 0, sizeof(*m));
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("cannot open model file %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
+    m->file_size = (size_t)st.st_size;
+    if (m->file_size < HEADER_BYTES) die("%s: too short for a dsv2 model file (%zu bytes)", path, m->file_size);
+    m->map = mmap(NULL, m->file_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (m->map == MAP_FAILED) die("%s: mmap failed: %s", path, strerror(errno));
+    const uint32_t *head = m->map;
+    if (head[0] != DSV2_MAGIC) die("%s: not a dsv2 model file (bad magic); convert with export.py", path);
+    if (head[1] != DSV2_VERSION)
+        die("%s: model file version %u, this dsv2 reads version %d; re-export with export.py", path, head[1], DSV2_VERSION);
+    memcpy(&m->config, (const char *)m->map + 8, sizeof(Config));
+    check_config(&m->config, path);
+    m->layers = xcalloc(m->config.n_layers, sizeof(Layer));
+    for (int l = 0; l < m->config.n_layers; l++)
+        if (is_moe_layer(&m->config, l)) m->layers[l].experts = xcalloc(m->config.n_routed_experts, sizeof(FFN));
+    uint64_t need = map_weights(m, m->map);
+    if (need != m->file_size)
+        die("%s: file is %zu bytes but its config needs %llu (truncated or corrupt)", path, m->file_size,
+            (unsigned long long)need);
+}
+
+static void model_free(Model *m) {
+    for (int l = 0; l < m->config.n_layers; l++) free(m->layers[l].experts);
+    free(m->layers);
+    munmap(m->map, m->file_size);
+}
+
+// ----------------------------------------------------------------------------
+// ---------------- The run state: activations and the latent KV cache
+
+typedef enum { ATTN_ABSORBED, ATTN_NAIVE } AttnForm;
+
+typedef struct {
+    float *x;         // residual stream h (dim)
+    float *xb;        // normed input of attention / FFN (dim)
+    float *c_q;       // c_t^Q, the compressed query (q_lora_rank)
+    float *q;         // [q_t,i^C ; q_t,i^R] for every head (n_heads, d_h + d_h^R)
+    float *kv_a;      // [c_t^KV ; k_t^R] as projected (kv_lora_rank + d_h^R)
+    float *q_absorbed;// absorbed form: W^UK_i^T q_t,i^C per head (n_heads, kv_lora_rank)
+    float *o_latent;  // absorbed form: sum_j p_j c_j^KV per head (n_heads, kv_lora_rank)
+    float *kv_head;   // naive form: k_j,i^C and v_j,i^C rebuilt per head (n_heads, d_h + v_head_dim)
+    float *att;       // attention probabilities (n_heads, seq_len)
+    float *o;         // o_t,i for every head (n_heads, v_head_dim)
+    float *u;         // u_t, attention or FFN output (dim)
+    float *ffn_out;   // (dim)
+    float *hb, *hb2;  // FFN hidden (max width)
+    float *scores;    // s_i,t router affinities (n_routed_experts)
+    int *topk_idx;    // chosen experts (n_experts_per_tok)
+    float *topk_w;    // g_i,t of the chosen experts (n_experts_per_tok)
+    float *rope_cos, *rope_sin;  // this position's rotation (d_h^R / 2)
+    float *inv_freq;  // RoPE / YaRN inverse frequencies (d_h^R / 2)
+    float rope_mscale;     // YaRN's factor on cos/sin (1 without YaRN)
+    float softmax_scale;   // 1/sqrt(d_h + d_h^R), times YaRN's mscale^2
+    float *logits;    // (vocab_size)
+    float *kv_cache;  // THE cache: (n_layers, seq_len, kv_lora_rank + d_h^R): c^KV then k^R
+    int seq_len;
+} RunState;
+
+static int kv_cache_width(const Config *c) { return c->kv_lora_rank + c->qk_rope_head_dim; }
+
+static void rope_init(RunState *s, const Config *c);
+
+static void runstate_init(RunState *s, const Config *c, int seq_len) {
+    int qk_head = c->qk_nope_head_dim + c->qk_rope_head_dim;
+    int ffn_width = c->intermediate_size;
+    if (c->moe_intermediate_size * (c->n_shared_experts > 1 ? c->n_shared_experts : 1) > ffn_width)
+        ffn_width = c->moe_intermediate_size * (c->n_shared_experts > 1 ? c->n_shared_experts : 1);
+    s->seq_len = seq_len;
+    s->x = xcalloc(c->dim, sizeof(float));
+    s->xb = xcalloc(c->dim, sizeof(float));
+    s->c_q = xcalloc(c->q_lora_rank, sizeof(float));
+    s->q = xcalloc((size_t)c->n_heads * qk_head, sizeof(float));
+    s->kv_a = xcalloc(kv_cache_width(c), sizeof(float));
+    s->q_absorbed = xcalloc((size_t)c->n_heads * c->kv_lora_rank, sizeof(float));
+    s->o_latent = xcalloc((size_t)c->n_heads * c->kv_lora_rank, sizeof(float));
+    s->kv_head = xcalloc((size_t)c->n_heads * (c->qk_nope_head_dim + c->v_head_dim), sizeof(float));
+    s->att = xcalloc((size_t)c->n_heads * seq_len, sizeof(float));
+    s->o = xcalloc((size_t)c->n_heads * c->v_head_dim, sizeof(float));
+    s->u = xcalloc(c->dim, sizeof(float));
+    s->ffn_out = xcalloc(c->dim, sizeof(float));
+    s->hb = xcalloc(ffn_width, sizeof(float));
+    s->hb2 = xcalloc(ffn_width, sizeof(float));
+    s->scores = xcalloc(c->n_routed_experts, sizeof(float));
+    s->topk_idx = xcalloc(c->n_experts_per_tok, sizeof(int));
+    s->topk_w = xcalloc(c->n_experts_per_tok, sizeof(float));
+    s->rope_cos = xcalloc(c->qk_rope_head_dim / 2, sizeof(float));
+    s->rope_sin = xcalloc(c->qk_rope_head_dim / 2, sizeof(float));
+    s->inv_freq = xcalloc(c->qk_rope_head_dim / 2, sizeof(float));
+    s->logits = xcalloc(c->vocab_size, sizeof(float));
+    s->kv_cache = xcalloc((size_t)c->n_layers * seq_len * kv_cache_width(c), sizeof(float));
+    rope_init(s, c);
+}
+
+static void runstate_free(RunState *s) {
+    float *all[] = {s->x, s->xb, s->c_q, s->q, s->kv_a, s->q_absorbed, s->o_latent, s->kv_head, s->att,
+                    s->o, s->u, s->ffn_out, s->hb, s->hb2, s->scores, s->topk_w, s->rope_cos, s->rope_sin,
+                    s->inv_freq, s->logits, s->kv_cache};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]);
+    free(s->topk_idx);
+}
+
+// ----------------------------------------------------------------------------
+// ---------------- Neural net blocks
+
+// RMSNorm: o = x * rsqrt(mean(x^2) + eps) * w, in float32 (size n)
+static void rmsnorm(float *o, const float *x, Mat w, int n, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) o[i] = mat_at(w, i) * (x[i] * r);
+}
+
+static void softmax(float *x, int n) {
+    float max = x[0];
+    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - max); sum += x[i]; }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+// W (d,n) @ x (n,) -> xout (d,); OpenMP over the output rows
+static void matmul(float *xout, const float *x, Mat w, int n, int d) {
+    #pragma omp parallel for schedule(static)
+    for (int i = 0; i < d; i++) {
+        float val = 0.0f;
+        if (w.bf16) {
+            const uint16_t *row = (const uint16_t *)w.data + (size_t)i * n;
+            #pragma omp simd reduction(+:val)
+            for (int j = 0; j < n; j++) val += bf16_to_float(row[j]) * x[j];
+        } else {
+            const float *row = (const float *)w.data + (size_t)i * n;
+            #pragma omp simd reduction(+:val)
+            for (int j = 0; j < n; j++) val += row[j] * x[j];
+        }
+        xout[i] = val;
+    }
+}
+
+// rows [r0, r0+d) of W (., n) @ x (n,) -> xout (d,); single-threaded, for per-head work
+static void matmul_rows(float *xout, const float *x, Mat w, size_t r0, int n, int d) {
+    for (int i = 0; i < d; i++) {
+        float val = 0.0f;
+        for (int j = 0; j < n; j++) val += mat_at(w, (r0 + i) * n + j) * x[j];
+        xout[i] = val;
+    }
+}
+
+// rows [r0, r0+d) of W (., n), transposed: W^T (n, d) @ x (d,) -> xout (n,); single-threaded
+static void matmul_rows_t(float *xout, const float *x, Mat w, size_t r0, int n, int d) {
+    for (int j = 0; j < n; j++) xout[j] = 0.0f;
+    for (int i = 0; i < d; i++)
+        for (int j = 0; j < n; j++) xout[j] += mat_at(w, (r0 + i) * n + j) * x[i];
+}
+
+static float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// ---------------- Decoupled RoPE with YaRN (eqs. 14-15)
+
+// YaRN's magnitude correction: 0.1 m ln(s) + 1 for s > 1
+static double yarn_get_mscale(double scale, double m) { return scale <= 1 ? 1.0 : 0.1 * m * log(scale) + 1.0; }
+
+// the dimension whose wavelength makes num_rotations turns over the original context
+static double yarn_correction_dim(double num_rotations, int dim, double base, int max_pos) {
+    return (dim * log(max_pos / (num_rotations * 2 * M_PI))) / (2 * log(base));
+}
+
+// inverse frequencies inv_freq[i] = theta^(-2i/d_h^R); with YaRN, the low frequencies are
+// interpolated (divided by the factor) and the high ones kept, with a linear ramp between the
+// correction dimensions of beta_fast and beta_slow. Float32 steps as transformers takes them.
+static void rope_init(RunState *s, const Config *c) {
+    int half = c->qk_rope_head_dim / 2, dim = c->qk_rope_head_dim;
+    s->rope_mscale = 1.0f;
+    s->softmax_scale = 1.0f / sqrtf((float)(c->qk_nope_head_dim + c->qk_rope_head_dim));
+    for (int i = 0; i < half; i++) {
+        float pos_freq = powf(c->rope_theta, (float)(2 * i) / (float)dim);
+        s->inv_freq[i] = 1.0f / pos_freq;
+    }
+    if (!c->rope_yarn) return;
+    double low = floor(yarn_correction_dim(c->beta_fast, dim, c->rope_theta, c->original_max_position_embeddings));
+    double high = ceil(yarn_correction_dim(c->beta_slow, dim, c->rope_theta, c->original_max_position_embeddings));
+    if (low < 0) low = 0;
+    if (high > dim - 1) high = dim - 1;
+    if (low == high) high += 0.001;
+    for (int i = 0; i < half; i++) {
+        float pos_freq = powf(c->rope_theta, (float)(2 * i) / (float)dim);
+        float extrapolated = 1.0f / pos_freq, interpolated = 1.0f / (c->rope_factor * pos_freq);
+        float ramp = (float)((i - low) / (high - low));
+        ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+        float keep = 1.0f - ramp;  // 1: extrapolate (high frequency), 0: interpolate
+        s->inv_freq[i] = interpolated * (1.0f - keep) + extrapolated * keep;
+    }
+    if (c->attention_factor > 0) s->rope_mscale = c->attention_factor;
+    else if (c->mscale != 0 && c->mscale_all_dim != 0)
+        s->rope_mscale = (float)(yarn_get_mscale(c->rope_factor, c->mscale) / yarn_get_mscale(c->rope_factor, c->mscale_all_dim));
+    else s->rope_mscale = (float)yarn_get_mscale(c->rope_factor, 1.0);
+    if (c->mscale_all_dim != 0) {
+        float m = (float)yarn_get_mscale(c->rope_factor, c->mscale_all_dim);
+        s->softmax_scale = (float)((1.0 / sqrt((double)(c->qk_nope_head_dim + c->qk_rope_head_dim))) * m * m);
+    }
+}
+
+// cos and sin of this position's angles (pos * inv_freq[i], in float32), times YaRN's mscale
+static void rope_position(RunState *s, const Config *c, int pos) {
+    for (int i = 0; i < c->qk_rope_head_dim / 2; i++) {
+        float angle = (float)pos * s->inv_freq[i];
+        s->rope_cos[i] = (float)cos(angle) * s->rope_mscale;
+        s->rope_sin[i] = (float)sin(angle) * s->rope_mscale;
+    }
+}
+
+// rotate the INTERLEAVED pairs (2i, 2i+1) of v (d_h^R values), as the checkpoints expect
+static void rope_apply(float *v, const RunState *s, int rope_dim) {
+    for (int i = 0; i < rope_dim / 2; i++) {
+        float a = v[2 * i], b = v[2 * i + 1];
+        v[2 * i] = a * s->rope_cos[i] - b * s->rope_sin[i];
+        v[2 * i + 1] = a * s->rope_sin[i] + b * s->rope_cos[i];
+    }
+}
+
+// ---------------- Multi-head Latent Attention (eqs. 9-19)
+
+static void mla_attention(const Model *m, RunState *s, int l, int pos, AttnForm form) {
+    const Config *c = &m->config;
+    const Layer *L = &m->layers[l];
+    int nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim, vdim = c->v_head_dim;
+    int qk_head = nope + rope, d_c = c->kv_lora_rank, width = kv_cache_width(c);
+    float *h = s->xb;
+
+    // the query, compressed (V2) or not (V2-Lite)
+    if (c->q_lora_rank) {
+        matmul(s->c_q, h, L->q_a_proj, c->dim, c->q_lora_rank);              // eq. (12) c_t^Q = W^DQ h_t
+        rmsnorm(s->c_q, s->c_q, L->q_a_layernorm, c->q_lora_rank, c->rms_norm_eps);
+        matmul(s->q, s->c_q, L->q_proj, c->q_lora_rank, c->n_heads * qk_head); // eq. (13) q_t^C = W^UQ c_t^Q (and W^QR c_t^Q)
+    } else {
+        matmul(s->q, h, L->q_proj, c->dim, c->n_heads * qk_head);           // eq. (13) without compression
+    }
+    for (int i = 0; i < c->n_heads; i++)
+        rope_apply(s->q + i * qk_head + nope, s, rope);                      // eq. (14) q_t^R = RoPE(W^QR c_t^Q)
+
+    // the keys and values, compressed into the latent that is all the cache keeps
+    float *row = s->kv_cache + ((size_t)l * s->seq_len + pos) * width;      // this token's cache row
+    matmul(s->kv_a, h, L->kv_a_proj_with_mqa, c->dim, width);
+    rmsnorm(row, s->kv_a, L->kv_a_layernorm, d_c, c->rms_norm_eps);          // eq. (9)  c_t^KV = W^DKV h_t
+    memcpy(row + d_c, s->kv_a + d_c, rope * sizeof(float));
+    rope_apply(row + d_c, s, rope);                                          // eq. (15) k_t^R = RoPE(W^KR h_t)
+
+    #pragma omp parallel for schedule(static)
+    for (int i = 0; i < c->n_heads; i++) {
+        const float *q_c = s->q + i * qk_head, *q_r = q_c + nope;           // eq. (16) q_t,i = [q^C ; q^R]
+        float *att = s->att + (size_t)i * s->seq_len;
+        float *o = s->o + i * vdim;
+        size_t uk = (size_t)i * (nope + vdim), uv = uk + nope;              // rows of W^UK_i and W^UV_i
+        if (form == ATTN_NAIVE) {
+            // rebuild every past key and value of head i from its latent (eqs. 10-11, 17-18)
+            float *k_c = s->kv_head + (size_t)i * (nope + vdim), *v_c = k_c + nope;
+            for (int j = 0; j <= pos; j++) {
+                const float *cj = s->kv_cache + ((size_t)l * s->seq_len + j) * width;
+                matmul_rows(k_c, cj, L->kv_b_proj, uk, d_c, nope);          // eq. (10) k_j,i^C = W^UK_i c_j^KV
+                float score = 0.0f;                                          // eq. (17) k_j,i = [k^C ; k_j^R]
+                for (int k = 0; k < nope; k++) score += q_c[k] * k_c[k];
+                for (int k = 0; k < rope; k++) score += q_r[k] * cj[d_c + k];
+                att[j] = score * s->softmax_scale;
+            }
+            softmax(att, pos + 1);
+            memset(o, 0, vdim * sizeof(float));
+            for (int j = 0; j <= pos; j++) {
+                const float *cj = s->kv_cache + ((size_t)l * s->seq_len + j) * width;
+                matmul_rows(v_c, cj, L->kv_b_proj, uv, d_c, vdim);          // eq. (11) v_j,i^C = W^UV_i c_j^KV
+                for (int k = 0; k < vdim; k++) o[k] += att[j] * v_c[k];      // eq. (18) o_t,i = sum_j p_j v_j,i^C
+            }
+        } else {
+            // absorbed (Appendix C): score the query against the latent itself,
+            // q^C . (W^UK_i c_j) = (W^UK_i^T q^C) . c_j, so no per-head key is ever built
+            float *q_lat = s->q_absorbed + (size_t)i * d_c, *o_lat = s->o_latent + (size_t)i * d_c;
+            matmul_rows_t(q_lat, q_c, L->kv_b_proj, uk, d_c, nope);         // W^UK_i absorbed into the query
+            for (int j = 0; j <= pos; j++) {
+                const float *cj = s->kv_cache + ((size_t)l * s->seq_len + j) * width;
+                float score = 0.0f;
+                for (int k = 0; k < d_c; k++) score += q_lat[k] * cj[k];     // eqs. (10), (17) absorbed
+                for (int k = 0; k < rope; k++) score += q_r[k] * cj[d_c + k];
+                att[j] = score * s->softmax_scale;
+            }
+            softmax(att, pos + 1);
+            memset(o_lat, 0, d_c * sizeof(float));
+            for (int j = 0; j <= pos; j++) {
+                const float *cj = s->kv_cache + ((size_t)l * s->seq_len + j) * width;
+                for (int k = 0; k < d_c; k++) o_lat[k] += att[j] * cj[k];    // eq. (18) on the latent
+            }
+            matmul_rows(o, o_lat, L->kv_b_proj, uv, d_c, vdim);             // eq. (11) W^UV_i applied once, after the sum
+        }
+    }
+    matmul(s->u, s->o, L->o_proj, c->n_heads * vdim, c->dim);              // eq. (19) u_t = W^O [o_t,1; ...; o_t,n_h]
+}
+
+// ---------------- DeepSeekMoE (eqs. 20-22)
+
+// SwiGLU FFN of width `width`: out = down(silu(gate x) * up x)
+static void ffn(float *out, const float *x, const FFN *f, int dim, int width, float *hb, float *hb2) {
+    matmul(hb, x, f->gate_proj, dim, width);
+    matmul(hb2, x, f->up_proj, dim, width);
+    for (int i = 0; i < width; i++) hb[i] = silu(hb[i]) * hb2[i];
+    matmul(out, hb, f->down_proj, width, dim);
+}
+
+// index of the largest of x[0..n) with keep[i] set (lowest index on ties), -1 if none
+static int argmax_masked(const float *x, const int *keep, int n) {
+    int best = -1;
+    for (int i = 0; i < n; i++)
+        if ((!keep || keep[i]) && (best < 0 || x[i] > x[best])) best = i;
+    return best;
+}
+
+// The router: affinities s_i,t over all routed experts, then the top K_r of them; with
+// group_limited_greedy (device-limited routing, sec. 2.2.2) only inside the topk_group groups
+// whose best affinity is highest. Fills topk_idx / topk_w with g_i,t of the chosen experts.
+static void moe_route(const Config *c, float *scores, int *topk_idx, float *topk_w) {
+    int E = c->n_routed_experts, K = c->n_experts_per_tok;
+    softmax(scores, E);                                                      // eq. (22) s_i,t = softmax_i(u_t^T e_i)
+    int kept[4096], chosen[4096];
+    for (int i = 0; i < E; i++) { kept[i] = 1; chosen[i] = 0; }
+    if (c->topk_method == 1) {  // group_limited_greedy: a group's score is its best expert's
+        int per = E / c->n_group, group_keep[4096];
+        float group_score[4096];
+        for (int g = 0; g < c->n_group; g++) {
+            group_keep[g] = 1;
+            group_score[g] = scores[g * per];
+            for (int e = 1; e < per; e++) if (scores[g * per + e] > group_score[g]) group_score[g] = scores[g * per + e];
+        }
+        int taken[4096] = {0};
+        for (int k = 0; k < c->topk_group; k++) {
+            for (int g = 0; g < c->n_group; g++) group_keep[g] = !taken[g];
+            taken[argmax_masked(group_score, group_keep, c->n_group)] = 1;
+        }
+        for (int i = 0; i < E; i++) kept[i] = taken[i / per];
+    }
+    // eq. (21): g_i,t = s_i,t for the top K_r (dropped groups count as 0, as in the reference)
+    float masked[4096];
+    for (int i = 0; i < E; i++) masked[i] = kept[i] ? scores[i] : 0.0f;
+    float sum = 0.0f;
+    for (int k = 0; k < K; k++) {
+        int avail[4096];
+        for (int i = 0; i < E; i++) avail[i] = !chosen[i];
+        int best = argmax_masked(masked, avail, E);
+        chosen[best] = 1;
+        topk_idx[k] = best;
+        topk_w[k] = masked[best];
+        sum += masked[best];
+    }
+    for (int k = 0; k < K; k++) {
+        if (c->norm_topk_prob && K > 1) topk_w[k] /= sum + 1e-20f;  // original hub code: renormalise...
+        else topk_w[k] *= c->routed_scaling_factor;                  // ...or scale by routed_scaling_factor
+    }
+}
+
+static void moe_ffn(const Model *m, RunState *s, int l) {
+    const Config *c = &m->config;
+    const Layer *L = &m->layers[l];
+    float *u = s->xb;  // the FFN input u_t (after RMSNorm)
+    float *out = s->ffn_out;
+    matmul(s->scores, u, L->gate, c->dim, c->n_routed_experts);             // u_t^T e_i for every expert
+    moe_route(c, s->scores, s->topk_idx, s->topk_w);                         // eqs. (21)-(22)
+    memset(out, 0, c->dim * sizeof(float));
+    if (c->n_shared_experts)                                                 // eq. (20) sum_i FFN_i^(s)(u_t)
+        ffn(out, u, &L->shared, c->dim, c->moe_intermediate_size * c->n_shared_experts, s->hb, s->hb2);
+    for (int k = 0; k < c->n_experts_per_tok; k++) {                        // eq. (20) + sum_i g_i,t FFN_i^(r)(u_t)
+        ffn(s->u, u, &L->experts[s->topk_idx[k]], c->dim, c->moe_intermediate_size, s->hb, s->hb2);
+        for (int i = 0; i < c->dim; i++) out[i] += s->topk_w[k] * s->u[i];
+    }
+}
+
+// ---------------- The forward pass: one token at position pos -> logits
+
+static float *forward(const Model *m, RunState *s, int token, int pos, AttnForm form) {
+    const Config *c = &m->config;
+    for (int i = 0; i < c->dim; i++) s->x[i] = mat_at(m->embed_tokens, (size_t)token * c->dim + i);
+    rope_position(s, c, pos);
+    for (int l = 0; l < c->n_layers; l++) {
+        const Layer *L = &m->layers[l];
+        rmsnorm(s->xb, s->x, L->input_layernorm, c->dim, c->rms_norm_eps);
+        mla_attention(m, s, l, pos, form);
+        for (int i = 0; i < c->dim; i++) s->x[i] += s->u[i];                 // residual around attention
+        rmsnorm(s->xb, s->x, L->post_attention_layernorm, c->dim, c->rms_norm_eps);
+        if (L->is_moe) moe_ffn(m, s, l);
+        else ffn(s->ffn_out, s->xb, &L->dense, c->dim, c->intermediate_size, s->hb, s->hb2);
+        for (int i = 0; i < c->dim; i++) s->x[i] += s->ffn_out[i];           // residual around the FFN (eq. 20's u_t +)
+    }
+    rmsnorm(s->x, s->x, m->norm, c->dim, c->rms_norm_eps);
+    matmul(s->logits, s->x, m->lm_head, c->dim, c->vocab_size);
+    return s->logits;
+}
+
+// ----------------------------------------------------------------------------
+// ---------------- The sampler: greedy, temperature, top-p
+
+typedef struct {
+    float temperature;   // 0: greedy
+    float topp;          // nucleus sampling threshold in (0, 1]; 1 disables it
+    uint64_t rng_state;
+    int *order;          // (vocab_size) scratch for top-p
+} Sampler;
+
+static uint32_t random_u32(uint64_t *state) {  // xorshift*
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; }
+
+static int sample_argmax(const float *p, int n) { return argmax_masked(p, NULL, n); }
+
+static int sample_mult(const float *p, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) { cdf += p[i]; if (coin < cdf) return i; }
+    return n - 1;
+}
+
+static const float *topp_probs;
+static int topp_cmp(const void *a, const void *b) {
+    float pa = topp_probs[*(const int *)a], pb = topp_probs[*(const int *)b];
+    return pa > pb ? -1 : pa < pb ? 1 : *(const int *)a - *(const int *)b;
+}
+
+// sample from the smallest set of tokens whose probability reaches topp
+static int sample_topp(const float *p, int n, float topp, int *order, float coin) {
+    int m = 0;
+    float cutoff = (1.0f - topp) / (n - 1 > 0 ? n - 1 : 1);  // tokens below this can't be in the set
+    for (int i = 0; i < n; i++) if (p[i] >= cutoff) order[m++] = i;
+    topp_probs = p;
+    qsort(order, m, sizeof(int), topp_cmp);
+    float cum = 0.0f;
+    int last = m - 1;
+    for (int i = 0; i < m; i++) { cum += p[order[i]]; if (cum > topp) { last = i; break; } }
+    float r = coin * cum, cdf = 0.0f;
+    for (int i = 0; i <= last; i++) { cdf += p[order[i]]; if (r < cdf) return order[i]; }
+    return order[last];
+}
+
+static int sample(Sampler *sp, float *logits, int n) {
+    if (sp->temperature == 0.0f) return sample_argmax(logits, n);
+    for (int i = 0; i < n; i++) logits[i] /= sp->temperature;
+    softmax(logits, n);
+    float coin = random_f32(&sp->rng_state);
+    if (sp->topp <= 0.0f || sp->topp >= 1.0f) return sample_mult(logits, n, coin);
+    return sample_topp(logits, n, sp->topp, sp->order, coin);
+}
+
+// ----------------------------------------------------------------------------
+// ---------------- Generation
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+// The paper's Table 1 for the loaded model: what the latent cache costs per token next to MHA.
+static void print_kv_cache_size(const Config *c) {
+    long mla = (long)c->n_layers * kv_cache_width(c);
+    long mha = 2L * c->n_layers * c->n_heads * c->qk_nope_head_dim;  // 2 n_h d_h l
+    fprintf(stderr, "KV cache per token: MLA %ld values (%d layers x (d_c %d + d_h^R %d)) = %ld bytes (float32); "
+            "MHA with %d heads of %d would need %ld values = %ld bytes (MLA is %.1f%%)\n",
+            mla, c->n_layers, c->kv_lora_rank, c->qk_rope_head_dim, mla * 4, c->n_heads, c->qk_nope_head_dim,
+            mha, mha * 4, 100.0 * mla / mha);
+}
+
+typedef struct {
+    const char *dump_logits;  // write every position's logits here (float32, [pos][vocab])
+    AttnForm form;
+    int n_new;                // new tokens to generate (-n)
+} GenOptions;
+
+static void put_token(Tokenizer *tok, DecodeState *ds, int id) {
+    if (id >= 0 && id < tok->vocab_size) tokenizer_put(tok, ds, id, 1, stdout);
+    else printf("[%d]", id);  // the model's vocabulary can be larger than the tokenizer's
+    fflush(stdout);
+}
+
+// Runs the prompt ids through the model and generates up to n_new tokens after them.
+// Positions start at pos0 (chat continues a conversation in the same cache).
+// Returns the next free position.
+static int generate_ids(const Model *m, RunState *s, Tokenizer *tok, Sampler *sp, const int *ids, int n_ids,
+                        int pos0, const GenOptions *opt, FILE *dump) {
+    const Config *c = &m->config;
+    if (pos0 + n_ids > s->seq_len)
+        die("the prompt is %d tokens but the context holds %d (max_position_embeddings %d)",
+            pos0 + n_ids, s->seq_len, c->max_position_embeddings);
+    DecodeState ds;
+    memset(&ds, 0, sizeof(ds));
+    double t0 = now_s(), t1 = t0;
+    int pos = pos0, token = ids[0], n_gen = 0;
+    while (pos < s->seq_len) {
+        float *logits = forward(m, s, token, pos, opt->form);
+        if (dump && fwrite(logits, sizeof(float), c->vocab_size, dump) != (size_t)c->vocab_size)
+            die("--dump-logits: write failed");
+        pos++;
+        int i = pos - pos0;  // tokens of this call processed so far
+        int next;
+        if (i < n_ids) next = ids[i];
+        else {
+            if (i == n_ids) t1 = now_s();
+            if (n_gen >= opt->n_new) break;
+            next = sample(sp, logits, c->vocab_size);
+            n_gen++;
+            if (next == tok->eos_id) break;
+            put_token(tok, &ds, next);
+        }
+        token = next;
+    }
+    tokenizer_flush(tok, &ds, stdout);
+    double t2 = now_s();
+    if (n_ids + n_gen > 0 && pos - pos0 >= n_ids) {
+        fprintf(stderr, "\nprompt: %d tokens, %.1f tok/s; generated: %d tokens, %.1f tok/s\n", n_ids,
+                n_ids / (t1 - t0 > 0 ? t1 - t0 : 1e-9), n_gen, n_gen / (t2 - t1 > 0 ? t2 - t1 : 1e-9));
+    }
+    return pos;
+}
+
+static int context_for(const Config *c, int n_prompt, int n_new) {
+    long want = (long)n_prompt + n_new;
+    return (int)(want < c->max_position_embeddings ? want : c->max_position_embeddings);
+}
+
+static void generate(const Model *m, Tokenizer *tok, Sampler *sp, const char *prompt, const GenOptions *opt) {
+    int n_ids;
+    int *ids = tokenizer_encode(tok, prompt, strlen(prompt), tok->add_bos, &n_ids);
+    if (n_ids == 0) die("the prompt is empty and the tokenizer adds no BOS: nothing to run");
+    if (n_ids > m->config.max_position_embeddings)
+        die("the prompt is %d tokens, longer than the model's context of %d", n_ids, m->config.max_position_embeddings);
+    RunState s;
+    runstate_init(&s, &m->config, context_for(&m->config, n_ids, opt->n_new));
+    FILE *dump = NULL;
+    if (opt->dump_logits && !(dump = fopen(opt->dump_logits, "wb"))) die("--dump-logits: cannot write %s", opt->dump_logits);
+    printf("%s", prompt);
+    fflush(stdout);
+    generate_ids(m, &s, tok, sp, ids, n_ids, 0, opt, dump);
+    printf("\n");
+    if (dump) fclose(dump);
+    print_kv_cache_size(&m->config);
+    runstate_free(&s);
+    free(ids);
+}
+
+// Chat: the model's template around each user turn; with -i one turn, else turns from stdin.
+static void chat(const Model *m, Tokenizer *tok, Sampler *sp, const char *prompt, const char *system,
+                 const GenOptions *opt) {
+    int ctx = m->config.max_position_embeddings < 4096 ? m->config.max_position_embeddings : 4096;
+    RunState s;
+    runstate_init(&s, &m->config, ctx);
+    FILE *dump = NULL;
+    if (opt->dump_logits && !(dump = fopen(opt->dump_logits, "wb"))) die("--dump-logits: cannot write %s", opt->dump_logits);
+    char line[4096];
+    int pos = 0;
+    for (int turn = 0;; turn++) {
+        const char *user = prompt;
+        if (!prompt) {
+            printf("User: ");
+            fflush(stdout);
+            if (!fgets(line, sizeof(line), stdin)) break;
+            line[strcspn(line, "\n")] = 0;
+            user = line;
+        }
+        char *text = tokenizer_chat_prompt(tok, turn == 0 ? system : NULL, user);
+        int n_ids;
+        int *ids = tokenizer_encode(tok, text, strlen(text), turn == 0 && tok->add_bos, &n_ids);
+        if (turn > 0) {  // the previous answer ended with EOS: feed it before the next turn
+            int *with_eos = xcalloc(n_ids + 1, sizeof(int));
+            with_eos[0] = tok->eos_id;
+            memcpy(with_eos + 1, ids, n_ids * sizeof(int));
+            free(ids);
+            ids = with_eos;
+            n_ids++;
+        }
+        printf("Assistant:");
+        fflush(stdout);
+        pos = generate_ids(m, &s, tok, sp, ids, n_ids, pos, opt, dump);
+        printf("\n");
+        free(ids);
+        free(text);
+        if (prompt || pos >= s.seq_len) break;
+    }
+    if (dump) fclose(dump);
+    print_kv_cache_size(&m->config);
+    runstate_free(&s);
+}
+
+// ----------------------------------------------------------------------------
+// ---------------- The command line
+
+static void error_usage(void) {
+    fprintf(stderr,
+        "usage: ./dsv2 MODEL [options]          generate from a dsv2 model file (export.py makes one)\n"
+        "       ./dsv2 -m encode|decode -z TOK -i TEXT   tokenizer only, no model file needed\n"
+        "options:\n"
+        "  -z TOK        tokenizer file (default: tokenizer.bin)\n"
+        "  -i PROMPT     the prompt (default: \"%s\")\n"
+        "  -t TEMP       temperature, 0 = greedy (default 1.0)\n"
+        "  -p TOPP       top-p (nucleus) threshold in (0,1], 1 = off (default 0.9)\n"
+        "  -s SEED       random seed (default: the time)\n"
+        "  -n N          new tokens to generate, 0 = only run the prompt (default 256)\n"
+        "  -m MODE       generate | chat | encode | decode (default generate)\n"
+        "  -y SYSTEM     system prompt for chat\n"
+        "  -a FORM       attention form: absorbed (paper Appendix C, default) | naive (eqs. 10-11)\n"
+        "  --dump-logits FILE   write every position's logits as float32 [positions][vocab]\n",
+        "Once upon a time");
+    exit(1);
+}
+
+static float parse_float(const char *flag, const char *v, float lo, float hi) {
+    char *end;
+    errno = 0;
+    float x = strtof(v, &end);
+    if (errno || *end || end == v || !(x >= lo && x <= hi))
+        die("%s expects a number in [%g, %g], got '%s'", flag, lo, hi, v);
+    return x;
+}
+
+static long parse_int(const char *flag, const char *v, long lo, long hi) {
+    char *end;
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (errno || *end || end == v || x < lo || x > hi) die("%s expects an integer in [%ld, %ld], got '%s'", flag, lo, hi, v);
+    return x;
+}
 
 #ifndef DSV2_NO_MAIN
 int main(int argc, char **argv) {
-    (void)argc; (void)argv;
+    const char *model_path = NULL, *tok_path = "tokenizer.bin", *prompt = NULL, *system = NULL, *mode = "generate";
+    float temperature = 1.0f, topp = 0.9f;
+    long seed = 0;
+    GenOptions opt = {NULL, ATTN_ABSORBED, 256};
+    if (argc < 2) error_usage();
+    int i = 1;
+    if (argv[1][0] != '-') model_path = argv[i++];
+    for (; i < argc; i++) {
+        const char *flag = argv[i];
+        if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) error_usage();
+        if (i + 1 >= argc) { fprintf(stderr, "dsv2: error: %s needs a value\n", flag); error_usage(); }
+        const char *v = argv[++i];
+        if (!strcmp(flag, "-z")) tok_path = v;
+        else if (!strcmp(flag, "-i")) prompt = v;
+        else if (!strcmp(flag, "-t")) temperature = parse_float("-t", v, 0.0f, 100.0f);
+        else if (!strcmp(flag, "-p")) topp = parse_float("-p", v, 0.0f, 1.0f);
+        else if (!strcmp(flag, "-s")) seed = parse_int("-s", v, 0, 0x7fffffffffffffffL);
+        else if (!strcmp(flag, "-n")) opt.n_new = (int)parse_int("-n", v, 0, 1 << 24);
+        else if (!strcmp(flag, "-m")) mode = v;
+        else if (!strcmp(flag, "-y")) system = v;
+        else if (!strcmp(flag, "--dump-logits")) opt.dump_logits = v;
+        else if (!strcmp(flag, "-a")) {
+            if (!strcmp(v, "absorbed")) opt.form = ATTN_ABSORBED;
+            else if (!strcmp(v, "naive")) opt.form = ATTN_NAIVE;
+            else die("-a expects absorbed or naive, got '%s'", v);
+        } else { fprintf(stderr, "dsv2: error: unknown flag %s\n", flag); error_usage(); }
+    }
+    int is_gen = !strcmp(mode, "generate"), is_chat = !strcmp(mode, "chat");
+    if (!is_gen && !is_chat && strcmp(mode, "encode") && strcmp(mode, "decode"))
+        die("-m expects generate, chat, encode or decode, got '%s'", mode);
+    Tokenizer tok;
+    if (!is_gen && !is_chat) {
+        if (!prompt) die("-m %s needs -i TEXT", mode);
+        tokenizer_load(&tok, tok_path);
+        tokenizer_cli(&tok, mode, prompt);
+        tokenizer_free(&tok);
+        return 0;
+    }
+    if (!model_path) { fprintf(stderr, "dsv2: error: no model file given\n"); error_usage(); }
+    Model model;
+    model_load(&model, model_path);
+    tokenizer_load(&tok, tok_path);
+    Sampler sp = {temperature, topp, (uint64_t)(seed ? seed : (long)time(NULL)), NULL};
+    sp.order = xcalloc(model.config.vocab_size, sizeof(int));
+    if (is_gen) generate(&model, &tok, &sp, prompt ? prompt : "Once upon a time", &opt);
+    else chat(&model, &tok, &sp, prompt, system, &opt);
+    free(sp.order);
+    model_free(&model);
+    tokenizer_free(&tok);
     return 0;
 }
 #endif

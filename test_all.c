@@ -3,6 +3,7 @@
 // Prints OK / NOT OK per check; the last line is "N passed, N failed".
 #define DSV2_NO_MAIN
 #include "dsv2.c"
+#include <sys/wait.h>
 
 static int n_passed = 0, n_failed = 0;
 static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -20,8 +21,366 @@ static void check(int ok, const char *fmt, ...) {
 static void test_tokenizer(void) {}
 // ---------------- end of tokenizer tests
 
-// ---------------- model tests (main author)
-static void test_model(void) {}
+// ---------------- model tests
+//
+// Fixtures: tests/fixtures/NAME/ holds a tiny random checkpoint in the hub's layout and what
+// transformers' native DeepseekV2ForCausalLM computed on it in float64 (tests/make_fixtures.py,
+// GPU machine). `make test` exports each to build/fixtures/NAME.{fp32,bf16}.bin first.
+
+typedef struct {  // one "name count values..." line of golden.txt
+    char name[64];
+    int n;
+    double *v;
+} Golden;
+
+static int golden_load(const char *path, Golden *g, int max) {
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    int count = 0;
+    char name[64];
+    while (count < max && fscanf(f, "%63s", name) == 1) {
+        if (name[0] == '#') { int ch; while ((ch = fgetc(f)) != '\n' && ch != EOF) {} continue; }
+        Golden *e = &g[count++];
+        snprintf(e->name, sizeof(e->name), "%s", name);
+        if (fscanf(f, "%d", &e->n) != 1) { fclose(f); return -1; }
+        e->v = xcalloc(e->n, sizeof(double));
+        for (int i = 0; i < e->n; i++) if (fscanf(f, "%lf", &e->v[i]) != 1) { fclose(f); return -1; }
+    }
+    fclose(f);
+    return count;
+}
+
+static const Golden *golden_get(const Golden *g, int n, const char *name) {
+    for (int i = 0; i < n; i++) if (!strcmp(g[i].name, name)) return &g[i];
+    fprintf(stderr, "test_all: golden value %s missing\n", name);
+    exit(1);
+}
+
+static double *read_f64(const char *path, size_t n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    double *v = xcalloc(n, sizeof(double));
+    size_t got = fread(v, sizeof(double), n, f);
+    fclose(f);
+    if (got != n) { free(v); return NULL; }
+    return v;
+}
+
+// max |a - ref| / max |ref| over n values: the error relative to the vector's scale
+static double rel_err(const float *a, const double *ref, int n) {
+    double num = 0, den = 0;
+    for (int i = 0; i < n; i++) {
+        double d = fabs(a[i] - ref[i]);
+        if (d > num || isnan(d)) num = isnan(d) ? INFINITY : d;
+        if (fabs(ref[i]) > den) den = fabs(ref[i]);
+    }
+    return num / (den > 0 ? den : 1);
+}
+
+static void test_fixture_logits(const char *name, const char *dtype, AttnForm form) {
+    char path[512];
+    const char *form_name = form == ATTN_NAIVE ? "naive" : "absorbed";
+    Golden g[64];
+    snprintf(path, sizeof(path), "tests/fixtures/%s/golden.txt", name);
+    int ng = golden_load(path, g, 64);
+    if (ng < 0) { check(0, "%s: cannot read %s", name, path); return; }
+    const Golden *prompt = golden_get(g, ng, "prompt_ids"), *greedy = golden_get(g, ng, "greedy_ids");
+    int vocab = (int)golden_get(g, ng, "vocab")->v[0];
+    int n_prompt = prompt->n, n_total = prompt->n + greedy->n;
+    int *ids = xcalloc(n_total, sizeof(int));
+    for (int i = 0; i < n_total; i++) ids[i] = (int)(i < n_prompt ? prompt->v[i] : greedy->v[i - n_prompt]);
+    snprintf(path, sizeof(path), "tests/fixtures/%s/golden_logits.bin", name);
+    double *ref = read_f64(path, (size_t)n_total * vocab);
+    if (!ref) { check(0, "%s: cannot read %s", name, path); return; }
+
+    Model m;
+    snprintf(path, sizeof(path), "build/fixtures/%s.%s.bin", name, dtype);
+    model_load(&m, path);
+    RunState s;
+    runstate_init(&s, &m.config, n_total);
+    int width = kv_cache_width(&m.config);
+    for (size_t i = 0; i < (size_t)m.config.n_layers * n_total * width; i++) s.kv_cache[i] = NAN;
+
+    // teacher-forced: feed prompt + reference continuation, compare logits at every position
+    double worst = 0;
+    int worst_pos = 0, greedy_ok = 0, first_bad = -1;
+    for (int pos = 0; pos < n_total; pos++) {
+        float *logits = forward(&m, &s, ids[pos], pos, form);
+        double e = rel_err(logits, ref + (size_t)pos * vocab, vocab);
+        if (!(e <= worst)) { worst = e; worst_pos = pos; }
+        if (pos >= n_prompt - 1) {
+            if (pos + 1 < n_total ? sample_argmax(logits, vocab) == ids[pos + 1] : 1) greedy_ok += pos + 1 < n_total;
+            else if (first_bad < 0) first_bad = pos + 1 - n_prompt;
+        }
+        // the cache: exactly kv_lora_rank + d_h^R floats per token per layer, nothing beyond
+        if (pos == n_total / 2) {
+            int written = 1, untouched = 1;
+            for (int l = 0; l < m.config.n_layers; l++)
+                for (int t = 0; t < n_total; t++)
+                    for (int k = 0; k < width; k++) {
+                        float v = s.kv_cache[((size_t)l * n_total + t) * width + k];
+                        if (t <= pos && isnan(v)) written = 0;
+                        if (t > pos && !isnan(v)) untouched = 0;
+                    }
+            check(written && untouched && width == m.config.kv_lora_rank + m.config.qk_rope_head_dim,
+                  "%s %s %s: cache holds %d floats/token/layer (d_c %d + d_h^R %d), rows 0..%d written, later rows untouched",
+                  name, dtype, form_name, width, m.config.kv_lora_rank, m.config.qk_rope_head_dim, pos);
+        }
+    }
+    check(worst < 1e-4, "%s %s %s: logits of %d positions vs transformers (float64): max rel err %.2e at pos %d (< 1e-4)",
+          name, dtype, form_name, n_total, worst, worst_pos);
+    check(greedy_ok == greedy->n, "%s %s %s: argmax at each position matches transformers' greedy token %d/%d%s", name, dtype, form_name,
+          greedy_ok, greedy->n, first_bad >= 0 ? " " : "");
+    runstate_free(&s);
+    model_free(&m);
+    free(ref);
+    free(ids);
+    for (int i = 0; i < ng; i++) free(g[i].v);
+}
+
+// free-running greedy generation through generate_ids() must reproduce the reference's tokens
+static void test_fixture_generation(const char *name) {
+    char path[512];
+    Golden g[64];
+    snprintf(path, sizeof(path), "tests/fixtures/%s/golden.txt", name);
+    int ng = golden_load(path, g, 64);
+    if (ng < 0) { check(0, "%s: cannot read %s", name, path); return; }
+    const Golden *prompt = golden_get(g, ng, "prompt_ids"), *greedy = golden_get(g, ng, "greedy_ids");
+    Model m;
+    snprintf(path, sizeof(path), "build/fixtures/%s.bf16.bin", name);
+    model_load(&m, path);
+    RunState s;
+    runstate_init(&s, &m.config, prompt->n + greedy->n);
+    int *ids = xcalloc(prompt->n, sizeof(int));
+    for (int i = 0; i < prompt->n; i++) ids[i] = (int)prompt->v[i];
+    int pos = 0, token = ids[0], match = 0;
+    for (; pos < prompt->n + greedy->n - 1; pos++) {
+        float *logits = forward(&m, &s, token, pos, ATTN_ABSORBED);
+        token = pos + 1 < prompt->n ? ids[pos + 1] : sample_argmax(logits, m.config.vocab_size);
+        if (pos + 1 >= prompt->n && token == (int)greedy->v[pos + 1 - prompt->n]) match++;
+        else if (pos + 1 >= prompt->n) break;
+    }
+    check(match == greedy->n, "%s: free-running greedy generation matches transformers for %d/%d tokens",
+          name, match, greedy->n);
+    runstate_free(&s);
+    model_free(&m);
+    free(ids);
+    for (int i = 0; i < ng; i++) free(g[i].v);
+}
+
+// unit tests against values the reference's own modules computed
+static void test_fixture_units(const char *name) {
+    char path[512];
+    Golden g[64];
+    snprintf(path, sizeof(path), "tests/fixtures/%s/golden.txt", name);
+    int ng = golden_load(path, g, 64);
+    if (ng < 0) { check(0, "%s: cannot read %s", name, path); return; }
+    Model m;
+    snprintf(path, sizeof(path), "build/fixtures/%s.fp32.bin", name);
+    model_load(&m, path);
+    const Config *c = &m.config;
+    RunState s;
+    runstate_init(&s, c, 4);
+    int half = c->qk_rope_head_dim / 2;
+
+    const Golden *inv = golden_get(g, ng, "rope_inv_freq");
+    float err = 0;
+    for (int i = 0; i < half && i < inv->n; i++) err = fmaxf(err, fabsf(s.inv_freq[i] - (float)inv->v[i]) / (float)inv->v[i]);
+    check(inv->n == half && err < 1e-6, "%s: RoPE%s inverse frequencies (%d) vs reference: max rel err %.1e",
+          name, c->rope_yarn ? "/YaRN" : "", half, err);
+    double ms = golden_get(g, ng, "rope_attention_scaling")->v[0];
+    check(fabs(s.rope_mscale - ms) < 1e-6, "%s: cos/sin scale %.6f vs reference %.6f", name, s.rope_mscale, ms);
+    double sc = golden_get(g, ng, "softmax_scale")->v[0];
+    check(fabs(s.softmax_scale - sc) / sc < 1e-6, "%s: softmax scale %.6f vs reference %.6f", name, s.softmax_scale, sc);
+    const Golden *pos = golden_get(g, ng, "rope_positions"), *cs = golden_get(g, ng, "rope_cos"), *sn = golden_get(g, ng, "rope_sin");
+    err = 0;
+    for (int p = 0; p < pos->n; p++) {
+        rope_position(&s, c, (int)pos->v[p]);
+        for (int i = 0; i < half; i++) {
+            err = fmaxf(err, fabsf(s.rope_cos[i] - (float)cs->v[p * half + i]));
+            err = fmaxf(err, fabsf(s.rope_sin[i] - (float)sn->v[p * half + i]));
+        }
+    }
+    check(err < 2e-6, "%s: cos/sin at %d positions up to %d vs reference: max abs err %.1e", name, pos->n,
+          (int)pos->v[pos->n - 1], err);
+
+    const Golden *rx = golden_get(g, ng, "rmsnorm_x"), *rw = golden_get(g, ng, "rmsnorm_w"), *ry = golden_get(g, ng, "rmsnorm_y");
+    float *x = xcalloc(rx->n, sizeof(float)), *w = xcalloc(rx->n, sizeof(float)), *y = xcalloc(rx->n, sizeof(float));
+    for (int i = 0; i < rx->n; i++) { x[i] = (float)rx->v[i]; w[i] = (float)rw->v[i]; }
+    rmsnorm(y, x, (Mat){w, 0}, rx->n, c->rms_norm_eps);
+    check(rel_err(y, ry->v, rx->n) < 1e-6, "%s: rmsnorm vs reference: rel err %.1e", name, rel_err(y, ry->v, rx->n));
+    free(x); free(w); free(y);
+
+    const Golden *smx = golden_get(g, ng, "softmax_x"), *smy = golden_get(g, ng, "softmax_y");
+    float *v = xcalloc(smx->n, sizeof(float));
+    for (int i = 0; i < smx->n; i++) v[i] = (float)smx->v[i];
+    softmax(v, smx->n);
+    check(rel_err(v, smy->v, smx->n) < 1e-6, "%s: softmax vs reference: rel err %.1e", name, rel_err(v, smy->v, smx->n));
+    free(v);
+
+    const Golden *rl = golden_get(g, ng, "route_logits"), *ri = golden_get(g, ng, "route_idx"), *rwt = golden_get(g, ng, "route_weight");
+    int E = c->n_routed_experts, K = c->n_experts_per_tok, T = rl->n / E, idx_ok = 1;
+    float werr = 0;
+    for (int t = 0; t < T; t++) {
+        float sc2[4096];
+        int idx[64];
+        float wt[64];
+        for (int e = 0; e < E; e++) sc2[e] = (float)rl->v[t * E + e];
+        moe_route(c, sc2, idx, wt);
+        for (int a = 0; a < K; a++)  // sort by expert index, as the reference values are
+            for (int b = a + 1; b < K; b++)
+                if (idx[b] < idx[a]) { int ti = idx[a]; idx[a] = idx[b]; idx[b] = ti; float tw = wt[a]; wt[a] = wt[b]; wt[b] = tw; }
+        for (int k = 0; k < K; k++) {
+            if (idx[k] != (int)ri->v[t * K + k]) idx_ok = 0;
+            werr = fmaxf(werr, fabsf(wt[k] - (float)rwt->v[t * K + k]) / fabsf((float)rwt->v[t * K + k]));
+        }
+    }
+    check(idx_ok && werr < 1e-5, "%s: routing (%s, %d of %d experts%s) of %d tokens vs reference: experts %s, weights max rel err %.1e",
+          name, c->topk_method ? "group_limited_greedy" : "greedy", K, E, c->topk_method ? ", groups" : "", T,
+          idx_ok ? "identical" : "DIFFER", werr);
+    runstate_free(&s);
+    model_free(&m);
+    for (int i = 0; i < ng; i++) free(g[i].v);
+}
+
+// routing by hand: norm_topk_prob (transformers ignores it; the original hub code renormalises
+// and then does NOT apply routed_scaling_factor) and device-limited routing
+static void test_routing_by_hand(void) {
+    Config c;
+    memset(&c, 0, sizeof(c));
+    c.n_routed_experts = 4; c.n_experts_per_tok = 2; c.n_group = 1; c.topk_group = 1;
+    c.routed_scaling_factor = 16.0f;
+    float p4[4] = {0.1f, 0.2f, 0.3f, 0.4f}, sc[8], w[8];
+    int idx[8];
+    for (int i = 0; i < 4; i++) sc[i] = logf(p4[i]);  // softmax(log p) = p
+    c.norm_topk_prob = 1;
+    moe_route(&c, sc, idx, w);
+    check(idx[0] == 3 && idx[1] == 2 && fabsf(w[0] - 4.0f / 7) < 1e-6f && fabsf(w[1] - 3.0f / 7) < 1e-6f,
+          "norm_topk_prob: top-2 of (.1 .2 .3 .4) -> experts 3,2 with 4/7, 3/7 (no scaling): got %d,%d %.6f %.6f",
+          idx[0], idx[1], w[0], w[1]);
+    for (int i = 0; i < 4; i++) sc[i] = logf(p4[i]);
+    c.norm_topk_prob = 0;
+    moe_route(&c, sc, idx, w);
+    check(idx[0] == 3 && idx[1] == 2 && fabsf(w[0] - 6.4f) < 1e-5f && fabsf(w[1] - 4.8f) < 1e-5f,
+          "no norm_topk_prob: weights scaled by routed_scaling_factor 16: got %.5f %.5f (6.4, 4.8)", w[0], w[1]);
+    // 8 experts in 4 groups of 2; keep 2 groups; the third expert comes from a kept group
+    float p8[8] = {0.30f, 0.02f, 0.25f, 0.01f, 0.20f, 0.19f, 0.02f, 0.01f};
+    c.n_routed_experts = 8; c.n_experts_per_tok = 3; c.n_group = 4; c.topk_group = 2;
+    c.routed_scaling_factor = 2.0f; c.topk_method = 1;
+    for (int i = 0; i < 8; i++) sc[i] = logf(p8[i]);
+    moe_route(&c, sc, idx, w);
+    check(idx[0] == 0 && idx[1] == 2 && idx[2] == 1 && fabsf(w[2] - 0.04f) < 1e-6f,
+          "group_limited_greedy: groups {0,1} kept, experts 0,2,1 (greedy would take 4): got %d,%d,%d", idx[0], idx[1], idx[2]);
+    c.topk_method = 0;
+    for (int i = 0; i < 8; i++) sc[i] = logf(p8[i]);
+    moe_route(&c, sc, idx, w);
+    check(idx[0] == 0 && idx[1] == 2 && idx[2] == 4, "greedy: experts 0,2,4: got %d,%d,%d", idx[0], idx[1], idx[2]);
+}
+
+// ---------------- bad input: one clear error line and a non-zero exit, never a crash
+
+// runs cmd (stderr captured); passes when it exits with status 1 and printed exactly one line
+static void expect_error(const char *what, const char *cmd, const char *needle) {
+    char full[8192], line[1024], first[1024] = "";
+    snprintf(full, sizeof(full), "%s 2>&1 >/dev/null", cmd);
+    FILE *p = popen(full, "r");
+    int lines = 0;
+    while (p && fgets(line, sizeof(line), p)) { if (!lines) snprintf(first, sizeof(first), "%s", line); lines++; }
+    int status = p ? pclose(p) : -1;
+    first[strcspn(first, "\n")] = 0;
+    int exited = status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 1;
+    check(exited && lines == 1 && strstr(first, needle) != NULL, "bad input, %s: exit %d, %d line(s): %s", what,
+          WIFEXITED(status) ? WEXITSTATUS(status) : -1, lines, first);
+}
+
+static void write_file(const char *path, const void *data, size_t n) {
+    FILE *f = fopen(path, "wb");
+    if (!f || fwrite(data, 1, n, f) != n) { fprintf(stderr, "test_all: cannot write %s\n", path); exit(1); }
+    fclose(f);
+}
+
+static void test_bad_input(void) {
+    const char *good = "build/fixtures/lite.bf16.bin";
+    FILE *f = fopen(good, "rb");
+    if (!f) { check(0, "bad input: cannot read %s", good); return; }
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = xcalloc(n, 1);
+    if (fread(buf, 1, n, f) != (size_t)n) { fclose(f); check(0, "bad input: read"); return; }
+    fclose(f);
+    write_file("build/bad_truncated.bin", buf, n / 2);
+    write_file("build/bad_short.bin", buf, 100);
+    char *copy = xcalloc(n, 1);
+    memcpy(copy, buf, n); memcpy(copy, "GGUF", 4);
+    write_file("build/bad_magic.bin", copy, n);
+    memcpy(copy, buf, n); copy[4] = 9;
+    write_file("build/bad_version.bin", copy, n);
+    memcpy(copy, buf, n); ((int32_t *)(copy + 8))[3] = -4;  // n_heads
+    write_file("build/bad_config.bin", copy, n);
+    free(copy); free(buf);
+    const char *tok = "-z build/fixtures/lite.tok.bin";
+    char cmd[1024];
+    expect_error("missing model file", "./dsv2 build/no_such_model.bin -z build/fixtures/lite.tok.bin -n 1", "cannot open model file");
+    snprintf(cmd, sizeof(cmd), "./dsv2 build/bad_truncated.bin %s -n 1", tok);
+    expect_error("truncated model file", cmd, "truncated");
+    snprintf(cmd, sizeof(cmd), "./dsv2 build/bad_short.bin %s -n 1", tok);
+    expect_error("100-byte model file", cmd, "too short");
+    snprintf(cmd, sizeof(cmd), "./dsv2 build/bad_magic.bin %s -n 1", tok);
+    expect_error("wrong magic", cmd, "bad magic");
+    snprintf(cmd, sizeof(cmd), "./dsv2 build/bad_version.bin %s -n 1", tok);
+    expect_error("wrong version", cmd, "version 9");
+    snprintf(cmd, sizeof(cmd), "./dsv2 build/bad_config.bin %s -n 1", tok);
+    expect_error("corrupt config (n_heads -4)", cmd, "n_heads");
+    snprintf(cmd, sizeof(cmd), "./dsv2 %s %s -t -1", good, tok);
+    expect_error("negative temperature", cmd, "-t expects");
+    snprintf(cmd, sizeof(cmd), "./dsv2 %s %s -p 1.5", good, tok);
+    expect_error("top-p above 1", cmd, "-p expects");
+    snprintf(cmd, sizeof(cmd), "./dsv2 %s %s -n many", good, tok);
+    expect_error("non-numeric -n", cmd, "-n expects");
+    snprintf(cmd, sizeof(cmd), "./dsv2 %s %s -a flash", good, tok);
+    expect_error("unknown attention form", cmd, "-a expects");
+    snprintf(cmd, sizeof(cmd), "./dsv2 %s %s -m poem", good, tok);
+    expect_error("unknown mode", cmd, "-m expects");
+    snprintf(cmd, sizeof(cmd), "./dsv2 %s %s -n 1 --dump-logits /no/such/dir/x.bin", good, tok);
+    expect_error("unwritable --dump-logits", cmd, "--dump-logits");
+    // a prompt longer than the context: the lite fixture has 256 positions
+    char *longp = xcalloc(4000, 1), *longcmd = xcalloc(5000, 1);
+    for (int i = 0; i < 3990; i += 4) memcpy(longp + i, "ab. ", 4);
+    snprintf(longcmd, 5000, "./dsv2 %s %s -n 1 -i '%s'", good, tok, longp);
+    expect_error("prompt longer than the context (256)", longcmd, "longer than the model's context");
+    free(longp);
+    free(longcmd);
+    // unknown flags print the usage (several lines) after the error and exit 1
+    snprintf(cmd, sizeof(cmd), "./dsv2 %s --frobnicate 1 2>&1 | head -1 | grep -q 'unknown flag --frobnicate' && ./dsv2 %s --frobnicate 1 2>/dev/null; test $? -eq 1", good, good);
+    check(system(cmd) == 0, "bad input, unknown flag: 'unknown flag --frobnicate' then usage, exit 1");
+    check(system("./dsv2 >/dev/null 2>&1; test $? -eq 1") == 0 && system("./dsv2 2>&1 | grep -q usage") == 0,
+          "./dsv2 without arguments prints usage and exits 1");
+    // export.py refuses what dsv2 does not implement, in one sentence
+    if (system("rm -rf build/bad_hf && mkdir -p build/bad_hf && cp tests/fixtures/lite/* build/bad_hf/ && "
+               "sed -i 's/\"topk_method\": \"greedy\"/\"topk_method\": \"noaux_tc\"/' build/bad_hf/config.json") == 0)
+        expect_error("export.py, topk_method noaux_tc", "python3 export.py build/bad_hf build/bad_out.bin", "noaux_tc");
+    if (system("sed -i 's/\"topk_method\": \"noaux_tc\"/\"topk_method\": \"greedy\", \"scoring_func\": \"sigmoid\"/; "
+               "s/\"scoring_func\": \"softmax\",//' build/bad_hf/config.json") == 0)
+        expect_error("export.py, scoring_func sigmoid", "python3 export.py build/bad_hf build/bad_out.bin", "sigmoid");
+    if (system("cp tests/fixtures/lite/config.json build/bad_hf/ && head -c 300000 tests/fixtures/lite/model.safetensors > build/bad_hf/model.safetensors") == 0)
+        expect_error("export.py, truncated safetensors", "python3 export.py build/bad_hf build/bad_out.bin", "truncated");
+    expect_error("export.py, missing directory", "python3 export.py build/no_such_dir build/bad_out.bin", "not a directory");
+}
+
+static void test_model(void) {
+    const char *fixtures[] = {"lite", "v2"};
+    for (int i = 0; i < 2; i++) {
+        test_fixture_units(fixtures[i]);
+        test_fixture_logits(fixtures[i], "fp32", ATTN_ABSORBED);
+        test_fixture_logits(fixtures[i], "fp32", ATTN_NAIVE);
+        test_fixture_logits(fixtures[i], "bf16", ATTN_ABSORBED);
+        test_fixture_logits(fixtures[i], "bf16", ATTN_NAIVE);
+        test_fixture_generation(fixtures[i]);
+    }
+    test_routing_by_hand();
+    test_bad_input();
+}
 
 int main(int argc, char **argv) {
     (void)argc; (void)argv;
