@@ -31,10 +31,15 @@ def model_from_hub_config(hub_cfg, workdir, **kw):
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(hub_cfg, f, indent=2)
     cfg = load_config(workdir)
+    # config.json says torch_dtype bfloat16 (the export); training wants fp32 master weights
+    kw = dict(kw, dtype=torch.float32)
     try:
-        return AutoModelForCausalLM.from_config(cfg, **kw)
+        m = AutoModelForCausalLM.from_config(cfg, **kw)
     except TypeError:
-        return AutoModelForCausalLM.from_config(cfg)
+        m = AutoModelForCausalLM.from_config(cfg)
+    m = m.float()
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    return m
 
 
 def paper_inv_freq(hub_cfg):

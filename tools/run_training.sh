@@ -9,8 +9,8 @@
 #
 # Needs (carried, gitignored): data/english_{train,val}.txt (+ *_stats.json) from
 # tools/get_data.sh, and .cache/deepseek-v2-tokenizer.json (a copy of DeepSeek-V2's
-# tokenizer.json; only its pre_tokenizer is used). Env: TRAIN_BUDGET (s, default 390),
-# DEADLINE (s after train.py starts, default 530), PRETOK (path of that tokenizer.json).
+# tokenizer.json; only its pre_tokenizer is used). Env: TRAIN_BUDGET (s, default 360),
+# DEADLINE (s after train.py starts, default 480), PRETOK (path of that tokenizer.json).
 # Results for $OUT (<= 8 files, <= 16 MiB each): hf/{config.json, model.safetensors,
 # tokenizer.json, tokenizer_config.json}, loss_curves.png, expert_load.png, results.tar.gz
 # (metrics.json, train_log.csv, samples.txt, golden/, logs). If training stops at the
@@ -22,8 +22,8 @@ cd "$(dirname "$0")/.."
 STAGE=${1:?stage: smoke|full|prep|train|finish}
 O=${2:-.cache/run}
 PRETOK=${PRETOK:-.cache/deepseek-v2-tokenizer.json}
-TRAIN_BUDGET=${TRAIN_BUDGET:-390}
-DEADLINE=${DEADLINE:-530}
+TRAIN_BUDGET=${TRAIN_BUDGET:-360}
+DEADLINE=${DEADLINE:-480}
 PY=${PY:-python3}
 COLLECT=${OUT:-$O/collect}
 mkdir -p "$O" "$COLLECT"
@@ -39,6 +39,7 @@ restore_carry() {  # a resume folder that came back through $OUT and was carried
     mkdir -p "$O/ckpt" "$O/tokenizer"
     cp "$c"/model_part*.pt "$c"/state.json "$O/ckpt/" 2>/dev/null || true
     cp "$c"/tokenizer.json "$c"/tokenizer_config.json "$O/tokenizer/" 2>/dev/null || true
+    cp "$c"/metrics.json "$c"/train_log.csv "$O/" 2>/dev/null || true
     rm -rf "$c"
   fi
 }

@@ -466,7 +466,9 @@ def finish(a, model, hub1, hub2, streams, tok, metrics, save_metrics, impl):
         for T in (a.ctx, a.long_ctx):
             w = val_windows(streams[f"{d}_val"], T, maxw)
             loss, nats, n = evaluate(ref, w, cap, bs=max(1, 64 * a.ctx // T))
-            covered = streams[f"{d}_val"]["bytes"] if maxw is None else None
+            # bytes of the part of the stream the windows cover (all but < T tokens at the end)
+            covered = (streams[f"{d}_val"]["bytes"] * n / (streams[f"{d}_val"]["ids"].numel() - 1)
+                       if maxw is None else None)
             final[f"{d}_ctx{T}"] = {"loss": loss, "tokens": n, "nats": nats,
                                     "bits_per_byte": (nats / math.log(2) / covered) if covered else None}
     metrics["final_val"] = final
