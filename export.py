@@ -8,6 +8,7 @@ import argparse
 import array
 import json
 import os
+import re
 import struct
 import sys
 import time
@@ -19,10 +20,467 @@ def fail(msg):
 
 
 # ---------------- tokenizer.bin (tokenizer work stream: from here to "end of tokenizer")
+#
+# tokenizer.bin holds everything dsv2.c's encoder/decoder needs, already resolved to ids
+# so that loading is one mmap plus one hash table build (all little-endian, int32 unless noted):
+#
+#   magic "DSV2TOK\0" (8 bytes), version, vocab_size, n_merges, n_added, bos_id, eos_id,
+#   add_bos, n_classes, n_ranges, n_steps, n_alts, n_atoms, blob_bytes, has_chat,
+#   unicode_version (16 bytes, e.g. "14.0.0": the unicodedata the classes were computed with)
+#   token_off[vocab_size+1]     token id -> its bytes token_blob[off[id]:off[id+1]] (decoded:
+#                               byte-level chars mapped back to raw bytes; added tokens verbatim)
+#   token_flags[vocab_size]     u8, padded to 4: TOK_EXISTS 1, TOK_SPECIAL 2, TOK_ADDED 4
+#   token_blob[blob_bytes]      padded to 4
+#   merges[n_merges][3]         (left id, right id, merged id) in merge-rank order
+#   byte_ids[256]               the id of the one-byte token of each byte (byte-level BPE start),
+#                               -1 for the bytes that cannot occur in UTF-8 and have none
+#   added[n_added][2]           (id, normalized) of each added token, in tokenizer.json order
+#   class_off[n_classes+1]      character class c = ranges[class_off[c]:class_off[c+1]]
+#   ranges[n_ranges][2]         u32 inclusive code point ranges (lo, hi), sorted, disjoint
+#   step_off[n_steps+1]         pre-tokenizer step s = alternatives alt_off[step_off[s]:...]
+#   alt_off[n_alts+1]           alternative a = atoms[alt_off[a]:alt_off[a+1]]
+#   atoms[n_atoms][4]           (kind, class, min, max): ATOM_CLASS = class{min,max} greedy
+#                               (max -1 = unbounded), ATOM_END = `$`, ATOM_NOT_AHEAD = (?!class)
+#   chat template pieces, 5 x (int32 len, bytes padded to 4): system prefix, system suffix,
+#                               user prefix, user suffix, generation prompt
+#
+# Each pre-tokenizer step is a Split(regex, Isolated): matches become pieces of their own,
+# the gaps between them stay pieces; each step applies to every piece of the previous step.
+# The regexes are compiled here (a small subset of Oniguruma syntax, see compile_regex) into
+# alternatives of atoms over character classes, so the C side is one tiny backtracking matcher.
+
+import unicodedata
+
+TOK_MAGIC, TOK_VERSION = b"DSV2TOK\0", 1
+TOK_EXISTS, TOK_SPECIAL, TOK_ADDED = 1, 2, 4
+ATOM_CLASS, ATOM_END, ATOM_NOT_AHEAD = 0, 1, 2
+MAX_CP = 0x10FFFF
+# Oniguruma's \s is the Unicode White_Space property (PropList.txt), not a general category
+WHITE_SPACE = [(0x09, 0x0D), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680),
+               (0x2000, 0x200A), (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F),
+               (0x3000, 0x3000)]
+# GPT-2's pattern, which ByteLevel(use_regex=true) applies
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character map used by the ByteLevel pre-tokenizer."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+_category_ranges = {}
+
+
+def category_ranges(cat):
+    """Code point ranges of a general category ("L", "Lu", ...) from Python's unicodedata."""
+    if not _category_ranges:
+        per_cat, start, prev = {}, 0, unicodedata.category("\0")
+        for cp in range(1, MAX_CP + 2):
+            c = unicodedata.category(chr(cp)) if cp <= MAX_CP else None
+            if c != prev:
+                per_cat.setdefault(prev, []).append((start, cp - 1))
+                start, prev = cp, c
+        _category_ranges.update(per_cat)
+    if len(cat) == 1:
+        return sorted(r for c, rs in _category_ranges.items() if c[0] == cat for r in rs)
+    if cat not in _category_ranges:
+        raise ValueError(f"unknown Unicode category \\p{{{cat}}}")
+    return list(_category_ranges[cat])
+
+
+def normalize_ranges(ranges):
+    """Sort and merge overlapping/adjacent ranges."""
+    out = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def complement(ranges):
+    out, nxt = [], 0
+    for lo, hi in normalize_ranges(ranges):
+        if lo > nxt:
+            out.append((nxt, lo - 1))
+        nxt = hi + 1
+    if nxt <= MAX_CP:
+        out.append((nxt, MAX_CP))
+    return out
+
+
+ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "f": "\f", "v": "\v"}
+
+
+class RegexCompiler:
+    """Compiles the subset of Oniguruma syntax the supported pre-tokenizers use:
+    top-level alternation; literals, [classes] (ranges, ^negation, escapes, \\s \\S \\p{X}
+    \\P{X} \\d inside), \\s \\S \\d \\p{X} \\P{X}; greedy ? * + {m} {m,} {m,n}; `$`; and
+    (?!atom). Anything else raises ValueError with the offset."""
+
+    def __init__(self, pattern):
+        self.s, self.i = pattern, 0
+
+    def error(self, what):
+        raise ValueError(f"{what} at offset {self.i} of regex {self.s!r}")
+
+    def peek(self):
+        return self.s[self.i] if self.i < len(self.s) else None
+
+    def take(self):
+        if self.i >= len(self.s):
+            self.error("unexpected end")
+        self.i += 1
+        return self.s[self.i - 1]
+
+    def escape_ranges(self):
+        """After a backslash: the ranges of \\s \\S \\d \\p{X} \\P{X}, or None for a literal."""
+        c = self.take()
+        if c == "s":
+            return WHITE_SPACE
+        if c == "S":
+            return complement(WHITE_SPACE)
+        if c == "d":
+            return category_ranges("Nd")
+        if c in "pP":
+            if self.take() != "{":
+                self.error("expected { after \\p")
+            j = self.s.find("}", self.i)
+            if j < 0:
+                self.error("unterminated \\p{")
+            name, self.i = self.s[self.i:j], j + 1
+            neg = name.startswith("^")
+            name = name.lstrip("^")
+            if not re.fullmatch(r"[A-Z][a-z]?", name):
+                self.error(f"unsupported property \\p{{{name}}}")
+            rs = category_ranges(name)
+            return complement(rs) if (c == "P") != neg else rs
+        if c.isalnum() and c not in ESCAPES:
+            self.error(f"unsupported escape \\{c}")
+        self.escaped = ESCAPES.get(c, c)
+        return None
+
+    def class_char(self):
+        """One element inside [...]: returns ranges, or a single literal character."""
+        c = self.take()
+        if c == "\\":
+            rs = self.escape_ranges()
+            return rs if rs is not None else self.escaped
+        if c == "[":
+            self.error("nested classes are not supported")
+        return c
+
+    def bracket_class(self):
+        neg = self.peek() == "^"
+        if neg:
+            self.i += 1
+        ranges, first = [], True
+        while True:
+            if self.peek() == "]" and not first:
+                self.i += 1
+                break
+            first = False
+            item = self.class_char()
+            if isinstance(item, list):
+                ranges += item
+                continue
+            if self.peek() == "-" and self.i + 1 < len(self.s) and self.s[self.i + 1] != "]":
+                self.i += 1
+                hi = self.class_char()
+                if isinstance(hi, list) or ord(hi) < ord(item):
+                    self.error("bad range in class")
+                ranges.append((ord(item), ord(hi)))
+            else:
+                ranges.append((ord(item), ord(item)))
+        return complement(ranges) if neg else normalize_ranges(ranges)
+
+    def atom_ranges(self):
+        c = self.take()
+        if c == "[":
+            return self.bracket_class()
+        if c == "\\":
+            rs = self.escape_ranges()
+            return rs if rs is not None else [(ord(self.escaped), ord(self.escaped))]
+        if c in "()|*+?{.^":
+            self.i -= 1
+            self.error(f"unsupported regex construct {c!r}")
+        return [(ord(c), ord(c))]
+
+    def quantifier(self):
+        c = self.peek()
+        lo, hi = 1, 1
+        if c == "?":
+            lo, hi = 0, 1
+        elif c == "*":
+            lo, hi = 0, -1
+        elif c == "+":
+            lo, hi = 1, -1
+        elif c == "{":
+            m = re.match(r"\{(\d+)(,(\d*))?\}", self.s[self.i:])
+            if not m:
+                self.error("bad {m,n} quantifier")
+            lo = int(m.group(1))
+            hi = lo if m.group(2) is None else (int(m.group(3)) if m.group(3) else -1)
+            self.i += m.end() - 1
+        else:
+            return lo, hi
+        self.i += 1
+        if self.peek() in ("?", "+"):
+            self.error("lazy/possessive quantifiers are not supported")
+        return lo, hi
+
+    def compile(self):
+        """-> list of alternatives, each a list of (kind, ranges, min, max)."""
+        alts, cur = [], []
+        while self.i < len(self.s):
+            c = self.peek()
+            if c == "|":
+                self.i += 1
+                alts.append(cur)
+                cur = []
+            elif c == "$":
+                self.i += 1
+                cur.append((ATOM_END, None, 0, 0))
+            elif self.s.startswith("(?!", self.i):
+                self.i += 3
+                rs = self.atom_ranges()
+                if self.take() != ")":
+                    self.error("only (?!single-atom) lookaheads are supported")
+                cur.append((ATOM_NOT_AHEAD, rs, 0, 0))
+            else:
+                rs = self.atom_ranges()
+                lo, hi = self.quantifier()
+                cur.append((ATOM_CLASS, rs, lo, hi))
+        alts.append(cur)
+        for alt in alts:
+            if all(k != ATOM_CLASS or lo == 0 for k, _, lo, _ in alt):
+                raise ValueError(f"regex {self.s!r} can match the empty string (unsupported)")
+        return alts
+
+
+def compile_regex(pattern):
+    return RegexCompiler(pattern).compile()
+
+
+def literal_pattern(text):
+    return [[(ATOM_CLASS, [(ord(c), ord(c))], 1, 1) for c in text]]
+
+
+def pretokenizer_steps(pre):
+    """tokenizer.json's pre_tokenizer -> list of compiled Split(Isolated) patterns."""
+    if pre is None:
+        raise ValueError("no pre_tokenizer (a byte-level BPE needs ByteLevel)")
+    items = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+    if not items or items[-1].get("type") != "ByteLevel":
+        raise ValueError("the pre_tokenizer must end with ByteLevel")
+    steps = []
+    for k, p in enumerate(items):
+        kind = p.get("type")
+        if kind == "Split":
+            if p.get("behavior") != "Isolated" or p.get("invert"):
+                raise ValueError(f"Split behavior {p.get('behavior')!r} invert={p.get('invert')} "
+                                 "is not supported (only Isolated)")
+            pat = p["pattern"]
+            steps.append(compile_regex(pat["Regex"]) if "Regex" in pat else literal_pattern(pat["String"]))
+        elif kind == "Digits":  # char::is_numeric = \p{N}; Isolated each, or Contiguous runs
+            steps.append(compile_regex(r"\p{N}" if p.get("individual_digits") else r"\p{N}+"))
+        elif kind == "ByteLevel" and k == len(items) - 1:
+            if p.get("add_prefix_space"):
+                raise ValueError("ByteLevel add_prefix_space=true is not supported")
+            if p.get("use_regex", True):
+                steps.append(compile_regex(GPT2_PATTERN))
+        else:
+            raise ValueError(f"pre_tokenizer {kind!r} is not supported")
+    return steps
+
+
+def chat_literal(s):
+    """A jinja single-quoted string literal's text (its backslash escapes resolved)."""
+    return re.sub(r"\\(.)", lambda m: ESCAPES.get(m.group(1), m.group(1)), s)
+
+
+def parse_chat_template(tpl):
+    """The literal pieces around message['content'] for one system + one user turn and the
+    generation prompt, recognised with regexes (there is no jinja2 here). None if not understood."""
+    if not tpl or not isinstance(tpl, str):
+        return None
+    lit = r"'((?:[^'\\]|\\.)*)'"
+
+    def around_content(role):
+        m = re.search(r"message\['role'\]\s*==\s*'" + role + r"'\s*%\}(.*?)\{%-?\s*(?:elif|endif|else)",
+                      tpl, re.S)
+        if not m:
+            return None
+        m2 = re.search(r"\{\{\s*(?:" + lit + r"\s*\+\s*)?message\['content'\]\s*(?:\+\s*" + lit + r"\s*)?\}\}",
+                       m.group(1))
+        return (chat_literal(m2.group(1) or ""), chat_literal(m2.group(2) or "")) if m2 else None
+
+    user = around_content("user")
+    gen = re.search(r"\{%-?\s*if add_generation_prompt[^%]*%\}\s*\{\{\s*" + lit + r"\s*\}\}", tpl)
+    system = around_content("system")
+    if system is None and re.search(r"\{\{\s*bos_token\s*\}\}\s*\{\{\s*ns\.system_prompt\s*\}\}", tpl):
+        system = ("", "")  # DeepSeek-V3 style: the system prompt verbatim right after BOS
+    if user is None or gen is None or system is None:
+        return None
+    return [system[0], system[1], user[0], user[1], chat_literal(gen.group(1))]
+
+
+def token_content(tok):
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+def load_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        fail(f"{path}: cannot read ({e.strerror})")
+    except (ValueError, UnicodeDecodeError) as e:
+        fail(f"{path}: not valid JSON ({e})")
+
+
+def check_model(model):
+    if model.get("type", "BPE") != "BPE":
+        raise ValueError(f"model type {model.get('type')!r} is not supported (only BPE)")
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise ValueError(f"BPE {key}={model[key]!r} is not supported")
+    if model.get("byte_fallback") or model.get("ignore_merges"):
+        raise ValueError("BPE byte_fallback/ignore_merges are not supported")
+
+
+def tokenizer_tables(tj, cfg):
+    """tokenizer.json + tokenizer_config.json -> dict of everything tokenizer.bin stores."""
+    check_model(tj["model"])
+    norm = tj.get("normalizer")
+    if norm is not None and not (norm.get("type") == "Sequence" and not norm.get("normalizers")):
+        raise ValueError(f"normalizer {norm.get('type')!r} is not supported")
+    if (tj.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ValueError("the decoder must be ByteLevel")
+    vocab = tj["model"]["vocab"]
+    added = [a for a in tj.get("added_tokens", []) if a["content"]]
+    for a in added:
+        if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
+            raise ValueError(f"added token {a['content']!r}: lstrip/rstrip/single_word unsupported")
+    vocab_size = max(list(vocab.values()) + [a["id"] for a in added]) + 1
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    tokens, flags = [b""] * vocab_size, [0] * vocab_size
+    for s, i in vocab.items():
+        # the ByteLevel decoder maps each char back to its byte; a token with a char outside the
+        # map is emitted as its UTF-8 text instead
+        tokens[i] = bytes(byte_of[c] for c in s) if all(c in byte_of for c in s) else s.encode()
+        flags[i] = TOK_EXISTS
+    for a in added:
+        tokens[a["id"]] = a["content"].encode()
+        flags[a["id"]] = TOK_EXISTS | TOK_ADDED | (TOK_SPECIAL if a.get("special") else 0)
+    ids = dict(vocab)
+    ids.update({a["content"]: a["id"] for a in added})
+    merges = {}
+    for rank, m in enumerate(tj["model"]["merges"]):
+        pair = m.split(" ") if isinstance(m, str) else m
+        if len(pair) != 2 or pair[0] not in vocab or pair[1] not in vocab or pair[0] + pair[1] not in vocab:
+            raise ValueError(f"merge #{rank} {m!r} is not a pair of vocabulary tokens")
+        # tokenizers collects the merges into a HashMap: a repeated pair keeps its last rank
+        merges[(vocab[pair[0]], vocab[pair[1]])] = (rank, vocab[pair[0] + pair[1]])
+    merges = sorted((r, a, b, new) for (a, b), (r, new) in merges.items())
+    b2u = bytes_to_unicode()
+    # bytes that never occur in UTF-8 (C0, C1, F5-FF) may lack a token (DeepSeek's do: their
+    # byte-level characters "À" "ü" ... are added tokens instead); any other byte must have one
+    missing = [b for b in range(256) if b2u[b] not in vocab]
+    if any(b < 0xC0 or 0xC2 <= b <= 0xF4 for b in missing):
+        raise ValueError(f"the vocabulary lacks byte-level tokens for bytes {missing}")
+
+    def special_id(key):
+        c = token_content(cfg.get(key))
+        return ids.get(c, -1) if c else -1
+    bos_id, eos_id = special_id("bos_token"), special_id("eos_token")
+    add_bos = cfg.get("add_bos_token")
+    if add_bos is None:  # not configured: add BOS iff the post-processor's template starts with it
+        single = ((tj.get("post_processor") or {}).get("single") or [{}])[0]
+        add_bos = bos_id >= 0 and "SpecialToken" in single and ids.get(single["SpecialToken"]["id"]) == bos_id
+    return dict(tokens=tokens, flags=flags, merges=merges, added=added,
+                byte_ids=[vocab.get(b2u[b], -1) for b in range(256)],
+                bos_id=bos_id, eos_id=eos_id, add_bos=bool(add_bos) and bos_id >= 0,
+                steps=pretokenizer_steps(tj.get("pre_tokenizer")),
+                chat=parse_chat_template(cfg.get("chat_template")))
+
+
+def pad4(b):
+    return b + b"\0" * (-len(b) % 4)
+
+
+def i32s(values):
+    return struct.pack(f"<{len(values)}i", *values)
+
+
+def tokenizer_bytes(tab):
+    """The tables -> the bytes of tokenizer.bin (layout at the top of this section)."""
+    classes, class_index, step_off, alt_off, atoms = [], {}, [0], [0], []
+    for step in tab["steps"]:
+        for alt in step:
+            for kind, ranges, lo, hi in alt:
+                c = -1
+                if ranges is not None:
+                    key = tuple(ranges)
+                    c = class_index.setdefault(key, len(classes))
+                    if c == len(classes):
+                        classes.append(key)
+                atoms += [kind, c, lo, hi]
+            alt_off.append(len(atoms) // 4)
+        step_off.append(len(alt_off) - 1)
+    class_off, ranges = [0], []
+    for cls in classes:
+        ranges += [v for r in cls for v in r]
+        class_off.append(len(ranges) // 2)
+    token_off, blob = [0], bytearray()
+    for t in tab["tokens"]:
+        blob += t
+        token_off.append(len(blob))
+    blob = pad4(bytes(blob))
+    chat = tab["chat"] or [""] * 5
+    header = TOK_MAGIC + i32s([TOK_VERSION, len(tab["tokens"]), len(tab["merges"]), len(tab["added"]),
+                               tab["bos_id"], tab["eos_id"], int(tab["add_bos"]), len(classes),
+                               len(ranges) // 2, len(tab["steps"]), len(alt_off) - 1, len(atoms) // 4,
+                               len(blob), int(tab["chat"] is not None)])
+    header += unicodedata.unidata_version.encode().ljust(16, b"\0")
+    parts = [header, i32s(token_off), pad4(bytes(tab["flags"])), blob,
+             i32s([v for _, a, b, new in tab["merges"] for v in (a, b, new)]), i32s(tab["byte_ids"]),
+             i32s([v for a in tab["added"] for v in (a["id"], int(bool(a.get("normalized"))))]),
+             i32s(class_off), struct.pack(f"<{len(ranges)}I", *ranges),
+             i32s(step_off), i32s(alt_off), i32s(atoms)]
+    parts += [i32s([len(s.encode())]) + pad4(s.encode()) for s in chat]
+    return b"".join(parts)
+
 
 def export_tokenizer(hf_dir, out_path):
     """tokenizer.json + tokenizer_config.json in hf_dir -> out_path (tokenizer.bin)."""
-    fail("tokenizer export not implemented yet")
+    tj_path = os.path.join(hf_dir, "tokenizer.json")
+    cfg_path = os.path.join(hf_dir, "tokenizer_config.json")
+    tj = load_json(tj_path)
+    cfg = load_json(cfg_path) if os.path.exists(cfg_path) else {}
+    try:
+        tab = tokenizer_tables(tj, cfg)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        fail(f"{tj_path}: unexpected structure ({type(e).__name__}: {e})")
+    except ValueError as e:
+        fail(f"{tj_path}: unsupported configuration: {e}")
+    data = tokenizer_bytes(tab)
+    with open(out_path, "wb") as f:
+        f.write(data)
+    print(f"wrote {out_path}: {len(tab['tokens'])} tokens, {len(tab['merges'])} merges, "
+          f"{len(tab['added'])} added, {len(tab['steps'])} pre-tokenizer steps, "
+          f"chat template {'yes' if tab['chat'] else 'no'}, unicode {unicodedata.unidata_version}, "
+          f"{len(data)} bytes")
 
 # ---------------- end of tokenizer
 

