@@ -66,6 +66,8 @@ enum { ATOM_CLASS, ATOM_END, ATOM_NOT_AHEAD };  // kinds of regex atoms, see mat
 enum { CHAT_SYS_PREFIX, CHAT_SYS_SUFFIX, CHAT_USER_PREFIX, CHAT_USER_SUFFIX, CHAT_GEN_PROMPT, CHAT_PIECES };
 
 typedef struct { uint64_t pair; int32_t rank, merged; } MergeSlot;  // pair = left << 32 | right
+#define BPE_CACHE_SLOTS 16384   // a direct-mapped cache of short pieces' BPE results
+typedef struct { uint8_t len, n_ids; char bytes[22]; int32_t ids[6]; } BpeCacheSlot;  // len 0 = empty
 
 typedef struct {
     int vocab_size, bos_id, eos_id, add_bos;
@@ -86,6 +88,7 @@ typedef struct {
     uint64_t (*class_ascii)[2];     // (n_classes,) 128-bit membership of ASCII, a fast path
     int *added_order;               // added token indices sorted by (first byte, longest first)
     int added_first[257];           // added_order[added_first[b]:added_first[b+1]] start with byte b
+    BpeCacheSlot *bpe_cache;        // (BPE_CACHE_SLOTS,) like tokenizers' BPE cache of words
 } Tokenizer;
 
 typedef struct { unsigned char pending[4]; int n_pending; } DecodeState;
@@ -218,7 +221,7 @@ void tokenizer_load(Tokenizer *t, const char *path) {
     struct stat st;
     if (fstat(fd, &st) != 0 || st.st_size < 8) die("tokenizer file %s is truncated or corrupt", path);
     t->map_size = st.st_size;
-    t->map = mmap(NULL, t->map_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    t->map = mmap(NULL, t->map_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);  // prefault: one pass, not 700 faults
     close(fd);
     if (t->map == MAP_FAILED) die("cannot mmap tokenizer file %s", path);
     Reader r = {path, t->map, (const uint8_t *)t->map + t->map_size};
@@ -271,11 +274,13 @@ void tokenizer_load(Tokenizer *t, const char *path) {
     build_merge_table(t);
     build_class_ascii(t);
     build_added_index(t);
+    t->bpe_cache = calloc(BPE_CACHE_SLOTS, sizeof(BpeCacheSlot));  // zero pages: costs nothing until used
+    if (!t->bpe_cache) die("out of memory loading the tokenizer");
 }
 
 void tokenizer_free(Tokenizer *t) {
     if (t->map) munmap(t->map, t->map_size);
-    free(t->merge_table); free(t->class_ascii); free(t->added_order);
+    free(t->merge_table); free(t->class_ascii); free(t->added_order); free(t->bpe_cache);
     memset(t, 0, sizeof *t);
 }
 
@@ -375,7 +380,17 @@ static void push_pair(const Tokenizer *t, Encoder *e, int pos) {
 
 // BPE over the UTF-8 bytes of one piece, appending its token ids to e->ids
 static void bpe_piece(const Tokenizer *t, Encoder *e, const unsigned char *bytes, int n) {
-    int n_sym = 0;
+    BpeCacheSlot *slot = NULL;
+    if (n <= (int)sizeof slot->bytes) {  // short piece: look in the cache first
+        uint32_t h = 2166136261u;  // FNV-1a
+        for (int i = 0; i < n; i++) h = (h ^ bytes[i]) * 16777619u;
+        slot = &t->bpe_cache[h % BPE_CACHE_SLOTS];
+        if (slot->len == n && memcmp(slot->bytes, bytes, n) == 0) {
+            for (int i = 0; i < slot->n_ids; i++) emit(e, slot->ids[i]);
+            return;
+        }
+    }
+    int first_out = e->n_ids, n_sym = 0;
     for (int i = 0; i < n; i++) {
         int id = t->byte_ids[bytes[i]];
         if (id < 0) continue;  // a byte without a token (cannot occur in valid UTF-8): dropped, as tokenizers does
@@ -398,6 +413,12 @@ static void bpe_piece(const Tokenizer *t, Encoder *e, const unsigned char *bytes
         push_pair(t, e, pos);
     }
     for (int i = 0; i >= 0; i = e->next[i]) emit(e, e->sym[i]);
+    int n_out = e->n_ids - first_out;
+    if (slot && n_out <= (int)(sizeof slot->ids / sizeof *slot->ids)) {
+        slot->len = n; slot->n_ids = n_out;
+        memcpy(slot->bytes, bytes, n);
+        memcpy(slot->ids, e->ids + first_out, n_out * sizeof(int));
+    }
 }
 
 // Apply pre-tokenizer steps s, s+1, ... to the piece cps[start..end), then BPE each final piece
