@@ -10,6 +10,11 @@ FIXTURE_TOKS = $(foreach f,$(FIXTURES),build/fixtures/$(f).tok.bin)
 .PHONY: all run test clean
 all: dsv2
 
+# the default model: a 7.8M-parameter DeepSeek-V2 trained here (docs/MODEL.md)
+PROMPT ?= The jury said that the city
+run: dsv2
+	./dsv2 dsv2_tiny.bin -z tokenizer.bin -i "$(PROMPT)" -n 200 -t 0.8 -p 0.9
+
 dsv2: dsv2.c
 	$(CC) $(CFLAGS) $(OMP) -o $@ dsv2.c -lm
 

@@ -672,6 +672,62 @@ static void test_bad_input(void) {
     expect_error("export.py, missing directory", "python3 export.py build/no_such_dir build/bad_out.bin", "not a directory");
 }
 
+// ---------------- the default model (dsv2_tiny.bin, tokenizer.bin) against transformers
+// tests/default/NAME/: the prompt text, its ids from Hugging Face tokenizers (BOS first; cut at
+// 24 tokens by tools/model_golden.py), float64 logits at those positions, and 64 greedy tokens
+// of the float32 reference.
+static void test_default_model(void) {
+    Model m;
+    Tokenizer tok;
+    model_load(&m, "dsv2_tiny.bin");
+    tokenizer_load(&tok, "tokenizer.bin");
+    const char *names[] = {"english", "code", "mixed"};
+    for (int p = 0; p < 3; p++) {
+        char path[512], text[4096];
+        Golden g[8];
+        snprintf(path, sizeof(path), "tests/default/%s/golden.txt", names[p]);
+        int ng = golden_load(path, g, 8);
+        snprintf(path, sizeof(path), "tests/default/%s/prompt.txt", names[p]);
+        FILE *f = fopen(path, "r");
+        size_t len = f ? fread(text, 1, sizeof(text) - 1, f) : 0;
+        if (f) fclose(f);
+        text[len] = 0;
+        if (ng < 0 || !len) { check(0, "default model %s: cannot read tests/default/%s", names[p], names[p]); continue; }
+        const Golden *prompt = golden_get(g, ng, "prompt_ids"), *greedy = golden_get(g, ng, "greedy_ids");
+        int vocab = m.config.vocab_size, n_prompt = prompt->n;
+
+        int n_ids, same = 1;
+        int *ids = tokenizer_encode(&tok, text, len, tok.add_bos, &n_ids);
+        for (int i = 0; i < n_prompt; i++) if (i >= n_ids || ids[i] != (int)prompt->v[i]) same = 0;
+        check(same, "default model %s: our tokenizer gives the reference's %d prompt ids (of %d)", names[p], n_prompt, n_ids);
+
+        snprintf(path, sizeof(path), "tests/default/%s/golden_logits.bin", names[p]);
+        double *ref = read_f64(path, (size_t)n_prompt * vocab);
+        RunState s;
+        runstate_init(&s, &m.config, n_prompt + greedy->n);
+        double worst = 0;
+        int token = (int)prompt->v[0], match = 0;
+        for (int pos = 0; pos < n_prompt + greedy->n - 1; pos++) {
+            float *logits = forward(&m, &s, token, pos, ATTN_ABSORBED);
+            if (pos < n_prompt && ref) worst = fmax(worst, rel_err(logits, ref + (size_t)pos * vocab, vocab));
+            if (pos + 1 < n_prompt) { token = (int)prompt->v[pos + 1]; continue; }
+            token = sample_argmax(logits, vocab);
+            if (token != (int)greedy->v[pos + 1 - n_prompt]) break;
+            match++;
+        }
+        check(ref && worst < 1e-4, "default model %s: logits at %d prompt positions vs transformers: max rel err %.2e",
+              names[p], n_prompt, worst);
+        check(match == greedy->n, "default model %s: greedy continuation matches transformers for %d/%d tokens",
+              names[p], match, greedy->n);
+        runstate_free(&s);
+        free(ref);
+        free(ids);
+        for (int i = 0; i < ng; i++) free(g[i].v);
+    }
+    tokenizer_free(&tok);
+    model_free(&m);
+}
+
 static void test_model(void) {
     const char *fixtures[] = {"lite", "v2"};
     for (int i = 0; i < 2; i++) {
@@ -683,6 +739,7 @@ static void test_model(void) {
         test_fixture_generation(fixtures[i]);
     }
     test_routing_by_hand();
+    test_default_model();
     test_bad_input();
 }
 

@@ -66,6 +66,7 @@ collect() {  # $1 = run dir
 
 finish() {  # $1 = run dir
   $PY tools/model_golden.py "$1/hf" "$1/golden"
+  $PY tools/golden_to_txt.py "$1/golden" "$1/golden_txt"
   $PY tools/plots.py "$1" || echo "plots failed (non-fatal)"
   collect "$1"
 }
