@@ -905,9 +905,10 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-// W (d,n) @ x (n,) -> xout (d,); OpenMP over the output rows
+// W (d,n) @ x (n,) -> xout (d,); OpenMP over the output rows, when there is enough work to
+// pay for waking the threads (small matrices run faster on one core)
 static void matmul(float *xout, const float *x, Mat w, int n, int d) {
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if ((long)n * d >= (1L << 17))
     for (int i = 0; i < d; i++) {
         float val = 0.0f;
         if (w.bf16) {
@@ -1031,7 +1032,7 @@ static void mla_attention(const Model *m, RunState *s, int l, int pos, AttnForm 
     memcpy(row + d_c, s->kv_a + d_c, rope * sizeof(float));
     rope_apply(row + d_c, s, rope);                                          // eq. (15) k_t^R = RoPE(W^KR h_t)
 
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if ((long)c->n_heads * (pos + 1) * d_c >= (1L << 17))
     for (int i = 0; i < c->n_heads; i++) {
         const float *q_c = s->q + i * qk_head, *q_r = q_c + nope;           // eq. (16) q_t,i = [q^C ; q^R]
         float *att = s->att + (size_t)i * s->seq_len;
