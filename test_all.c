@@ -472,6 +472,38 @@ static void test_fixture_generation(const char *name) {
     for (int i = 0; i < ng; i++) free(g[i].v);
 }
 
+// the whole CLI path: text -> our tokenizer -> model -> greedy -> --dump-logits, against the
+// reference's logits for every position of prompt + continuation
+static void test_cli_dump_logits(const char *name) {
+    char path[512], cmd[1024];
+    Golden g[64];
+    snprintf(path, sizeof(path), "tests/fixtures/%s/golden.txt", name);
+    int ng = golden_load(path, g, 64);
+    if (ng < 0) { check(0, "%s: cannot read %s", name, path); return; }
+    int n_total = golden_get(g, ng, "prompt_ids")->n + golden_get(g, ng, "greedy_ids")->n;
+    int vocab = (int)golden_get(g, ng, "vocab")->v[0];
+    // (the x keeps the shell from dropping the prompt's trailing newline)
+    snprintf(cmd, sizeof(cmd), "p=\"$(cat tests/fixtures/%s/prompt.txt; printf x)\"; ./dsv2 build/fixtures/%s.bf16.bin "
+             "-z build/fixtures/%s.tok.bin -t 0 -n %d -i \"${p%%x}\" --dump-logits build/dump_%s.bin >/dev/null 2>&1",
+             name, name, name, golden_get(g, ng, "greedy_ids")->n, name);
+    int rc = system(cmd);
+    snprintf(path, sizeof(path), "build/dump_%s.bin", name);
+    FILE *f = fopen(path, "rb");
+    float *dump = xcalloc((size_t)n_total * vocab + 1, sizeof(float));
+    size_t got = f ? fread(dump, sizeof(float), (size_t)n_total * vocab + 1, f) : 0;
+    if (f) fclose(f);
+    snprintf(path, sizeof(path), "tests/fixtures/%s/golden_logits.bin", name);
+    double *ref = read_f64(path, (size_t)n_total * vocab), worst = 0;
+    for (int p = 0; ref && p < n_total && got == (size_t)n_total * vocab; p++)
+        worst = fmax(worst, rel_err(dump + (size_t)p * vocab, ref + (size_t)p * vocab, vocab));
+    check(rc == 0 && got == (size_t)n_total * vocab && worst < 1e-4,
+          "%s: ./dsv2 -i PROMPT -t 0 --dump-logits: %zu of %d x %d logits, max rel err %.2e vs transformers",
+          name, got, n_total, vocab, worst);
+    free(dump);
+    free(ref);
+    for (int i = 0; i < ng; i++) free(g[i].v);
+}
+
 // unit tests against values the reference's own modules computed
 static void test_fixture_units(const char *name) {
     char path[512];
@@ -737,6 +769,7 @@ static void test_model(void) {
         test_fixture_logits(fixtures[i], "bf16", ATTN_ABSORBED);
         test_fixture_logits(fixtures[i], "bf16", ATTN_NAIVE);
         test_fixture_generation(fixtures[i]);
+        test_cli_dump_logits(fixtures[i]);
     }
     test_routing_by_hand();
     test_default_model();
