@@ -1,9 +1,15 @@
-/* dsv2.c: DeepSeek-V2 inference in one C file (arXiv 2405.04434).
+/* dsv2.c: DeepSeek-V2 inference in one C file (arXiv 2405.04434, "DeepSeek-V2: A Strong,
+ * Economical, and Efficient Mixture-of-Experts Language Model").
  *
- * SKELETON -- sections are filled in by separate work streams:
- *   - model core (config, loader, MLA, MoE, forward, sampler, CLI): main author
- *   - the BPE tokenizer section below: tokenizer work stream
- * Build: gcc -O3 -fopenmp -o dsv2 dsv2.c -lm
+ * Multi-head Latent Attention (sec. 2.1, eqs. 9-19): low-rank joint compression of keys and
+ * values, a cache that holds only the latent c^KV and one shared RoPE key per token, query
+ * compression, decoupled RoPE with YaRN, and the absorbed form of Appendix C.
+ * DeepSeekMoE (sec. 2.2, eqs. 20-22): shared and routed experts, top-k and device-limited routing.
+ * Every equation is a `// eq. (N)` comment on the line that computes it.
+ *
+ * Build: gcc -O3 -march=native -fopenmp -o dsv2 dsv2.c -lm      (or: make)
+ * Run:   ./dsv2 dsv2_tiny.bin -z tokenizer.bin -i "The jury said that the city"
+ * Real checkpoints: python3 export.py HF_DIR model.bin --tokenizer tok.bin   (see README.md)
  */
 #include <stdio.h>
 #include <stdlib.h>
