@@ -37,24 +37,11 @@ static void die(const char *fmt, ...) {
 
 // ----------------------------------------------------------------------------
 // ---------------- The Byte Pair Encoding (BPE) Tokenizer
-// (tokenizer work stream: everything from here to "end of tokenizer")
 //
-// Contract used by the rest of dsv2.c:
-//   typedef struct {...} Tokenizer;   with at least the fields
-//       int vocab_size, bos_id, eos_id, add_bos;
-//   void tokenizer_load(Tokenizer *t, const char *path);      // die()s with one line on bad input
-//   void tokenizer_free(Tokenizer *t);
-//   int *tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add_bos, int *n_ids);
-//        malloc'd ids (caller frees); special tokens in the text are matched; BOS first if add_bos;
-//        die()s on invalid UTF-8
-//   typedef struct {...} DecodeState;  zero-initialised = fresh stream
-//   void tokenizer_put(Tokenizer *t, DecodeState *s, int id, int skip_special, FILE *out);
-//        streams the token's text; holds back an incomplete UTF-8 character until complete
-//   void tokenizer_flush(Tokenizer *t, DecodeState *s, FILE *out);
-//   char *tokenizer_chat_prompt(Tokenizer *t, const char *system, const char *user);
-//        the chat template rendered for one user turn + generation prompt, WITHOUT the leading
-//        BOS (the caller encodes with add_bos); malloc'd; die()s if the tokenizer has no template
-//   void tokenizer_cli(Tokenizer *t, const char *mode, const char *input);  // -m encode|decode
+// What the rest of dsv2.c uses: tokenizer_load / tokenizer_free, tokenizer_encode (text -> ids,
+// added tokens matched, BOS first when asked), tokenizer_put / tokenizer_flush (streamed decoding
+// that holds back an incomplete UTF-8 character), tokenizer_chat_prompt (one chat turn in the
+// model's template, without BOS) and tokenizer_cli (-m encode / decode). Bad input die()s.
 //
 // It reproduces Hugging Face `tokenizers` (Tokenizer.encode(text, add_special_tokens=False))
 // for byte-level BPE tokenizers such as DeepSeek-V2's and V3's, in four steps:
@@ -588,7 +575,6 @@ void tokenizer_cli(Tokenizer *t, const char *mode, const char *input) {
     }
 }
 
-// ---------------- end of tokenizer
 // ----------------------------------------------------------------------------
 
 // ----------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """export.py: a Hugging Face DeepSeek-V2 directory -> one dsv2 model file and/or tokenizer.bin.
 
-SKELETON: the model part is written by the main author, the tokenizer part by the
-tokenizer work stream (between the markers below).
+  python3 export.py HF_DIR [MODEL_OUT] [--tokenizer TOK_OUT] [--dtype fp32|bf16]
+
+Standard library only. The model file is written tensor by tensor (peak memory is one chunk of
+one tensor, not the checkpoint); docs/FORMAT.md describes it. tokenizer.bin's layout is
+described in the tokenizer section below.
 """
 import argparse
 import array
@@ -19,7 +22,7 @@ def fail(msg):
     sys.exit(1)
 
 
-# ---------------- tokenizer.bin (tokenizer work stream: from here to "end of tokenizer")
+# ---------------- tokenizer.bin
 #
 # tokenizer.bin holds everything dsv2.c's encoder/decoder needs, already resolved to ids
 # so that loading is one mmap plus one hash table build (all little-endian, int32 unless noted):
@@ -482,7 +485,6 @@ def export_tokenizer(hf_dir, out_path):
           f"chat template {'yes' if tab['chat'] else 'no'}, unicode {unicodedata.unidata_version}, "
           f"{len(data)} bytes")
 
-# ---------------- end of tokenizer
 
 
 # ---------------- model file

