@@ -160,7 +160,7 @@ static int merge_rank(const Tokenizer *t, int left, int right) {
 static void build_merge_table(Tokenizer *t) {
     uint64_t size = 16;
     while (size < 2 * (uint64_t)t->n_merges) size *= 2;
-    t->merge_table = malloc(size * sizeof(MergeSlot));
+    t->merge_table = (MergeSlot *)malloc(size * sizeof(MergeSlot));
     if (!t->merge_table) die("out of memory loading the tokenizer");
     for (uint64_t i = 0; i < size; i++) t->merge_table[i].rank = -1;
     t->merge_mask = size - 1;
@@ -175,7 +175,7 @@ static void build_merge_table(Tokenizer *t) {
 static int class_has(const Tokenizer *t, int c, uint32_t cp);
 
 static void build_class_ascii(Tokenizer *t) {
-    t->class_ascii = calloc(t->n_classes ? t->n_classes : 1, sizeof *t->class_ascii);
+    t->class_ascii = (uint64_t (*)[2])calloc(t->n_classes ? t->n_classes : 1, sizeof *t->class_ascii);
     for (int c = 0; c < t->n_classes; c++)
         for (int r = t->class_off[c]; r < t->class_off[c + 1] && t->ranges[2 * r] < 128; r++)
             for (uint32_t cp = t->ranges[2 * r]; cp <= t->ranges[2 * r + 1] && cp < 128; cp++)
@@ -192,7 +192,7 @@ static int cmp_added(const void *a, const void *b) {
 }
 
 static void build_added_index(Tokenizer *t) {
-    t->added_order = malloc((t->n_added + 1) * sizeof(int));
+    t->added_order = (int *)malloc((t->n_added + 1) * sizeof(int));
     int n = 0;
     for (int i = 0; i < t->n_added; i++) {
         int id = t->added[2 * i];
@@ -217,7 +217,7 @@ void tokenizer_load(Tokenizer *t, const char *path) {
     t->map = mmap(NULL, t->map_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);  // prefault: one pass, not 700 faults
     close(fd);
     if (t->map == MAP_FAILED) die("cannot mmap tokenizer file %s", path);
-    Reader r = {path, t->map, (const uint8_t *)t->map + t->map_size};
+    Reader r = {path, (const uint8_t *)t->map, (const uint8_t *)t->map + t->map_size};
     if (memcmp(take(&r, 8, 1), "DSV2TOK\0", 8) != 0) die("%s is not a dsv2 tokenizer file (bad magic)", path);
     int version = take_int(&r);
     if (version != 1) die("tokenizer file %s has version %d, this dsv2 reads version 1 (re-export it)", path, version);
@@ -230,21 +230,21 @@ void tokenizer_load(Tokenizer *t, const char *path) {
     if (t->vocab_size <= 0 || t->n_merges < 0 || t->n_added < 0 || t->n_classes < 0 || n_ranges < 0 ||
         t->n_steps < 0 || n_alts < 0 || n_atoms < 0 || blob_bytes < 0)
         die("tokenizer file %s is corrupt (negative sizes)", path);
-    t->token_off = take(&r, t->vocab_size + 1, 4);
-    t->token_flags = take(&r, t->vocab_size, 1);
-    t->token_blob = take(&r, blob_bytes, 1);
-    t->merges = take(&r, 3 * (size_t)t->n_merges, 4);
-    t->byte_ids = take(&r, 256, 4);
-    t->added = take(&r, 2 * (size_t)t->n_added, 4);
-    t->class_off = take(&r, t->n_classes + 1, 4);
-    t->ranges = take(&r, 2 * (size_t)n_ranges, 4);
-    t->step_off = take(&r, t->n_steps + 1, 4);
-    t->alt_off = take(&r, n_alts + 1, 4);
-    t->atoms = take(&r, 4 * (size_t)n_atoms, 4);
+    t->token_off = (const int32_t *)take(&r, t->vocab_size + 1, 4);
+    t->token_flags = (const uint8_t *)take(&r, t->vocab_size, 1);
+    t->token_blob = (const char *)take(&r, blob_bytes, 1);
+    t->merges = (const int32_t *)take(&r, 3 * (size_t)t->n_merges, 4);
+    t->byte_ids = (const int32_t *)take(&r, 256, 4);
+    t->added = (const int32_t *)take(&r, 2 * (size_t)t->n_added, 4);
+    t->class_off = (const int32_t *)take(&r, t->n_classes + 1, 4);
+    t->ranges = (const uint32_t *)take(&r, 2 * (size_t)n_ranges, 4);
+    t->step_off = (const int32_t *)take(&r, t->n_steps + 1, 4);
+    t->alt_off = (const int32_t *)take(&r, n_alts + 1, 4);
+    t->atoms = (const int32_t *)take(&r, 4 * (size_t)n_atoms, 4);
     for (int i = 0; i < CHAT_PIECES; i++) {
         t->chat_len[i] = take_int(&r);
         if (t->chat_len[i] < 0) die("tokenizer file %s is corrupt (chat template)", path);
-        t->chat[i] = take(&r, t->chat_len[i], 1);
+        t->chat[i] = (const char *)take(&r, t->chat_len[i], 1);
     }
     if (r.p != r.end) die("tokenizer file %s is corrupt (%ld unexpected trailing bytes)", path, (long)(r.end - r.p));
     // validate everything later code indexes with, so a corrupt file cannot crash us
@@ -267,7 +267,7 @@ void tokenizer_load(Tokenizer *t, const char *path) {
     build_merge_table(t);
     build_class_ascii(t);
     build_added_index(t);
-    t->bpe_cache = calloc(BPE_CACHE_SLOTS, sizeof(BpeCacheSlot));  // zero pages: costs nothing until used
+    t->bpe_cache = (BpeCacheSlot *)calloc(BPE_CACHE_SLOTS, sizeof(BpeCacheSlot));  // zero pages: costs nothing until used
     if (!t->bpe_cache) die("out of memory loading the tokenizer");
 }
 
@@ -341,7 +341,7 @@ typedef struct {
 static void emit(Encoder *e, int id) {
     if (e->n_ids == e->cap_ids) {
         e->cap_ids = e->cap_ids ? 2 * e->cap_ids : 64;
-        e->ids = realloc(e->ids, e->cap_ids * sizeof(int));
+        e->ids = (int *)realloc(e->ids, e->cap_ids * sizeof(int));
         if (!e->ids) die("out of memory encoding text");
     }
     e->ids[e->n_ids++] = id;
@@ -471,10 +471,10 @@ int *tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add_bos, i
     if (bad >= 0) die("invalid UTF-8 in the text to encode at byte offset %ld (byte 0x%02x)", bad, (unsigned char)text[bad]);
     if (len > (1u << 30)) die("text to encode is too long (%zu bytes)", len);
     Encoder e = {0};
-    e.cps = malloc((len + 1) * sizeof(uint32_t));
-    e.byte_at = malloc((len + 1) * sizeof(int));
-    e.sym = malloc((len + 1) * sizeof(int)); e.prev = malloc((len + 1) * sizeof(int)); e.next = malloc((len + 1) * sizeof(int));
-    e.heap = malloc((2 * len + 1) * sizeof(uint64_t));
+    e.cps = (uint32_t *)malloc((len + 1) * sizeof(uint32_t));
+    e.byte_at = (int *)malloc((len + 1) * sizeof(int));
+    e.sym = (int *)malloc((len + 1) * sizeof(int)); e.prev = (int *)malloc((len + 1) * sizeof(int)); e.next = (int *)malloc((len + 1) * sizeof(int));
+    e.heap = (uint64_t *)malloc((2 * len + 1) * sizeof(uint64_t));
     if (!e.cps || !e.byte_at || !e.sym || !e.prev || !e.next || !e.heap) die("out of memory encoding %zu bytes", len);
     int n_cps = 0;
     for (size_t i = 0; i < len; n_cps++) {
@@ -486,7 +486,7 @@ int *tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add_bos, i
     split_added(t, &e, text, len, 0, 0, n_cps);
     free(e.cps); free(e.byte_at); free(e.sym); free(e.prev); free(e.next); free(e.heap);
     *n_ids = e.n_ids;
-    return e.ids ? e.ids : malloc(sizeof(int));
+    return e.ids ? e.ids : (int *)malloc(sizeof(int));
 }
 
 // ---------------- decoder
@@ -536,7 +536,7 @@ char *tokenizer_chat_prompt(Tokenizer *t, const char *system, const char *user) 
     int has_sys = system && *system;
     size_t n = strlen(user) + (has_sys ? strlen(system) : 0) + 1;
     for (int i = 0; i < CHAT_PIECES; i++) n += t->chat_len[i];
-    char *out = malloc(n), *p = out;
+    char *out = (char *)malloc(n), *p = out;
     if (!out) die("out of memory");
 #define PUT(s, len) (memcpy(p, s, len), p += len)
     if (has_sys) { PUT(t->chat[CHAT_SYS_PREFIX], t->chat_len[CHAT_SYS_PREFIX]); PUT(system, strlen(system)); PUT(t->chat[CHAT_SYS_SUFFIX], t->chat_len[CHAT_SYS_SUFFIX]); }
@@ -783,16 +783,16 @@ static void model_load(Model *m, const char *path) {
     m->map = mmap(NULL, m->file_size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (m->map == MAP_FAILED) die("%s: mmap failed: %s", path, strerror(errno));
-    const uint32_t *head = m->map;
+    const uint32_t *head = (const uint32_t *)m->map;
     if (head[0] != DSV2_MAGIC) die("%s: not a dsv2 model file (bad magic); convert with export.py", path);
     if (head[1] != DSV2_VERSION)
         die("%s: model file version %u, this dsv2 reads version %d; re-export with export.py", path, head[1], DSV2_VERSION);
     memcpy(&m->config, (const char *)m->map + 8, sizeof(Config));
     check_config(&m->config, path);
-    m->layers = xcalloc(m->config.n_layers, sizeof(Layer));
+    m->layers = (Layer *)xcalloc(m->config.n_layers, sizeof(Layer));
     for (int l = 0; l < m->config.n_layers; l++)
-        if (is_moe_layer(&m->config, l)) m->layers[l].experts = xcalloc(m->config.n_routed_experts, sizeof(FFN));
-    uint64_t need = map_weights(m, m->map);
+        if (is_moe_layer(&m->config, l)) m->layers[l].experts = (FFN *)xcalloc(m->config.n_routed_experts, sizeof(FFN));
+    uint64_t need = map_weights(m, (const char *)m->map);
     if (need != m->file_size)
         die("%s: file is %zu bytes but its config needs %llu (truncated or corrupt)", path, m->file_size,
             (unsigned long long)need);
@@ -845,28 +845,28 @@ static void runstate_init(RunState *s, const Config *c, int seq_len) {
     if (c->moe_intermediate_size * (c->n_shared_experts > 1 ? c->n_shared_experts : 1) > ffn_width)
         ffn_width = c->moe_intermediate_size * (c->n_shared_experts > 1 ? c->n_shared_experts : 1);
     s->seq_len = seq_len;
-    s->x = xcalloc(c->dim, sizeof(float));
-    s->xb = xcalloc(c->dim, sizeof(float));
-    s->c_q = xcalloc(c->q_lora_rank, sizeof(float));
-    s->q = xcalloc((size_t)c->n_heads * qk_head, sizeof(float));
-    s->kv_a = xcalloc(kv_cache_width(c), sizeof(float));
-    s->q_absorbed = xcalloc((size_t)c->n_heads * c->kv_lora_rank, sizeof(float));
-    s->o_latent = xcalloc((size_t)c->n_heads * c->kv_lora_rank, sizeof(float));
-    s->kv_head = xcalloc((size_t)c->n_heads * (c->qk_nope_head_dim + c->v_head_dim), sizeof(float));
-    s->att = xcalloc((size_t)c->n_heads * seq_len, sizeof(float));
-    s->o = xcalloc((size_t)c->n_heads * c->v_head_dim, sizeof(float));
-    s->u = xcalloc(c->dim, sizeof(float));
-    s->ffn_out = xcalloc(c->dim, sizeof(float));
-    s->hb = xcalloc(ffn_width, sizeof(float));
-    s->hb2 = xcalloc(ffn_width, sizeof(float));
-    s->scores = xcalloc(c->n_routed_experts, sizeof(float));
-    s->topk_idx = xcalloc(c->n_experts_per_tok, sizeof(int));
-    s->topk_w = xcalloc(c->n_experts_per_tok, sizeof(float));
-    s->rope_cos = xcalloc(c->qk_rope_head_dim / 2, sizeof(float));
-    s->rope_sin = xcalloc(c->qk_rope_head_dim / 2, sizeof(float));
-    s->inv_freq = xcalloc(c->qk_rope_head_dim / 2, sizeof(float));
-    s->logits = xcalloc(c->vocab_size, sizeof(float));
-    s->kv_cache = xcalloc((size_t)c->n_layers * seq_len * kv_cache_width(c), sizeof(float));
+    s->x = (float *)xcalloc(c->dim, sizeof(float));
+    s->xb = (float *)xcalloc(c->dim, sizeof(float));
+    s->c_q = (float *)xcalloc(c->q_lora_rank, sizeof(float));
+    s->q = (float *)xcalloc((size_t)c->n_heads * qk_head, sizeof(float));
+    s->kv_a = (float *)xcalloc(kv_cache_width(c), sizeof(float));
+    s->q_absorbed = (float *)xcalloc((size_t)c->n_heads * c->kv_lora_rank, sizeof(float));
+    s->o_latent = (float *)xcalloc((size_t)c->n_heads * c->kv_lora_rank, sizeof(float));
+    s->kv_head = (float *)xcalloc((size_t)c->n_heads * (c->qk_nope_head_dim + c->v_head_dim), sizeof(float));
+    s->att = (float *)xcalloc((size_t)c->n_heads * seq_len, sizeof(float));
+    s->o = (float *)xcalloc((size_t)c->n_heads * c->v_head_dim, sizeof(float));
+    s->u = (float *)xcalloc(c->dim, sizeof(float));
+    s->ffn_out = (float *)xcalloc(c->dim, sizeof(float));
+    s->hb = (float *)xcalloc(ffn_width, sizeof(float));
+    s->hb2 = (float *)xcalloc(ffn_width, sizeof(float));
+    s->scores = (float *)xcalloc(c->n_routed_experts, sizeof(float));
+    s->topk_idx = (int *)xcalloc(c->n_experts_per_tok, sizeof(int));
+    s->topk_w = (float *)xcalloc(c->n_experts_per_tok, sizeof(float));
+    s->rope_cos = (float *)xcalloc(c->qk_rope_head_dim / 2, sizeof(float));
+    s->rope_sin = (float *)xcalloc(c->qk_rope_head_dim / 2, sizeof(float));
+    s->inv_freq = (float *)xcalloc(c->qk_rope_head_dim / 2, sizeof(float));
+    s->logits = (float *)xcalloc(c->vocab_size, sizeof(float));
+    s->kv_cache = (float *)xcalloc((size_t)c->n_layers * seq_len * kv_cache_width(c), sizeof(float));
     rope_init(s, c);
 }
 
@@ -1344,7 +1344,7 @@ static void chat(const Model *m, Tokenizer *tok, Sampler *sp, const char *prompt
         int n_ids;
         int *ids = tokenizer_encode(tok, text, strlen(text), turn == 0 && tok->add_bos, &n_ids);
         if (turn > 0) {  // the previous answer ended with EOS: feed it before the next turn
-            int *with_eos = xcalloc(n_ids + 1, sizeof(int));
+            int *with_eos = (int *)xcalloc(n_ids + 1, sizeof(int));
             with_eos[0] = tok->eos_id;
             memcpy(with_eos + 1, ids, n_ids * sizeof(int));
             free(ids);
@@ -1448,7 +1448,7 @@ int main(int argc, char **argv) {
     model_load(&model, model_path);
     tokenizer_load(&tok, tok_path);
     Sampler sp = {temperature, topp, (uint64_t)(seed ? seed : (long)time(NULL)), NULL};
-    sp.order = xcalloc(model.config.vocab_size, sizeof(int));
+    sp.order = (int *)xcalloc(model.config.vocab_size, sizeof(int));
     if (is_gen) generate(&model, &tok, &sp, prompt ? prompt : "Once upon a time", &opt);
     else chat(&model, &tok, &sp, prompt, system, &opt);
     free(sp.order);
