@@ -7,6 +7,10 @@ FIXTURES = lite v2
 FIXTURE_MODELS = $(foreach f,$(FIXTURES),build/fixtures/$(f).fp32.bin build/fixtures/$(f).bf16.bin)
 FIXTURE_TOKS = $(foreach f,$(FIXTURES),build/fixtures/$(f).tok.bin)
 
+NVCC := $(shell command -v nvcc 2>/dev/null)
+# dsv2cu is built (and so compiled in CI) wherever nvcc exists; test_all runs it when a GPU is there
+CUDA_TARGETS := $(if $(NVCC),dsv2cu,)
+
 .PHONY: all run test clean
 all: dsv2
 
@@ -17,6 +21,9 @@ run: dsv2
 
 dsv2: dsv2.c
 	$(CC) $(CFLAGS) $(OMP) -o $@ dsv2.c -lm
+
+dsv2cu: dsv2.cu dsv2_bench.cuh dsv2.c
+	nvcc -O3 -arch=sm_90 -Xcompiler -fopenmp -o $@ dsv2.cu -lcublas -lgomp
 
 test_all: test_all.c dsv2.c
 	$(CC) $(CFLAGS) $(OMP) -o $@ test_all.c -lm
@@ -36,8 +43,8 @@ build/fixtures/%.tok.bin: tests/fixtures/%/tokenizer.json export.py
 # the tokenizer tests' prerequisites (exported tokenizers, downloads, fuzz)
 include tests/tokenizer.mk
 
-test: dsv2 test_all $(FIXTURE_MODELS) $(FIXTURE_TOKS) $(TOK_TEST_DEPS)
+test: dsv2 test_all $(CUDA_TARGETS) $(FIXTURE_MODELS) $(FIXTURE_TOKS) $(TOK_TEST_DEPS)
 	./test_all
 
 clean:
-	rm -rf dsv2 test_all build
+	rm -rf dsv2 dsv2cu test_all build

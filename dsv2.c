@@ -1244,6 +1244,19 @@ static void print_kv_cache_size(const Config *c) {
             mha, mha * 4, 100.0 * mla / mha);
 }
 
+// The generation loop's two hooks. dsv2.c runs every position through forward(); dsv2.cu
+// (which includes this file with DSV2_GPU defined) runs them on the GPU and takes the prompt,
+// all of it but the last token, in one batched pass (prefill).
+#ifdef DSV2_GPU
+static float *forward_gpu(const Model *m, RunState *s, int token, int pos, AttnForm form);
+static int prefill_gpu(const Model *m, RunState *s, const int *ids, int n, int pos0, AttnForm form);
+#define DSV2_FORWARD forward_gpu
+#define DSV2_PREFILL prefill_gpu
+#else
+#define DSV2_FORWARD forward
+#define DSV2_PREFILL(m, s, ids, n, pos0, form) 0  // prompt tokens taken in a batch: none, here
+#endif
+
 typedef struct {
     const char *dump_logits;  // write every position's logits here (float32, [pos][vocab])
     AttnForm form;
@@ -1269,8 +1282,13 @@ static int generate_ids(const Model *m, RunState *s, Tokenizer *tok, Sampler *sp
     memset(&ds, 0, sizeof(ds));
     double t0 = now_s(), t1 = t0;
     int pos = pos0, token = ids[0], n_gen = 0;
+    if (!dump && n_ids > 1) {  // --dump-logits needs every position's logits: no prefill then
+        int done = DSV2_PREFILL(m, s, ids, n_ids - 1, pos0, opt->form);
+        pos += done;
+        token = ids[done];
+    }
     while (pos < s->seq_len) {
-        float *logits = forward(m, s, token, pos, opt->form);
+        float *logits = DSV2_FORWARD(m, s, token, pos, opt->form);
         if (dump && fwrite(logits, sizeof(float), c->vocab_size, dump) != (size_t)c->vocab_size)
             die("--dump-logits: write failed");
         pos++;

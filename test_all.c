@@ -777,10 +777,99 @@ static void test_model(void) {
     test_bad_input();
 }
 
+
+// ---------------- the CUDA path (dsv2cu) against the CPU path, when a GPU is present
+// Both binaries run the same greedy generation with --dump-logits (every position's logits,
+// decode step by step); the dumps are compared position by position: the argmax (the greedy
+// token) must agree at every position, the logits within GPU_TOL of the CPU's. The GPU keeps
+// weights, latent cache and prefill activations in bf16, the CPU computes in float32 from the
+// same (bf16-rounded) weights: the measured error is printed. A second run without the dump
+// takes the GPU's batched prefill; its generated text must equal the CPU's.
+#define GPU_TOL 5e-2
+
+static float *read_floats(const char *path, size_t *n) {
+    size_t len;
+    char *buf = tok_read_file(path, &len);
+    *n = buf ? len / sizeof(float) : 0;
+    return (float *)buf;
+}
+
+static char *run_capture(const char *cmd) {
+    FILE *p = popen(cmd, "r");
+    if (!p) return NULL;
+    size_t cap = 1 << 16, n = 0;
+    char *out = (char *)malloc(cap);
+    for (size_t k; (k = fread(out + n, 1, cap - 1 - n, p)) > 0;) {
+        n += k;
+        if (n + 1 == cap) out = (char *)realloc(out, cap *= 2);
+    }
+    out[n] = 0;
+    return pclose(p) == 0 ? out : (free(out), (char *)NULL);
+}
+
+static void test_gpu_case(const char *name, const char *model, const char *tok, const char *prompt, int vocab) {
+    char cmd[1024], cpu_dump[256], gpu_dump[256];
+    snprintf(cpu_dump, sizeof cpu_dump, "build/gpu_%s.cpu.bin", name);
+    snprintf(gpu_dump, sizeof gpu_dump, "build/gpu_%s.gpu.bin", name);
+    const char *bins[2] = {"./dsv2", "./dsv2cu"}, *dumps[2] = {cpu_dump, gpu_dump};
+    char *text[2];
+    for (int b = 0; b < 2; b++) {
+        snprintf(cmd, sizeof cmd, "%s %s -z %s -t 0 -n 64 -i '%s' --dump-logits %s 2>/dev/null", bins[b], model, tok, prompt, dumps[b]);
+        free(run_capture(cmd));
+        snprintf(cmd, sizeof cmd, "%s %s -z %s -t 0 -n 64 -i '%s' 2>/dev/null", bins[b], model, tok, prompt);
+        text[b] = run_capture(cmd);
+    }
+    size_t nc, ng;
+    float *c = read_floats(cpu_dump, &nc), *g = read_floats(gpu_dump, &ng);
+    int positions = (int)(nc / vocab), same = 0;
+    double worst = 0;
+    for (int p = 0; c && g && nc == ng && p < positions; p++) {
+        const float *cp = c + (size_t)p * vocab, *gp = g + (size_t)p * vocab;
+        if (sample_argmax(cp, vocab) != sample_argmax(gp, vocab)) break;
+        same++;
+        double d = 0, r = 0;
+        for (int i = 0; i < vocab; i++) { d = fmax(d, fabs((double)gp[i] - cp[i])); r = fmax(r, fabs((double)cp[i])); }
+        worst = fmax(worst, d / r);
+    }
+    check(c && g && nc == ng && positions > 0 && same == positions,
+          "GPU vs CPU, %s: greedy argmax agrees at %d/%d positions (prompt + up to 64 generated)", name, same, positions);
+    check(same == positions && positions > 0 && worst < GPU_TOL,
+          "GPU vs CPU, %s: logits max|gpu-cpu|/max|cpu| = %.2e over those positions (tolerance %.0e)", name, worst, GPU_TOL);
+    check(text[0] && text[1] && !strcmp(text[0], text[1]),
+          "GPU vs CPU, %s: generated text with the GPU's batched prefill equals the CPU's", name);
+    free(c); free(g); free(text[0]); free(text[1]);
+}
+
+static void test_gpu(void) {
+    if (access("./dsv2cu", X_OK) != 0 || system("./dsv2cu --gpu-check >/dev/null 2>&1") != 0) {
+        printf("SKIPPED: no GPU here: CUDA path not run (CPU tests only)\n");
+        return;
+    }
+    const char *fixtures[] = {"lite", "v2"};
+    for (int i = 0; i < 2; i++) {
+        char model[256], tok[256];
+        snprintf(model, sizeof model, "build/fixtures/%s.bf16.bin", fixtures[i]);
+        snprintf(tok, sizeof tok, "build/fixtures/%s.tok.bin", fixtures[i]);
+        Model m;
+        model_load(&m, model);
+        test_gpu_case(fixtures[i], model, tok, "Hello world, this is a test", m.config.vocab_size);
+        model_free(&m);
+    }
+    Model m;
+    model_load(&m, "dsv2_tiny.bin");
+    test_gpu_case("default", "dsv2_tiny.bin", "tokenizer.bin", "The jury said that the city", m.config.vocab_size);
+    model_free(&m);
+}
+
 int main(int argc, char **argv) {
-    (void)argc; (void)argv;
+    if (argc > 1 && !strcmp(argv[1], "--gpu-only")) {  // the GPU machine: only the CUDA-vs-CPU checks
+        test_gpu();
+        printf("%d passed, %d failed\n", n_passed, n_failed);
+        return n_failed ? 1 : 0;
+    }
     test_tokenizer();
     test_model();
+    test_gpu();
     printf("%d passed, %d failed\n", n_passed, n_failed);
     return n_failed ? 1 : 0;
 }

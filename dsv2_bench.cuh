@@ -1,0 +1,208 @@
+// dsv2_bench.cuh: ./dsv2cu --bench MODEL, included by dsv2.cu (tools/bench_cuda.sh runs it).
+// Self-checks first (GPU against dsv2.c's CPU forward on this model, prefill against decode,
+// the MLA kernel against a float64 reference), then the timings, one "BENCH key value" line each.
+
+static double median(std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; }
+
+// max |a - b| / max |b|
+static double rel_err_f(const float *a, const float *b, size_t n) {
+    double d = 0, r = 0;
+    for (size_t i = 0; i < n; i++) { d = fmax(d, fabs((double)a[i] - b[i])); r = fmax(r, fabs((double)b[i])); }
+    return d / (r > 0 ? r : 1);
+}
+
+// fill n bf16 with a hash of (i, seed): values in [-scale, scale) (never zeros: see METHOD.md)
+__global__ void fill_random_kernel(bf16 *p, size_t n, uint32_t seed, float scale) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
+        p[i] = __float2bfloat16(((h >> 8) / 16777216.0f * 2.0f - 1.0f) * scale);
+    }
+}
+static void fill_random(bf16 *p, size_t n, uint32_t seed, float scale) {
+    fill_random_kernel<<<1024, 256, 0, gpu.stream>>>(p, n, seed, scale);
+    launchCheck();
+}
+
+// bytes one decode step must read at context n_ctx: every weight it touches once, plus the cache
+static double decode_bytes(const Config *c, long n_ctx) {
+    double dim = c->dim, H = c->n_heads, W = kv_cache_width(c), qk = c->qk_nope_head_dim + c->qk_rope_head_dim;
+    double per_layer_attn = (c->q_lora_rank ? c->q_lora_rank * dim + H * qk * c->q_lora_rank : H * qk * dim) + W * dim +
+                            H * (c->qk_nope_head_dim + c->v_head_dim) * c->kv_lora_rank + dim * H * c->v_head_dim;
+    double total = dim + c->vocab_size * dim;  // the embedding row, lm_head
+    for (int l = 0; l < c->n_layers; l++) {
+        total += per_layer_attn;
+        if (is_moe_layer(c, l))
+            total += c->n_routed_experts * dim + 3.0 * dim * c->moe_intermediate_size * (c->n_experts_per_tok + c->n_shared_experts);
+        else total += 3.0 * dim * c->intermediate_size;
+    }
+    return total * 2 + (double)c->n_layers * n_ctx * W * 2;
+}
+
+static int bench_main(int argc, char **argv) {
+    const char *path = argv[0];
+    int check_tokens = 4, ctx_max = 8192, prompt = 2048;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--check")) check_tokens = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--ctx")) ctx_max = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--prompt")) prompt = atoi(argv[i + 1]);
+        else die("--bench: unknown option %s", argv[i]);
+    }
+    Model m;
+    model_load(&m, path);
+    const Config *c = &m.config;
+    int seq_len = (ctx_max > prompt ? ctx_max : prompt) + 64;
+    RunState s;
+    runstate_init(&s, c, 160);  // the CPU reference state (small context); the GPU's is seq_len
+    s.seq_len = seq_len;        // forward_gpu sizes the GPU context from it; the CPU runs below use s_cpu
+    cudaDeviceProp prop;
+    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    printf("BENCH device %s\n", prop.name);
+    uint64_t rng = 12345;
+    std::vector<int> ids(prompt);
+    for (int i = 0; i < prompt; i++) ids[i] = (int)(random_u32(&rng) % c->vocab_size);
+
+    // 1. GPU decode vs dsv2.c's CPU forward on this model, check_tokens positions
+    {
+        RunState sc;
+        runstate_init(&sc, c, 160);
+        std::vector<float> gl(c->vocab_size);
+        double worst = 0;
+        int argmax_same = 0;
+        for (int p = 0; p < check_tokens; p++) {
+            float *cl = forward(&m, &sc, ids[p], p, ATTN_ABSORBED);
+            memcpy(gl.data(), forward_gpu(&m, &s, ids[p], p, ATTN_ABSORBED), c->vocab_size * sizeof(float));
+            worst = fmax(worst, rel_err_f(gl.data(), cl, c->vocab_size));
+            argmax_same += sample_argmax(gl.data(), c->vocab_size) == sample_argmax(cl, c->vocab_size);
+        }
+        printf("BENCH check_decode_vs_cpu positions %d max_rel_err %.3e argmax_same %d/%d %s\n", check_tokens, worst,
+               argmax_same, check_tokens, worst < 5e-2 ? "OK" : "NOT OK");
+        runstate_free(&sc);
+    }
+    // 2. prefill vs decode: logits of the last of 128 prompt tokens both ways
+    {
+        int n = 128;
+        std::vector<float> a(c->vocab_size), b(c->vocab_size);
+        for (int p = 0; p < n; p++) forward_gpu(&m, &s, ids[p], p, ATTN_ABSORBED);
+        memcpy(a.data(), s.logits, c->vocab_size * sizeof(float));
+        prefill_gpu(&m, &s, ids.data(), n - 1, 0, ATTN_ABSORBED);
+        memcpy(b.data(), forward_gpu(&m, &s, ids[n - 1], n - 1, ATTN_ABSORBED), c->vocab_size * sizeof(float));
+        double e = rel_err_f(b.data(), a.data(), c->vocab_size);
+        printf("BENCH check_prefill_vs_decode tokens %d max_rel_err %.3e argmax_same %d %s\n", n, e,
+               sample_argmax(a.data(), c->vocab_size) == sample_argmax(b.data(), c->vocab_size), e < 5e-2 ? "OK" : "NOT OK");
+    }
+    fflush(stdout);
+    cudaEvent_t e0, e1;
+    cudaCheck(cudaEventCreate(&e0));
+    cudaCheck(cudaEventCreate(&e1));
+    float ms;
+    // 3. copy bandwidth: device-to-device memcpy of 1 GiB, bytes read + written
+    double copy_gbs;
+    {
+        size_t n = (size_t)1 << 30;
+        void *a, *b;
+        cudaCheck(cudaMalloc(&a, n));
+        cudaCheck(cudaMalloc(&b, n));
+        cudaCheck(cudaMemset(a, 1, n));
+        std::vector<double> t;
+        for (int i = 0; i < 13; i++) {
+            cudaCheck(cudaEventRecord(e0, gpu.stream));
+            cudaCheck(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, gpu.stream));
+            cudaCheck(cudaEventRecord(e1, gpu.stream));
+            cudaCheck(cudaEventSynchronize(e1));
+            cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+            if (i >= 3) t.push_back(ms);
+        }
+        copy_gbs = 2.0 * n / (median(t) * 1e-3) / 1e9;
+        printf("BENCH copy_bandwidth_GBps %.1f\n", copy_gbs);
+        cudaCheck(cudaFree(a));
+        cudaCheck(cudaFree(b));
+    }
+    // 4. prefill of `prompt` tokens (a warm-up pass first)
+    {
+        prefill_gpu(&m, &s, ids.data(), 256, 0, ATTN_ABSORBED);
+        std::vector<double> t;
+        for (int r = 0; r < 3; r++) {
+            cudaCheck(cudaDeviceSynchronize());
+            double t0 = now_s();
+            prefill_gpu(&m, &s, ids.data(), prompt, 0, ATTN_ABSORBED);
+            t.push_back(now_s() - t0);
+        }
+        printf("BENCH prefill tokens %d seconds %.4f tok_per_s %.1f\n", prompt, median(t), prompt / median(t));
+    }
+    // 5. decode at contexts 512 and ctx_max: the cache filled with random latents, graph replays timed
+    int ctxs[2] = {512, ctx_max};
+    for (int ci = 0; ci < 2; ci++) {
+        int n_ctx = ctxs[ci];
+        fill_random(gpu.kv_cache, (size_t)c->n_layers * gpu.seq_len * gpu.W, 777 + ci, 1.0f);
+        std::vector<double> t;
+        for (int i = 0; i < 60; i++) {
+            cudaCheck(cudaEventRecord(e0, gpu.stream));
+            decode_launch(ids[i % prompt], n_ctx);  // attends over n_ctx + 1 rows
+            cudaCheck(cudaEventRecord(e1, gpu.stream));
+            cudaCheck(cudaEventSynchronize(e1));
+            cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+            if (i >= 10) t.push_back(ms);
+        }
+        double sec = median(t) * 1e-3, bytes = decode_bytes(c, n_ctx + 1);
+        printf("BENCH decode ctx %d ms %.3f tok_per_s %.1f bytes %.0f roofline_tok_per_s %.1f ratio %.3f\n", n_ctx,
+               sec * 1e3, 1 / sec, bytes, copy_gbs * 1e9 / bytes, (bytes / sec) / (copy_gbs * 1e9));
+        fflush(stdout);
+    }
+    // 6. the MLA decode kernel alone: B sequences of L rows, the model's heads, own cache each
+    {
+        int B = 64, L = ctx_max, H = c->n_heads, W = gpu.W, d_c = c->kv_lora_rank, chunk = 256, n_split = ceil_div(L, chunk);
+        bf16 *cache = dev_bf16((size_t)B * L * W);
+        float *q = dev_floats((size_t)B * H * W), *o = dev_floats((size_t)B * H * d_c);
+        float *po = dev_floats((size_t)B * n_split * H * d_c), *pml = dev_floats((size_t)B * n_split * H * 2);
+        int *lens = dev_ints(B);
+        std::vector<int> hl(B, L);
+        cudaCheck(cudaMemcpy(lens, hl.data(), B * sizeof(int), cudaMemcpyHostToDevice));
+        fill_random(cache, (size_t)B * L * W, 99, 1.0f);
+        std::vector<float> hq((size_t)B * H * W);
+        for (auto &v : hq) v = (random_f32(&rng) * 2 - 1) * 0.1f;
+        cudaCheck(cudaMemcpy(q, hq.data(), hq.size() * 4, cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemset(o, 0xff, (size_t)B * H * d_c * 4));  // poison: NaN unless written
+        float scale = gpu.softmax_scale;
+        std::vector<double> t;
+        for (int i = 0; i < 23; i++) {
+            cudaCheck(cudaEventRecord(e0, gpu.stream));
+            mla_decode_forward(o, q, cache, (size_t)L * W, lens, NULL, 0, B, H, W, d_c, chunk, n_split, scale, po, pml);
+            cudaCheck(cudaEventRecord(e1, gpu.stream));
+            cudaCheck(cudaEventSynchronize(e1));
+            cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+            if (i >= 3) t.push_back(ms);
+        }
+        double bytes = (double)B * L * W * 2, gbs = bytes / (median(t) * 1e-3) / 1e9;
+        // check two sequences against a float64 reference
+        std::vector<uint16_t> hc((size_t)L * W);
+        std::vector<float> ho((size_t)B * H * d_c);
+        cudaCheck(cudaMemcpy(ho.data(), o, ho.size() * 4, cudaMemcpyDeviceToHost));
+        double worst = 0;
+        for (int b : {0, B - 1}) {
+            cudaCheck(cudaMemcpy(hc.data(), cache + (size_t)b * L * W, hc.size() * 2, cudaMemcpyDeviceToHost));
+            for (int h = 0; h < H; h++) {
+                const float *qh = hq.data() + ((size_t)b * H + h) * W;
+                std::vector<double> sc(L), ref(d_c, 0.0);
+                double mx = -1e300, sum = 0;
+                for (int j = 0; j < L; j++) {
+                    double d = 0;
+                    for (int k = 0; k < W; k++) d += (double)qh[k] * bf16_to_float(hc[(size_t)j * W + k]);
+                    sc[j] = d * scale; mx = fmax(mx, sc[j]);
+                }
+                for (int j = 0; j < L; j++) { sc[j] = exp(sc[j] - mx); sum += sc[j]; }
+                for (int j = 0; j < L; j++) for (int k = 0; k < d_c; k++) ref[k] += sc[j] / sum * bf16_to_float(hc[(size_t)j * W + k]);
+                double dm = 0, rm = 0;
+                for (int k = 0; k < d_c; k++) {
+                    double g = ho[((size_t)b * H + h) * d_c + k];
+                    dm = std::isnan(g) ? 1e30 : fmax(dm, fabs(g - ref[k])); rm = fmax(rm, fabs(ref[k]));
+                }
+                worst = fmax(worst, dm / rm);
+            }
+        }
+        printf("BENCH check_mla_kernel_vs_float64 max_rel_err %.3e %s\n", worst, worst < 1e-3 ? "OK" : "NOT OK");
+        printf("BENCH mla_kernel batch %d ctx %d heads %d ms %.3f GBps %.1f ratio_to_copy %.3f\n", B, L, H, median(t), gbs,
+               gbs / copy_gbs);
+    }
+    return 0;
+}

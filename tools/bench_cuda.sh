@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (repo root as cwd): builds, checks the CUDA path against the CPU
+# path, benchmarks dsv2cu and the transformers baseline on a random DeepSeek-V2-Lite-shaped
+# model, prints a table for docs/BENCHMARKS.md. Results and logs under $OUT (default ./bench_out).
+# Each step has a timeout so one slow step cannot eat the others; the whole takes < 9 minutes.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT" build
+LOG="$OUT/bench.log"
+MODEL=${MODEL:-build/v2lite_random.bin}
+t_start=$(date +%s)
+say() { echo "== [$(( $(date +%s) - t_start ))s] $*" | tee -a "$LOG"; }
+step() { local t=$1; shift; timeout "$t" "$@" 2>&1 | tee -a "$LOG"; local rc=${PIPESTATUS[0]}; [ $rc -ne 0 ] && say "step failed or timed out (rc $rc): $*"; return 0; }
+
+say "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
+say "1. build"
+step 150 make -j8 dsv2 test_all dsv2cu build/fixtures/lite.bf16.bin build/fixtures/v2.bf16.bin build/fixtures/lite.tok.bin build/fixtures/v2.tok.bin
+say "2. GPU vs CPU (test_all --gpu-only)"
+step 90 ./test_all --gpu-only
+say "3. random V2-Lite-shaped model ($(df -h --output=avail . | tail -1) free)"
+[ -f "$MODEL" ] || step 180 python3 tools/make_random_model.py "$MODEL" --config-out build/v2lite_cfg
+say "4-7. dsv2cu --bench (checks, copy bandwidth, prefill 2K, decode at 512 and 8K, MLA kernel)"
+step 180 ./dsv2cu --bench "$MODEL" --check 3 --ctx 8192 --prompt 2048
+say "8. transformers baseline"
+step 150 python3 tools/bench_hf.py build/v2lite_cfg --ctx 512 8192 --prompt 2048
+say "9. table"
+python3 - "$LOG" "$(date -u +%Y-%m-%d)" <<'PY' | tee "$OUT/BENCHMARKS_rows.md"
+import re, sys
+log = open(sys.argv[1]).read()
+def f(pat):
+    m = re.search(pat, log); return m.groups() if m else None
+dev = f(r"BENCH device (.+)") or ("?",)
+print(f"### {dev[0]}, {sys.argv[2]}: `tools/bench_cuda.sh` (random DeepSeek-V2-Lite-shaped model, bf16, batch 1)\n")
+print("| measure | dsv2cu | target / baseline | ratio | note |\n|---|---|---|---|---|")
+bw = f(r"BENCH copy_bandwidth_GBps ([\d.]+)")
+print(f"| copy bandwidth (D2D, read+write) | {bw[0] if bw else '?'} GB/s | | | roofline denominator |")
+hf = {int(c): float(t) for c, t in re.findall(r"BENCH hf_decode ctx (\d+) ms [\d.]+ tok_per_s ([\d.]+)", log)}
+for ctx, ms, tps, byt, roof, ratio in re.findall(r"BENCH decode ctx (\d+) ms ([\d.]+) tok_per_s ([\d.]+) bytes ([\d.]+) roofline_tok_per_s ([\d.]+) ratio ([\d.]+)", log):
+    r = float(ratio); miss = "" if r >= 0.75 else f"misses 75% by {75 - 100 * r:.0f} points"
+    h = hf.get(int(ctx))
+    print(f"| decode tok/s, context {ctx} | {float(tps):.1f} | roofline {float(roof):.1f} ({float(byt)/1e9:.2f} GB/token) | {100*r:.0f}% of roofline | {miss} |")
+    if h: print(f"| decode tok/s vs transformers, context {ctx} | {float(tps):.1f} | transformers {h:.1f} | {float(tps)/h:.1f}x | |")
+m = f(r"BENCH mla_kernel batch (\d+) ctx (\d+) heads (\d+) ms ([\d.]+) GBps ([\d.]+) ratio_to_copy ([\d.]+)")
+if m:
+    r = float(m[5]); miss = "" if r >= 0.8 else f"misses 80% by {80 - 100 * r:.0f} points: CUDA-core FMAs (16 heads x 1088 per 1152-byte row = 30 FLOP/byte) bound; needs tensor cores (wgmma) as FlashMLA"
+    print(f"| MLA decode kernel, {m[0]} seqs x {m[1]} tokens, {m[2]} heads | {m[4]} GB/s ({m[3]} ms) | copy bandwidth | {100*r:.0f}% | {miss} |")
+p = f(r"BENCH prefill tokens (\d+) seconds ([\d.]+) tok_per_s ([\d.]+)")
+hp = f(r"BENCH hf_prefill tokens (\d+) seconds ([\d.]+) tok_per_s ([\d.]+)")
+if p: print(f"| prefill tok/s, {p[0]}-token prompt | {float(p[2]):.0f} | " + (f"transformers {float(hp[2]):.0f} | {float(p[2])/float(hp[2]):.1f}x |" if hp else "| |") + " |")
+print()
+for line in re.findall(r"BENCH check.*|(?:OK    |NOT OK) GPU vs CPU.*|SKIPPED: no GPU.*", log): print("- " + line)
+PY
+say "done in $(( $(date +%s) - t_start )) s; results in $OUT/"
