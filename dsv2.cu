@@ -5,8 +5,12 @@
  * forward_gpu() (one token, the decode step, replayed as a CUDA graph) and prefill_gpu()
  * (the prompt, one pass per layer with cuBLAS matrix products). Same model file, same flags.
  *
- * On the GPU: weights in bf16 (fp32 files are rounded at upload), the latent KV cache in bf16
+ * On the GPU: weights in bf16 (fp32 files are rounded at upload), the latent KV cache in float32
  * [layers][seq][kv_lora_rank + qk_rope_head_dim], activations and accumulation in float32.
+ * Why a float32 cache: a bf16 cache perturbs the logits by about 2e-3 of their scale, and on the
+ * default model that flipped greedy decoding at step 4, where the two best logits were 0.006
+ * apart (measured on an H100); with float32 the GPU computes what dsv2.c computes, token by token.
+ * The cache still holds only the latent (576 values per token per layer for DeepSeek-V2).
  * Attention is always the absorbed form (paper Appendix C); -a naive is accepted and ignored.
  *
  * Build: nvcc -O3 -arch=sm_90 -o dsv2cu dsv2.cu -lcublas
@@ -138,14 +142,13 @@ typedef struct {
     bf16 *embed_tokens, *lm_head;
     float *norm;
     GpuLayer *layers;
-    bf16 *kv_cache;           // (n_layers, seq_len, W) bf16: c^KV then k^R, as dsv2.c's kv_cache
+    float *kv_cache;          // (n_layers, seq_len, W) float32: c^KV then k^R, exactly dsv2.c's kv_cache
     float *inv_freq;          // (d_h^R / 2), from dsv2.c's rope_init
     float rope_mscale, softmax_scale;
     int *step;                // device [token, pos]: the decode graph reads them, so one graph serves every step
     int *pf_step;             // device [unused, pos0] for the prefill
     // decode activations (one token)
     float *x, *xb, *c_q, *q, *kv_a, *q_lat, *o_lat, *o, *hb, *hb_shared, *logits;
-    bf16 *o_bf;
     int *topk_idx; float *topk_w;
     float *part_o, *part_ml;  // split-sequence partial results of the attention
     size_t part_elems;
@@ -157,7 +160,9 @@ typedef struct {
     int pf_ready;
     int *pf_tokens, *pf_perm, *pf_inv;
     float *X, *Xb, *CQ, *Q, *KVA, *QLAT, *OLAT, *O, *G, *U, *Y, *WTS;
-    bf16 *Xb_bf, *CQ_bf, *O_bf, *H_bf, *XG_bf;
+    float *H, *XG;            // SwiGLU output; the rows gathered by expert
+    float *wscratch;          // one weight matrix widened to float32 for cuBLAS
+    size_t wscratch_elems;
     int *IDX;
 } Gpu;
 
@@ -204,9 +209,8 @@ static void embed_forward(float *x, const int *tokens, int T) {
     launchCheck();
 }
 
-// RMSNorm: one block per token, out = x * rsqrt(mean(x^2) + eps) * w (n); out may be x;
-// out_bf (optional) gets a bf16 copy for the cuBLAS products of the prefill
-__global__ void rmsnorm_kernel(float *out, bf16 *out_bf, const float *x, const float *w, int n, float eps) {
+// RMSNorm: one block per token, out = x * rsqrt(mean(x^2) + eps) * w (n); out may be x
+__global__ void rmsnorm_kernel(float *out, const float *x, const float *w, int n, float eps) {
     size_t t = blockIdx.x;
     x += t * n;
     float ss = 0.0f;
@@ -215,11 +219,10 @@ __global__ void rmsnorm_kernel(float *out, bf16 *out_bf, const float *x, const f
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float v = w[i] * (x[i] * r);
         out[t * n + i] = v;
-        if (out_bf) out_bf[t * n + i] = __float2bfloat16(v);
     }
 }
-static void rmsnorm_forward(float *out, bf16 *out_bf, const float *x, const float *w, int n, int T) {
-    rmsnorm_kernel<<<T, 256, 0, gpu.stream>>>(out, out_bf, x, w, n, gpu.c.rms_norm_eps);
+static void rmsnorm_forward(float *out, const float *x, const float *w, int n, int T) {
+    rmsnorm_kernel<<<T, 256, 0, gpu.stream>>>(out, x, w, n, gpu.c.rms_norm_eps);
     launchCheck();
 }
 
@@ -238,12 +241,22 @@ static void matvec_forward(float *out, const float *x, const bf16 *W, int n, int
 }
 
 // prefill matrix products with cuBLAS: Y (T, out) = beta*Y + X (T, in) @ W^T, W (out, in) bf16,
-// X bf16, Y float32, float32 accumulation. cuBLAS is column-major: there this is Y^T = W^T' X^T
-// with W read as the (in, out) column-major matrix it is in memory, transposed.
-static void gemm_forward(float *Y, const bf16 *X, const bf16 *W, int T, int in, int out, float beta) {
+// X and Y float32. The weights are widened to float32 first (one pass over W into gpu.wscratch) and
+// the product runs in float32 (no TF32): the activations keep float32 precision, so the prefill
+// fills the cache with the values the CPU computes and greedy decoding agrees token by token.
+// cuBLAS is column-major: there this is Y^T = W X^T with W read as the (in, out) matrix it is in memory.
+__global__ void widen_kernel(float *dst, const bf16 *src, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = __bfloat162float(src[i]);
+}
+static void gemm_forward(float *Y, const float *X, const bf16 *W, int T, int in, int out, float beta) {
     float alpha = 1.0f;
-    cublasCheck(cublasGemmEx(gpu.blas, CUBLAS_OP_T, CUBLAS_OP_N, out, T, in, &alpha, W, CUDA_R_16BF, in,
-                             X, CUDA_R_16BF, in, &beta, Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    size_t n = (size_t)in * out;
+    if (n > gpu.wscratch_elems) die("dsv2cu: internal: a %d x %d weight exceeds the prefill scratch", out, in);
+    widen_kernel<<<1024, 256, 0, gpu.stream>>>(gpu.wscratch, W, n);
+    launchCheck();
+    cublasCheck(cublasGemmEx(gpu.blas, CUBLAS_OP_T, CUBLAS_OP_N, out, T, in, &alpha, gpu.wscratch, CUDA_R_32F, in,
+                             X, CUDA_R_32F, in, &beta, Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 // this position's RoPE angle i, as dsv2.c's rope_position: cos/sin of (float)pos * inv_freq[i], times mscale
@@ -254,24 +267,24 @@ __device__ __forceinline__ void rope_cos_sin(int pos, const float *inv_freq, int
 }
 
 // the new cache row of each token: one block per token t at position pos0 + t.
-// kv_a (T, W) = [W^DKV h ; W^KR h] -> cache[pos] = [RMSNorm(c^KV) ; RoPE(k^R)] in bf16 (eqs. 9, 15)
-__global__ void kv_latent_kernel(bf16 *cache, const float *kv_a, const float *norm_w, const int *pos0,
+// kv_a (T, W) = [W^DKV h ; W^KR h] -> cache[pos] = [RMSNorm(c^KV) ; RoPE(k^R)] (eqs. 9, 15)
+__global__ void kv_latent_kernel(float *cache, const float *kv_a, const float *norm_w, const int *pos0,
                                  int d_c, int rope, float eps, const float *inv_freq, float mscale) {
     int t = blockIdx.x, W = d_c + rope, pos = *pos0 + t;
     const float *a = kv_a + (size_t)t * W;
-    bf16 *row = cache + (size_t)pos * W;
+    float *row = cache + (size_t)pos * W;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < d_c; i += blockDim.x) ss += a[i] * a[i];
     float r = 1.0f / sqrtf(block_sum(ss) / d_c + eps);
-    for (int i = threadIdx.x; i < d_c; i += blockDim.x) row[i] = __float2bfloat16(norm_w[i] * (a[i] * r));  // eq. (9)
+    for (int i = threadIdx.x; i < d_c; i += blockDim.x) row[i] = norm_w[i] * (a[i] * r);                    // eq. (9)
     for (int i = threadIdx.x; i < rope / 2; i += blockDim.x) {                                              // eq. (15)
         float cs, sn, x0 = a[d_c + 2 * i], x1 = a[d_c + 2 * i + 1];
         rope_cos_sin(pos, inv_freq, i, mscale, &cs, &sn);
-        row[d_c + 2 * i] = __float2bfloat16(x0 * cs - x1 * sn);
-        row[d_c + 2 * i + 1] = __float2bfloat16(x0 * sn + x1 * cs);
+        row[d_c + 2 * i] = x0 * cs - x1 * sn;
+        row[d_c + 2 * i + 1] = x0 * sn + x1 * cs;
     }
 }
-static void kv_latent_forward(bf16 *cache, const float *kv_a, const float *norm_w, const int *pos0, int T) {
+static void kv_latent_forward(float *cache, const float *kv_a, const float *norm_w, const int *pos0, int T) {
     kv_latent_kernel<<<T, 256, 0, gpu.stream>>>(cache, kv_a, norm_w, pos0, gpu.c.kv_lora_rank, gpu.c.qk_rope_head_dim,
                                                 gpu.c.rms_norm_eps, gpu.inv_freq, gpu.rope_mscale);
     launchCheck();
@@ -318,7 +331,7 @@ static void q_absorb_forward(float *q_lat, const float *q, const bf16 *kv_b, con
 // columns 2*tid, 2*tid+1 for all heads (32 accumulators in registers). Shared-memory tile rows are
 // padded to an odd number of 4-byte words so the 32 rows a warp reads sit in 32 different banks.
 __global__ void __launch_bounds__(MLA_THREADS)
-mla_decode_kernel(float *part_o, float *part_ml, const float *q_lat, const bf16 *cache, size_t seq_stride,
+mla_decode_kernel(float *part_o, float *part_ml, const float *q_lat, const float *cache, size_t seq_stride,
                   const int *lens, const int *pos0, int len_offset, int H, int W, int d_c, int chunk, int n_split,
                   float scale) {
     const int HG = MLA_HEADS;
@@ -326,10 +339,10 @@ mla_decode_kernel(float *part_o, float *part_ml, const float *q_lat, const bf16 
     int nh = min(HG, H - h0);
     int len = lens ? lens[b] : *pos0 + len_offset + b + 1;
     int start = split * chunk, end = min(start + chunk, len);
-    int half = W / 2, sw = half | 1;  // words per row in memory / in shared memory (odd)
+    int half = W / 2, sw = half | 1;  // float pairs per row in memory / in shared memory (odd)
     extern __shared__ float smem[];
     float *q_s = smem;                                 // (HG, W) this block's queries
-    uint32_t *tile = (uint32_t *)(q_s + HG * W);       // (MLA_TILE, sw) cache rows as bf16 pairs
+    float2 *tile = (float2 *)(q_s + HG * W);           // (MLA_TILE, sw) cache rows as float pairs
     float *p_s = (float *)(tile + MLA_TILE * sw);      // (MLA_TILE, HG) scores, then probabilities
     float *m_s = p_s + MLA_TILE * HG, *l_s = m_s + HG, *a_s = l_s + HG;  // running max, sum; rescale
     for (int i = tid; i < HG * W; i += MLA_THREADS) {
@@ -340,32 +353,32 @@ mla_decode_kernel(float *part_o, float *part_ml, const float *q_lat, const bf16 
     float acc[HG][2];
     #pragma unroll
     for (int h = 0; h < HG; h++) acc[h][0] = acc[h][1] = 0.0f;
-    const bf16 *cb = cache + b * seq_stride;
+    const float *cb = cache + b * seq_stride;
     int lane = tid & 31, warp = tid >> 5, hA = 2 * warp;
     for (int t0 = start; t0 < end; t0 += MLA_TILE) {
         int rows = min(MLA_TILE, end - t0);
         __syncthreads();  // the previous tile is consumed (and q_s, m_s are written, first time)
-        if ((W & 7) == 0) {  // 16-byte loads, coalesced: the tile's rows are contiguous in memory
-            const uint4 *src = (const uint4 *)(cb + (size_t)t0 * W);
-            int per_row = W / 8;
+        if ((W & 3) == 0) {  // 16-byte loads, coalesced: the tile's rows are contiguous in memory
+            const float4 *src = (const float4 *)(cb + (size_t)t0 * W);
+            int per_row = W / 4;
             #pragma unroll 4
             for (int i = tid; i < rows * per_row; i += MLA_THREADS) {
-                uint4 v = src[i];
-                uint32_t *d = tile + (i / per_row) * sw + (i % per_row) * 4;
-                d[0] = v.x; d[1] = v.y; d[2] = v.z; d[3] = v.w;
+                float4 v = src[i];
+                float2 *d = tile + (i / per_row) * sw + (i % per_row) * 2;
+                d[0] = make_float2(v.x, v.y); d[1] = make_float2(v.z, v.w);
             }
         } else {
-            const uint32_t *src = (const uint32_t *)(cb + (size_t)t0 * W);
+            const float2 *src = (const float2 *)(cb + (size_t)t0 * W);
             for (int i = tid; i < rows * half; i += MLA_THREADS) tile[(i / half) * sw + i % half] = src[i];
         }
         __syncthreads();
         // scores of row lane for heads hA, hA+1 (eqs. 10, 17 absorbed), times the softmax scale
         float sA = 0.0f, sB = 0.0f;
         if (lane < rows) {
-            const uint32_t *row = tile + lane * sw;
+            const float2 *row = tile + lane * sw;
             const float2 *qa = (const float2 *)(q_s + hA * W), *qb = (const float2 *)(q_s + (hA + 1) * W);
             for (int w = 0; w < half; w++) {
-                float2 kv = bf16x2_to_float2(row[w]), a = qa[w], bb = qb[w];
+                float2 kv = row[w], a = qa[w], bb = qb[w];
                 sA += a.x * kv.x + a.y * kv.y;
                 sB += bb.x * kv.x + bb.y * kv.y;
             }
@@ -390,7 +403,7 @@ mla_decode_kernel(float *part_o, float *part_ml, const float *q_lat, const bf16 
             #pragma unroll
             for (int h = 0; h < HG; h++) { acc[h][0] *= a_s[h]; acc[h][1] *= a_s[h]; }
             for (int r = 0; r < rows; r++) {
-                float2 kv = bf16x2_to_float2(tile[r * sw + tid]);
+                float2 kv = tile[r * sw + tid];
                 const float4 *p4 = (const float4 *)(p_s + r * HG);
                 #pragma unroll
                 for (int h4 = 0; h4 < HG / 4; h4++) {
@@ -438,10 +451,10 @@ static void mla_config_check(const Config *c) {
         die("dsv2cu: kv_lora_rank %d is not supported on the GPU (even, at most %d)", c->kv_lora_rank, 2 * MLA_THREADS);
 }
 static size_t mla_smem_bytes(int W) {
-    return (size_t)MLA_HEADS * W * 4 + (size_t)MLA_TILE * ((W / 2) | 1) * 4 + MLA_TILE * MLA_HEADS * 4 + 3 * MLA_HEADS * 4;
+    return (size_t)MLA_HEADS * W * 4 + (size_t)MLA_TILE * ((W / 2) | 1) * 8 + MLA_TILE * MLA_HEADS * 4 + 3 * MLA_HEADS * 4;
 }
 // attention of B query sets (b = sequence or prefill query) -> o_lat (B, H, d_c)
-static void mla_decode_forward(float *o_lat, const float *q_lat, const bf16 *cache, size_t seq_stride, const int *lens,
+static void mla_decode_forward(float *o_lat, const float *q_lat, const float *cache, size_t seq_stride, const int *lens,
                                const int *pos0, int len_offset, int B, int H, int W, int d_c, int chunk, int n_split,
                                float scale, float *part_o, float *part_ml) {
     dim3 grid(n_split, B, ceil_div(H, MLA_HEADS));
@@ -454,18 +467,18 @@ static void mla_decode_forward(float *o_lat, const float *q_lat, const bf16 *cac
 }
 
 // W^UV applied once per head after the sum (eq. 11 absorbed): one warp per output,
-// o[t][h*vdim + v] = W^UV_h[v,:] . o_lat[t][h]; also a bf16 copy for the prefill's o_proj
-__global__ void v_up_kernel(float *o, bf16 *o_bf, const float *o_lat, const bf16 *kv_b, int H, int d_c, int nope, int vdim) {
+// o[t][h*vdim + v] = W^UV_h[v,:] . o_lat[t][h]
+__global__ void v_up_kernel(float *o, const float *o_lat, const bf16 *kv_b, int H, int d_c, int nope, int vdim) {
     int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), t = blockIdx.y;
     if (r >= H * vdim) return;
     int h = r / vdim, v = r % vdim;
     float val = warp_dot(kv_b + ((size_t)h * (nope + vdim) + nope + v) * d_c, o_lat + ((size_t)t * H + h) * d_c, d_c);
-    if ((threadIdx.x & 31) == 0) { o[(size_t)t * H * vdim + r] = val; o_bf[(size_t)t * H * vdim + r] = __float2bfloat16(val); }
+    if ((threadIdx.x & 31) == 0) o[(size_t)t * H * vdim + r] = val;
 }
-static void v_up_forward(float *o, bf16 *o_bf, const float *o_lat, const bf16 *kv_b, int T) {
+static void v_up_forward(float *o, const float *o_lat, const bf16 *kv_b, int T) {
     const Config *c = &gpu.c;
     v_up_kernel<<<dim3(ceil_div(c->n_heads * c->v_head_dim, 8), T), 256, 0, gpu.stream>>>(
-        o, o_bf, o_lat, kv_b, c->n_heads, c->kv_lora_rank, c->qk_nope_head_dim, c->v_head_dim);
+        o, o_lat, kv_b, c->n_heads, c->kv_lora_rank, c->qk_nope_head_dim, c->v_head_dim);
     launchCheck();
 }
 
@@ -561,18 +574,18 @@ static void moe_down_forward(float *x, const bf16 *Wd, const int *idx, const flo
     launchCheck();
 }
 
-// prefill SwiGLU, one thread per element: h = silu(g) * u, in bf16 for the down product
-__global__ void swiglu_kernel(bf16 *h, const float *g, const float *u, size_t n) {
+// prefill SwiGLU, one thread per element: h = silu(g) * u
+__global__ void swiglu_kernel(float *h, const float *g, const float *u, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) h[i] = __float2bfloat16(silu_dev(g[i]) * u[i]);
+    if (i < n) h[i] = silu_dev(g[i]) * u[i];
 }
-static void swiglu_forward(bf16 *h, const float *g, const float *u, size_t n) {
+static void swiglu_forward(float *h, const float *g, const float *u, size_t n) {
     swiglu_kernel<<<ceil_div(n, 256), 256, 0, gpu.stream>>>(h, g, u, n);
     launchCheck();
 }
 
 // prefill MoE: rows grouped by expert. gather: one block per grouped row, xg[row] = xb[perm[row]]
-__global__ void gather_rows_kernel(bf16 *xg, const bf16 *xb, const int *perm, int dim) {
+__global__ void gather_rows_kernel(float *xg, const float *xb, const int *perm, int dim) {
     int row = blockIdx.x;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) xg[(size_t)row * dim + i] = xb[(size_t)perm[row] * dim + i];
 }
@@ -663,13 +676,13 @@ static void gpu_init(const Model *m, int seq_len) {
     cudaCheck(cudaMemcpy(g->inv_freq, tmp.inv_freq, c->qk_rope_head_dim / 2 * sizeof(float), cudaMemcpyHostToDevice));
     free(tmp.inv_freq);
     // the latent cache and the decode activations
-    g->kv_cache = dev_bf16((size_t)c->n_layers * seq_len * g->W);
-    cudaCheck(cudaMemset(g->kv_cache, 0, (size_t)c->n_layers * seq_len * g->W * sizeof(bf16)));
+    g->kv_cache = dev_floats((size_t)c->n_layers * seq_len * g->W);
+    cudaCheck(cudaMemset(g->kv_cache, 0, (size_t)c->n_layers * seq_len * g->W * sizeof(float)));
     g->step = dev_ints(2); g->pf_step = dev_ints(2);
     g->x = dev_floats(dim); g->xb = dev_floats(dim); g->c_q = dev_floats(c->q_lora_rank);
     g->q = dev_floats((size_t)H * g->qk_head); g->kv_a = dev_floats(g->W);
     g->q_lat = dev_floats((size_t)H * g->W); g->o_lat = dev_floats((size_t)H * c->kv_lora_rank);
-    g->o = dev_floats((size_t)H * c->v_head_dim); g->o_bf = dev_bf16((size_t)H * c->v_head_dim);
+    g->o = dev_floats((size_t)H * c->v_head_dim);
     g->hb = dev_floats((size_t)c->n_experts_per_tok * mi); g->hb_shared = dev_floats(g->ffn_max);
     g->logits = dev_floats(c->vocab_size);
     g->topk_idx = dev_ints(c->n_experts_per_tok); g->topk_w = dev_floats(c->n_experts_per_tok);
@@ -698,11 +711,11 @@ static void decode_step(void) {
     embed_forward(gpu.x, gpu.step, 1);
     for (int l = 0; l < c->n_layers; l++) {
         const GpuLayer *L = &gpu.layers[l];
-        bf16 *cache = gpu.kv_cache + (size_t)l * gpu.seq_len * W;
-        rmsnorm_forward(gpu.xb, NULL, gpu.x, L->input_layernorm, dim, 1);
+        float *cache = gpu.kv_cache + (size_t)l * gpu.seq_len * W;
+        rmsnorm_forward(gpu.xb, gpu.x, L->input_layernorm, dim, 1);
         if (c->q_lora_rank) {
             matvec_forward(gpu.c_q, gpu.xb, L->q_a_proj, dim, c->q_lora_rank, NULL);           // eq. (12)
-            rmsnorm_forward(gpu.c_q, NULL, gpu.c_q, L->q_a_layernorm, c->q_lora_rank, 1);
+            rmsnorm_forward(gpu.c_q, gpu.c_q, L->q_a_layernorm, c->q_lora_rank, 1);
             matvec_forward(gpu.q, gpu.c_q, L->q_proj, c->q_lora_rank, H * gpu.qk_head, NULL);  // eq. (13)
         } else {
             matvec_forward(gpu.q, gpu.xb, L->q_proj, dim, H * gpu.qk_head, NULL);
@@ -712,9 +725,9 @@ static void decode_step(void) {
         q_absorb_forward(gpu.q_lat, gpu.q, L->kv_b_proj, pos, 1);                             // eq. (14), W^UK absorbed
         mla_decode_forward(gpu.o_lat, gpu.q_lat, cache, 0, NULL, pos, 0, 1, H, W, d_c, gpu.dec_chunk, gpu.dec_splits,
                            gpu.softmax_scale, gpu.part_o, gpu.part_ml);                        // eqs. (17)-(18)
-        v_up_forward(gpu.o, gpu.o_bf, gpu.o_lat, L->kv_b_proj, 1);                            // eq. (11) W^UV
+        v_up_forward(gpu.o, gpu.o_lat, L->kv_b_proj, 1);                            // eq. (11) W^UV
         matvec_forward(gpu.x, gpu.o, L->o_proj, H * c->v_head_dim, dim, gpu.x);               // eq. (19) + residual
-        rmsnorm_forward(gpu.xb, NULL, gpu.x, L->post_attention_layernorm, dim, 1);
+        rmsnorm_forward(gpu.xb, gpu.x, L->post_attention_layernorm, dim, 1);
         if (L->is_moe) {
             int K = c->n_experts_per_tok, mi = c->moe_intermediate_size;
             moe_route_forward(gpu.topk_idx, gpu.topk_w, gpu.xb, L->gate, 1);                  // eqs. (21)-(22)
@@ -727,7 +740,7 @@ static void decode_step(void) {
             moe_down_forward(gpu.x, NULL, NULL, NULL, NULL, 0, 0, L->ffn_down, gpu.hb_shared, L->ffn_width);
         }
     }
-    rmsnorm_forward(gpu.xb, NULL, gpu.x, gpu.norm, dim, 1);
+    rmsnorm_forward(gpu.xb, gpu.x, gpu.norm, dim, 1);
     matvec_forward(gpu.logits, gpu.xb, gpu.lm_head, dim, c->vocab_size, NULL);
 }
 
@@ -767,13 +780,19 @@ static void prefill_alloc(void) {
     size_t T = PF_MAX, dim = c->dim, H = c->n_heads, K = c->n_experts_per_tok, mi = c->moe_intermediate_size;
     size_t ffn = T * gpu.ffn_max > T * K * mi ? T * gpu.ffn_max : T * K * mi;
     gpu.pf_tokens = dev_ints(T); gpu.pf_perm = dev_ints(T * K); gpu.pf_inv = dev_ints(T * K);
-    gpu.X = dev_floats(T * dim); gpu.Xb = dev_floats(T * dim); gpu.Xb_bf = dev_bf16(T * dim);
-    gpu.CQ = dev_floats(T * c->q_lora_rank); gpu.CQ_bf = dev_bf16(T * c->q_lora_rank);
+    gpu.X = dev_floats(T * dim); gpu.Xb = dev_floats(T * dim);
+    gpu.CQ = dev_floats(T * c->q_lora_rank);
     gpu.Q = dev_floats(T * H * gpu.qk_head); gpu.KVA = dev_floats(T * gpu.W);
     gpu.QLAT = dev_floats(T * H * gpu.W); gpu.OLAT = dev_floats(T * H * c->kv_lora_rank);
-    gpu.O = dev_floats(T * H * c->v_head_dim); gpu.O_bf = dev_bf16(T * H * c->v_head_dim);
-    gpu.G = dev_floats(ffn); gpu.U = dev_floats(ffn); gpu.H_bf = dev_bf16(ffn);
-    gpu.Y = dev_floats(T * K * dim); gpu.XG_bf = dev_bf16(T * K * dim);
+    gpu.O = dev_floats(T * H * c->v_head_dim);
+    gpu.G = dev_floats(ffn); gpu.U = dev_floats(ffn); gpu.H = dev_floats(ffn);
+    gpu.Y = dev_floats(T * K * dim); gpu.XG = dev_floats(T * K * dim);
+    size_t q_in = c->q_lora_rank ? c->q_lora_rank : dim, biggest = (size_t)H * gpu.qk_head * q_in;
+    size_t sizes[] = {(size_t)c->q_lora_rank * dim, (size_t)gpu.W * dim, dim * H * c->v_head_dim,
+                      (size_t)gpu.ffn_max * dim, mi * dim};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) if (sizes[i] > biggest) biggest = sizes[i];
+    gpu.wscratch = dev_floats(biggest);
+    gpu.wscratch_elems = biggest;
     gpu.IDX = dev_ints(T * K); gpu.WTS = dev_floats(T * K);
     gpu.pf_ready = 1;
 }
@@ -788,16 +807,16 @@ static void prefill_pass(int T, int pos0) {
     embed_forward(gpu.X, gpu.pf_tokens, T);
     for (int l = 0; l < c->n_layers; l++) {
         const GpuLayer *L = &gpu.layers[l];
-        bf16 *cache = gpu.kv_cache + (size_t)l * gpu.seq_len * W;
-        rmsnorm_forward(gpu.Xb, gpu.Xb_bf, gpu.X, L->input_layernorm, dim, T);
+        float *cache = gpu.kv_cache + (size_t)l * gpu.seq_len * W;
+        rmsnorm_forward(gpu.Xb, gpu.X, L->input_layernorm, dim, T);
         if (c->q_lora_rank) {
-            gemm_forward(gpu.CQ, gpu.Xb_bf, L->q_a_proj, T, dim, c->q_lora_rank, 0.0f);          // eq. (12)
-            rmsnorm_forward(gpu.CQ, gpu.CQ_bf, gpu.CQ, L->q_a_layernorm, c->q_lora_rank, T);
-            gemm_forward(gpu.Q, gpu.CQ_bf, L->q_proj, T, c->q_lora_rank, H * gpu.qk_head, 0.0f);  // eq. (13)
+            gemm_forward(gpu.CQ, gpu.Xb, L->q_a_proj, T, dim, c->q_lora_rank, 0.0f);          // eq. (12)
+            rmsnorm_forward(gpu.CQ, gpu.CQ, L->q_a_layernorm, c->q_lora_rank, T);
+            gemm_forward(gpu.Q, gpu.CQ, L->q_proj, T, c->q_lora_rank, H * gpu.qk_head, 0.0f);  // eq. (13)
         } else {
-            gemm_forward(gpu.Q, gpu.Xb_bf, L->q_proj, T, dim, H * gpu.qk_head, 0.0f);
+            gemm_forward(gpu.Q, gpu.Xb, L->q_proj, T, dim, H * gpu.qk_head, 0.0f);
         }
-        gemm_forward(gpu.KVA, gpu.Xb_bf, L->kv_a_proj_with_mqa, T, dim, W, 0.0f);
+        gemm_forward(gpu.KVA, gpu.Xb, L->kv_a_proj_with_mqa, T, dim, W, 0.0f);
         kv_latent_forward(cache, gpu.KVA, L->kv_a_layernorm, pos, T);                            // eqs. (9), (15)
         q_absorb_forward(gpu.QLAT, gpu.Q, L->kv_b_proj, pos, T);
         // causal attention: query b sees rows 0..pos0+b; the decode kernel with one "sequence" per query
@@ -807,14 +826,14 @@ static void prefill_pass(int T, int pos0) {
             mla_decode_forward(gpu.OLAT + (size_t)q0 * H * d_c, gpu.QLAT + (size_t)q0 * H * W, cache, 0, NULL, pos, q0,
                                nb, H, W, d_c, PF_CHUNK, n_split, gpu.softmax_scale, gpu.part_o, gpu.part_ml);
         }
-        v_up_forward(gpu.O, gpu.O_bf, gpu.OLAT, L->kv_b_proj, T);
-        gemm_forward(gpu.X, gpu.O_bf, L->o_proj, T, H * c->v_head_dim, dim, 1.0f);             // eq. (19) + residual
-        rmsnorm_forward(gpu.Xb, gpu.Xb_bf, gpu.X, L->post_attention_layernorm, dim, T);
+        v_up_forward(gpu.O, gpu.OLAT, L->kv_b_proj, T);
+        gemm_forward(gpu.X, gpu.O, L->o_proj, T, H * c->v_head_dim, dim, 1.0f);             // eq. (19) + residual
+        rmsnorm_forward(gpu.Xb, gpu.X, L->post_attention_layernorm, dim, T);
         if (L->ffn_width) {  // the shared experts, or the dense FFN
-            gemm_forward(gpu.G, gpu.Xb_bf, L->ffn_gate, T, dim, L->ffn_width, 0.0f);
-            gemm_forward(gpu.U, gpu.Xb_bf, L->ffn_up, T, dim, L->ffn_width, 0.0f);
-            swiglu_forward(gpu.H_bf, gpu.G, gpu.U, (size_t)T * L->ffn_width);
-            gemm_forward(gpu.X, gpu.H_bf, L->ffn_down, T, L->ffn_width, dim, 1.0f);
+            gemm_forward(gpu.G, gpu.Xb, L->ffn_gate, T, dim, L->ffn_width, 0.0f);
+            gemm_forward(gpu.U, gpu.Xb, L->ffn_up, T, dim, L->ffn_width, 0.0f);
+            swiglu_forward(gpu.H, gpu.G, gpu.U, (size_t)T * L->ffn_width);
+            gemm_forward(gpu.X, gpu.H, L->ffn_down, T, L->ffn_width, dim, 1.0f);
         }
         if (!L->is_moe) continue;
         // routed experts: route on the GPU, group the (token, slot) pairs by expert on the host
@@ -833,20 +852,20 @@ static void prefill_pass(int T, int pos0) {
         }
         cudaCheck(cudaMemcpyAsync(gpu.pf_perm, perm.data(), perm.size() * sizeof(int), cudaMemcpyHostToDevice, gpu.stream));
         cudaCheck(cudaMemcpyAsync(gpu.pf_inv, inv.data(), inv.size() * sizeof(int), cudaMemcpyHostToDevice, gpu.stream));
-        gather_rows_kernel<<<T * K, 256, 0, gpu.stream>>>(gpu.XG_bf, gpu.Xb_bf, gpu.pf_perm, dim);
+        gather_rows_kernel<<<T * K, 256, 0, gpu.stream>>>(gpu.XG, gpu.Xb, gpu.pf_perm, dim);
         launchCheck();
         size_t ew = (size_t)mi * dim;
         for (int e = 0; e < E; e++) {
             int n = offset[e + 1] - offset[e];
             if (!n) continue;
-            gemm_forward(gpu.G + (size_t)offset[e] * mi, gpu.XG_bf + (size_t)offset[e] * dim, L->expert_gate + e * ew, n, dim, mi, 0.0f);
-            gemm_forward(gpu.U + (size_t)offset[e] * mi, gpu.XG_bf + (size_t)offset[e] * dim, L->expert_up + e * ew, n, dim, mi, 0.0f);
+            gemm_forward(gpu.G + (size_t)offset[e] * mi, gpu.XG + (size_t)offset[e] * dim, L->expert_gate + e * ew, n, dim, mi, 0.0f);
+            gemm_forward(gpu.U + (size_t)offset[e] * mi, gpu.XG + (size_t)offset[e] * dim, L->expert_up + e * ew, n, dim, mi, 0.0f);
         }
-        swiglu_forward(gpu.H_bf, gpu.G, gpu.U, (size_t)T * K * mi);
+        swiglu_forward(gpu.H, gpu.G, gpu.U, (size_t)T * K * mi);
         for (int e = 0; e < E; e++) {
             int n = offset[e + 1] - offset[e];
             if (!n) continue;
-            gemm_forward(gpu.Y + (size_t)offset[e] * dim, gpu.H_bf + (size_t)offset[e] * mi, L->expert_down + e * ew, n, mi, dim, 0.0f);
+            gemm_forward(gpu.Y + (size_t)offset[e] * dim, gpu.H + (size_t)offset[e] * mi, L->expert_down + e * ew, n, mi, dim, 0.0f);
         }
         moe_combine_kernel<<<T, 256, 0, gpu.stream>>>(gpu.X, gpu.Y, gpu.pf_inv, gpu.WTS, K, dim);  // eq. (20)
         launchCheck();

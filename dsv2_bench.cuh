@@ -11,15 +11,15 @@ static double rel_err_f(const float *a, const float *b, size_t n) {
     return d / (r > 0 ? r : 1);
 }
 
-// fill n bf16 with a hash of (i, seed): values in [-scale, scale) (never zeros: see METHOD.md)
-__global__ void fill_random_kernel(bf16 *p, size_t n, uint32_t seed, float scale) {
+// fill n floats with a hash of (i, seed): values in [-scale, scale) (never zeros: see METHOD.md)
+__global__ void fill_random_kernel(float *p, size_t n, uint32_t seed, float scale) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         uint32_t h = (uint32_t)i * 2654435761u ^ seed;
         h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
-        p[i] = __float2bfloat16(((h >> 8) / 16777216.0f * 2.0f - 1.0f) * scale);
+        p[i] = ((h >> 8) / 16777216.0f * 2.0f - 1.0f) * scale;
     }
 }
-static void fill_random(bf16 *p, size_t n, uint32_t seed, float scale) {
+static void fill_random(float *p, size_t n, uint32_t seed, float scale) {
     fill_random_kernel<<<1024, 256, 0, gpu.stream>>>(p, n, seed, scale);
     launchCheck();
 }
@@ -36,7 +36,7 @@ static double decode_bytes(const Config *c, long n_ctx) {
             total += c->n_routed_experts * dim + 3.0 * dim * c->moe_intermediate_size * (c->n_experts_per_tok + c->n_shared_experts);
         else total += 3.0 * dim * c->intermediate_size;
     }
-    return total * 2 + (double)c->n_layers * n_ctx * W * 2;
+    return total * 2 + (double)c->n_layers * n_ctx * W * 4;  // bf16 weights, float32 cache
 }
 
 static int bench_main(int argc, char **argv) {
@@ -152,7 +152,7 @@ static int bench_main(int argc, char **argv) {
     // 6. the MLA decode kernel alone: B sequences of L rows, the model's heads, own cache each
     {
         int B = 64, L = ctx_max, H = c->n_heads, W = gpu.W, d_c = c->kv_lora_rank, chunk = 256, n_split = ceil_div(L, chunk);
-        bf16 *cache = dev_bf16((size_t)B * L * W);
+        float *cache = dev_floats((size_t)B * L * W);
         float *q = dev_floats((size_t)B * H * W), *o = dev_floats((size_t)B * H * d_c);
         float *po = dev_floats((size_t)B * n_split * H * d_c), *pml = dev_floats((size_t)B * n_split * H * 2);
         int *lens = dev_ints(B);
@@ -173,25 +173,25 @@ static int bench_main(int argc, char **argv) {
             cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
             if (i >= 3) t.push_back(ms);
         }
-        double bytes = (double)B * L * W * 2, gbs = bytes / (median(t) * 1e-3) / 1e9;
+        double bytes = (double)B * L * W * 4, gbs = bytes / (median(t) * 1e-3) / 1e9;
         // check two sequences against a float64 reference
-        std::vector<uint16_t> hc((size_t)L * W);
+        std::vector<float> hc((size_t)L * W);
         std::vector<float> ho((size_t)B * H * d_c);
         cudaCheck(cudaMemcpy(ho.data(), o, ho.size() * 4, cudaMemcpyDeviceToHost));
         double worst = 0;
         for (int b : {0, B - 1}) {
-            cudaCheck(cudaMemcpy(hc.data(), cache + (size_t)b * L * W, hc.size() * 2, cudaMemcpyDeviceToHost));
+            cudaCheck(cudaMemcpy(hc.data(), cache + (size_t)b * L * W, hc.size() * 4, cudaMemcpyDeviceToHost));
             for (int h = 0; h < H; h++) {
                 const float *qh = hq.data() + ((size_t)b * H + h) * W;
                 std::vector<double> sc(L), ref(d_c, 0.0);
                 double mx = -1e300, sum = 0;
                 for (int j = 0; j < L; j++) {
                     double d = 0;
-                    for (int k = 0; k < W; k++) d += (double)qh[k] * bf16_to_float(hc[(size_t)j * W + k]);
+                    for (int k = 0; k < W; k++) d += (double)qh[k] * hc[(size_t)j * W + k];
                     sc[j] = d * scale; mx = fmax(mx, sc[j]);
                 }
                 for (int j = 0; j < L; j++) { sc[j] = exp(sc[j] - mx); sum += sc[j]; }
-                for (int j = 0; j < L; j++) for (int k = 0; k < d_c; k++) ref[k] += sc[j] / sum * bf16_to_float(hc[(size_t)j * W + k]);
+                for (int j = 0; j < L; j++) for (int k = 0; k < d_c; k++) ref[k] += sc[j] / sum * hc[(size_t)j * W + k];
                 double dm = 0, rm = 0;
                 for (int k = 0; k < d_c; k++) {
                     double g = ho[((size_t)b * H + h) * d_c + k];

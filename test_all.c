@@ -781,11 +781,11 @@ static void test_model(void) {
 // ---------------- the CUDA path (dsv2cu) against the CPU path, when a GPU is present
 // Both binaries run the same greedy generation with --dump-logits (every position's logits,
 // decode step by step); the dumps are compared position by position: the argmax (the greedy
-// token) must agree at every position, the logits within GPU_TOL of the CPU's. The GPU keeps
-// weights, latent cache and prefill activations in bf16, the CPU computes in float32 from the
-// same (bf16-rounded) weights: the measured error is printed. A second run without the dump
-// takes the GPU's batched prefill; its generated text must equal the CPU's.
-#define GPU_TOL 5e-2
+// token) must agree at every position, the logits within GPU_TOL of the CPU's. Both compute in
+// float32 from the same bf16 weights (the GPU keeps them in bf16, the cache and activations in
+// float32), so they differ only by summation order: the measured error is printed. A second run
+// without the dump takes the GPU's batched prefill; its generated text must equal the CPU's.
+#define GPU_TOL 1e-4
 
 static float *read_floats(const char *path, size_t *n) {
     size_t len;
