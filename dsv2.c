@@ -782,8 +782,8 @@ static float *forward(const Model *m, RunState *s, int token, int pos, AttnForm 
     matmul(s->logits, s->x, m->lm_head, c->dim, c->vocab_size);
     if (tracing(s)) {
         long floats = (long)c->n_layers * (pos + 1) * kv_cache_width(c);
-        trace_text(s, -1, "", "cache so far: %d layers x %d tokens x (d_c %d + d_h^R %d) = %ld floats = %ld bytes",
-                   c->n_layers, pos + 1, c->kv_lora_rank, c->qk_rope_head_dim, floats, floats * 4);
+        trace_text(s, -1, "", "cache so far: %d layers x %d tokens x (d_c+d_h^R = %d) = %ld floats, %ld bytes",
+                   c->n_layers, pos + 1, kv_cache_width(c), floats, floats * 4);
     }
     return s->logits;
 }
