@@ -46,7 +46,7 @@ def plot(rows, out, groups, title):
     col = {p: i for i, p in enumerate(positions)}
     k_per_token = len(rows) / (len(positions) * len(layers))
 
-    fig = plt.figure(figsize=(max(8, 0.22 * len(positions) + 2), 2.0 * len(layers) + 3.2))
+    fig = plt.figure(figsize=(min(16, max(8, 0.22 * len(positions) + 2)), 2.0 * len(layers) + 3.2))
     gs = fig.add_gridspec(len(layers) + 1, 1, height_ratios=[1] * len(layers) + [1.3], hspace=0.45)
     for li, layer in enumerate(layers):
         ax = fig.add_subplot(gs[li])
