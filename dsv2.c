@@ -1761,14 +1761,15 @@ static void error_usage(void) {
         "  -f FILE       read the input text (prompt, or -m ppl's text) from FILE\n"
         "  -m ppl        perplexity and bits per byte of the text (-f FILE or -i TEXT)\n"
         "  --ctx N       -m ppl: window of N tokens (default: the model's context)\n"
-        "  --trace FILE  each equation's tensor per layer and position (80 columns; - = stderr)\n"
+        "  --trace FILE  each equation's tensor per layer and position (- = stderr)\n"
         "  --trace-pos P,Q    trace only these positions (default: all)\n"
         "  --routing-out FILE.csv  chosen experts and gate values per token and layer\n"
         "  --kv-table    the paper's Table 1 for this model (KV cache of MHA/GQA/MQA/MLA)\n"
         "  --mem GIB     --kv-table: tokens that fit in GIB GiB (default 1)\n"
         "ablation knobs (change the model; the defaults are its config):\n"
-        "  --topk K      routed experts per token    --topk-group G  groups kept (device limit)\n"
-        "  --no-shared   drop the shared experts     --no-routed     drop the routed experts\n"
+        "  --topk K      routed experts per token, K_r\n"
+        "  --topk-group G     groups kept by device-limited routing\n"
+        "  --no-shared   drop the shared experts;  --no-routed: drop the routed experts\n"
         "  --no-yarn     plain RoPE and softmax scale, even beyond the trained context\n",
         "Once upon a time");
     exit(1);
