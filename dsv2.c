@@ -281,6 +281,7 @@ typedef struct {
     int (*token_text)(void *ctx, int id, char *buf, int size);  // a token's text (tokenizer below)
     void *token_ctx;
     int active, pos, token; // set by forward(): is this position traced, and which it is
+    long first_index;       // -m ppl: index in the text of the window's first token (CSV column pos)
 } Trace;
 
 typedef struct {
@@ -735,7 +736,7 @@ static void trace_route(const RunState *s, const Config *c, int l) {
         char text[160];
         trace_token_text(t, t->token, text, sizeof(text));
         for (int k = 0; k < K; k++) {
-            fprintf(t->routing_csv, "%d,%d,\"", t->pos, t->token);
+            fprintf(t->routing_csv, "%ld,%d,\"", t->first_index + t->pos, t->token);
             for (const char *p = text; *p; p++) fprintf(t->routing_csv, *p == '"' ? "\"\"" : "%c", *p);
             fprintf(t->routing_csv, "\",%d,%d,%d,%.6g\n", l, k, s->topk_idx[k], s->topk_w[k]);
         }
@@ -1614,6 +1615,7 @@ static Perplexity perplexity(const Model *m, const int *ids, int n, int window, 
     for (long start = 0; start + 1 < n; start += window - 1) {
         int len = (int)(n - start < window ? n - start : window);
         r.n_windows++;
+        if (trace) trace->first_index = start;
         for (int pos = 0; pos + 1 < len; pos++) {
             const float *logits = forward(m, &s, ids[start + pos], pos, form);
             double max = logits[0], sum = 0.0;                          // log-softmax in double
