@@ -267,6 +267,23 @@ static void model_free(Model *m) {
 
 typedef enum { ATTN_ABSORBED, ATTN_NAIVE } AttnForm;
 
+// The teaching trace (--trace, --routing-out; docs/WORKSHOP.md): when RunState.trace is set, the
+// blocks below report each equation's tensor as they compute it. NULL (the default) costs one
+// pointer test per equation. Consumers: 80-column text lines, a routing CSV, and the tests,
+// which get every full vector through `record`.
+typedef struct {
+    FILE *out;              // --trace: one line per equation (NULL: no text)
+    FILE *routing_csv;      // --routing-out: pos,token,text,layer,rank,expert,weight rows (NULL: none)
+    const int *positions;   // --trace-pos: only these positions (n_positions 0: every position)
+    int n_positions;
+    void (*record)(void *ctx, int layer, const char *name, const float *v, int n);  // NULL: none
+    void *record_ctx;
+    int (*token_text)(void *ctx, int id, char *buf, int size);  // a token's text (tokenizer below)
+    void *token_ctx;
+    int active, pos, token; // set by forward(): is this position traced, and which it is
+    long first_index;       // -m ppl: index in the text of the window's first token (CSV column pos)
+} Trace;
+
 typedef struct {
     float *x;         // residual stream h (dim)
     float *xb;        // normed input of attention / FFN (dim)
@@ -291,6 +308,7 @@ typedef struct {
     float *logits;    // (vocab_size)
     float *kv_cache;  // THE cache: (n_layers, seq_len, kv_lora_rank + d_h^R): c^KV then k^R
     int seq_len;
+    Trace *trace;     // the teaching trace, NULL when off
 } RunState;
 
 static int kv_cache_width(const Config *c) { return c->kv_lora_rank + c->qk_rope_head_dim; }
@@ -303,6 +321,7 @@ static void runstate_init(RunState *s, const Config *c, int seq_len) {
     if (c->moe_intermediate_size * (c->n_shared_experts > 1 ? c->n_shared_experts : 1) > ffn_width)
         ffn_width = c->moe_intermediate_size * (c->n_shared_experts > 1 ? c->n_shared_experts : 1);
     s->seq_len = seq_len;
+    s->trace = NULL;
     s->x = (float *)xcalloc(c->dim, sizeof(float));
     s->xb = (float *)xcalloc(c->dim, sizeof(float));
     s->c_q = (float *)xcalloc(c->q_lora_rank, sizeof(float));
@@ -334,6 +353,74 @@ static void runstate_free(RunState *s) {
                     s->inv_freq, s->logits, s->kv_cache};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]);
     free(s->topk_idx);
+}
+
+// ----------------------------------------------------------------------------
+// ---------------- The teaching trace: each equation's tensor, as it is computed
+//
+// Line format (80 columns): `L<layer> eq.(N) <paper name> [shape] first values ...`; layers count
+// from 0 as in the code; per-head tensors show head 1 (i = 1 in the paper, index 0 here).
+
+static int tracing(const RunState *s) { return s->trace && s->trace->active; }
+
+// copies token id's text into buf with newlines, tabs, quotes and control bytes escaped
+static void trace_token_text(const Trace *t, int id, char *buf, int size) {
+    char raw[64];
+    int n = t->token_text ? t->token_text(t->token_ctx, id, raw, sizeof(raw)) : 0, k = 0;
+    for (int i = 0; i < n && k < size - 5; i++) {
+        unsigned char ch = (unsigned char)raw[i];
+        if (ch == '\n') { buf[k++] = '\\'; buf[k++] = 'n'; }
+        else if (ch == '\t') { buf[k++] = '\\'; buf[k++] = 't'; }
+        else if (ch == '"' || ch == '\\') { buf[k++] = '\\'; buf[k++] = (char)ch; }
+        else if (ch < 0x20 || ch == 0x7f) k += snprintf(buf + k, size - k, "\\x%02x", ch);
+        else buf[k++] = (char)ch;
+    }
+    buf[k] = 0;
+}
+
+// forward() calls this first: is position pos traced? prints the token's header line
+static void trace_begin(Trace *t, int token, int pos) {
+    t->pos = pos;
+    t->token = token;
+    t->active = t->n_positions == 0;
+    for (int i = 0; i < t->n_positions; i++) if (t->positions[i] == pos) t->active = 1;
+    if (t->active && t->out) {
+        char text[160];
+        trace_token_text(t, token, text, sizeof(text));
+        fflush(stdout);  // the prompt echoed so far, when the trace goes to the terminal too
+        fprintf(t->out, "\n--- position %d, token %d \"%s\"\n", pos, token, text);
+    }
+}
+
+// one line: `L3 eq.(9)  c_t^KV  [64]  0.12 -0.53 ...`; rows > 1 shows the shape as [rows x n/rows]
+static void trace_vec(const RunState *s, int l, const char *eq, const char *name, const float *v, int n, int rows) {
+    Trace *t = s->trace;
+    if (t->record) t->record(t->record_ctx, l, name, v, n);
+    if (!t->out) return;
+    char line[128];
+    int k = rows > 1 ? snprintf(line, sizeof(line), "L%d %-9s %-9s [%dx%d]", l, eq, name, rows, n / rows)
+                     : snprintf(line, sizeof(line), "L%d %-9s %-9s [%d]", l, eq, name, n);
+    while (k < 34) line[k++] = ' ';
+    line[k] = 0;
+    for (int i = 0; i < n; i++) {
+        char val[32];
+        int w = snprintf(val, sizeof(val), " %.3g", v[i]);
+        if (k + w > (i + 1 < n ? 75 : 79)) { k += snprintf(line + k, sizeof(line) - k, " ..."); break; }
+        memcpy(line + k, val, w + 1);
+        k += w;
+    }
+    fprintf(t->out, "%s\n", line);
+}
+
+// a line of words: shapes of concatenations, routing decisions, the cache
+static void trace_text(const RunState *s, int l, const char *eq, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static void trace_text(const RunState *s, int l, const char *eq, const char *fmt, ...) {
+    if (!s->trace->out) return;
+    va_list ap; va_start(ap, fmt);
+    if (l >= 0) fprintf(s->trace->out, "L%d %-9s ", l, eq);
+    vfprintf(s->trace->out, fmt, ap);
+    fprintf(s->trace->out, "\n");
+    va_end(ap);
 }
 
 // ----------------------------------------------------------------------------
@@ -474,6 +561,11 @@ static void mla_attention(const Model *m, RunState *s, int l, int pos, AttnForm 
     }
     for (int i = 0; i < c->n_heads; i++)
         rope_apply(s->q + i * qk_head + nope, s, rope);                      // eq. (14) q_t^R = RoPE(W^QR c_t^Q)
+    if (tracing(s)) {
+        if (c->q_lora_rank) trace_vec(s, l, "eq.(12)", "c_t^Q", s->c_q, c->q_lora_rank, 1);
+        trace_vec(s, l, "eq.(13)", "q_t,1^C", s->q, nope, 1);
+        trace_vec(s, l, "eq.(14)", "q_t,1^R", s->q + nope, rope, 1);
+    }
 
     // the keys and values, compressed into the latent that is all the cache keeps
     float *row = s->kv_cache + ((size_t)l * s->seq_len + pos) * width;      // this token's cache row
@@ -481,6 +573,16 @@ static void mla_attention(const Model *m, RunState *s, int l, int pos, AttnForm 
     rmsnorm(row, s->kv_a, L->kv_a_layernorm, d_c, c->rms_norm_eps);          // eq. (9)  c_t^KV = W^DKV h_t
     memcpy(row + d_c, s->kv_a + d_c, rope * sizeof(float));
     rope_apply(row + d_c, s, rope);                                          // eq. (15) k_t^R = RoPE(W^KR h_t)
+    if (tracing(s)) {  // (eqs. 10-11 for head 1 of this token: only traced, the absorbed form never builds them)
+        trace_vec(s, l, "eq.(9)", "c_t^KV", row, d_c, 1);
+        trace_vec(s, l, "eq.(15)", "k_t^R", row + d_c, rope, 1);
+        matmul_rows(s->kv_head, row, L->kv_b_proj, 0, d_c, nope);
+        matmul_rows(s->kv_head + nope, row, L->kv_b_proj, nope, d_c, vdim);
+        trace_vec(s, l, "eq.(10)", "k_t,1^C", s->kv_head, nope, 1);
+        trace_vec(s, l, "eq.(11)", "v_t,1^C", s->kv_head + nope, vdim, 1);
+        trace_text(s, l, "eq.(16)", "q_t,1 = [q_t,1^C; q_t,1^R]  [%d+%d]", nope, rope);
+        trace_text(s, l, "eq.(17)", "k_t,1 = [k_t,1^C; k_t^R]    [%d+%d]  (k_t^R shared by all heads)", nope, rope);
+    }
 
     #pragma omp parallel for schedule(static) if ((long)c->n_heads * (pos + 1) * d_c >= (1L << 17))
     for (int i = 0; i < c->n_heads; i++) {
@@ -528,6 +630,11 @@ static void mla_attention(const Model *m, RunState *s, int l, int pos, AttnForm 
         }
     }
     matmul(s->u, s->o, L->o_proj, c->n_heads * vdim, c->dim);              // eq. (19) u_t = W^O [o_t,1; ...; o_t,n_h]
+    if (tracing(s)) {
+        trace_vec(s, l, "eq.(18)", "p_t,1,j", s->att, pos + 1, 1);           // head 1's attention over j = 0..t
+        trace_vec(s, l, "eq.(18)", "o_t,i", s->o, c->n_heads * vdim, c->n_heads);
+        trace_vec(s, l, "eq.(19)", "u_t", s->u, c->dim, 1);
+    }
 }
 
 // ---------------- DeepSeekMoE (eqs. 20-22)
@@ -548,6 +655,22 @@ static int argmax_masked(const float *x, const int *keep, int n) {
     return best;
 }
 
+// Device-limited routing (sec. 2.2.2): a group's score is its best expert's affinity; sets
+// taken[g] for the topk_group best of the n_group groups (lowest index on ties), 0 for the rest.
+static void route_groups(const Config *c, const float *scores, int *taken) {
+    int per = c->n_routed_experts / c->n_group, group_keep[4096];
+    float group_score[4096];
+    for (int g = 0; g < c->n_group; g++) {
+        taken[g] = 0;
+        group_score[g] = scores[g * per];
+        for (int e = 1; e < per; e++) if (scores[g * per + e] > group_score[g]) group_score[g] = scores[g * per + e];
+    }
+    for (int k = 0; k < c->topk_group; k++) {
+        for (int g = 0; g < c->n_group; g++) group_keep[g] = !taken[g];
+        taken[argmax_masked(group_score, group_keep, c->n_group)] = 1;
+    }
+}
+
 // The router: affinities s_i,t over all routed experts, then the top K_r of them; with
 // group_limited_greedy (device-limited routing, sec. 2.2.2) only inside the topk_group groups
 // whose best affinity is highest. Fills topk_idx / topk_w with g_i,t of the chosen experts.
@@ -556,20 +679,10 @@ static void moe_route(const Config *c, float *scores, int *topk_idx, float *topk
     softmax(scores, E);                                                      // eq. (22) s_i,t = softmax_i(u_t^T e_i)
     int kept[4096], chosen[4096];
     for (int i = 0; i < E; i++) { kept[i] = 1; chosen[i] = 0; }
-    if (c->topk_method == 1) {  // group_limited_greedy: a group's score is its best expert's
-        int per = E / c->n_group, group_keep[4096];
-        float group_score[4096];
-        for (int g = 0; g < c->n_group; g++) {
-            group_keep[g] = 1;
-            group_score[g] = scores[g * per];
-            for (int e = 1; e < per; e++) if (scores[g * per + e] > group_score[g]) group_score[g] = scores[g * per + e];
-        }
-        int taken[4096] = {0};
-        for (int k = 0; k < c->topk_group; k++) {
-            for (int g = 0; g < c->n_group; g++) group_keep[g] = !taken[g];
-            taken[argmax_masked(group_score, group_keep, c->n_group)] = 1;
-        }
-        for (int i = 0; i < E; i++) kept[i] = taken[i / per];
+    if (c->topk_method == 1) {  // group_limited_greedy
+        int taken[4096];
+        route_groups(c, scores, taken);
+        for (int i = 0; i < E; i++) kept[i] = taken[i / (E / c->n_group)];
     }
     // eq. (21): g_i,t = s_i,t for the top K_r (dropped groups count as 0, as in the reference)
     float masked[4096];
@@ -590,6 +703,46 @@ static void moe_route(const Config *c, float *scores, int *topk_idx, float *topk
     }
 }
 
+// the routing decision of one token: affinities, groups kept, chosen experts (trace and CSV)
+static void trace_route(const RunState *s, const Config *c, int l) {
+    Trace *t = s->trace;
+    int K = c->n_experts_per_tok;
+    trace_vec(s, l, "eq.(22)", "s_i,t", s->scores, c->n_routed_experts, 1);
+    if (c->topk_method == 1 && t->out) {
+        int taken[4096];
+        char list[256];
+        int k = 0;
+        route_groups(c, s->scores, taken);
+        for (int g = 0; g < c->n_group && k < 200; g++) if (taken[g]) k += snprintf(list + k, sizeof(list) - k, " %d", g);
+        list[k] = 0;
+        trace_text(s, l, "sec.2.2.2", "groups kept:%s (top %d of %d by best s_i,t; %d experts each)", list,
+                   c->topk_group, c->n_group, c->n_routed_experts / c->n_group);
+    }
+    float idx[4096];
+    for (int k = 0; k < K; k++) idx[k] = (float)s->topk_idx[k];
+    if (t->record) {
+        t->record(t->record_ctx, l, "experts", idx, K);
+        t->record(t->record_ctx, l, "g_i,t", s->topk_w, K);
+    }
+    if (t->out) {
+        char line[128];
+        int n = snprintf(line, sizeof(line), "L%d %-9s g_i,t    ", l, "eq.(21)");
+        if (K == 0) n += snprintf(line + n, sizeof(line) - n, " (no routed experts)");
+        for (int k = 0; k < K && n < 70; k++) n += snprintf(line + n, sizeof(line) - n, " e%d:%.3f", s->topk_idx[k], s->topk_w[k]);
+        if (n >= 70 && K > 0) snprintf(line + 70, sizeof(line) - 70, " ...");
+        fprintf(t->out, "%s\n", line);
+    }
+    if (t->routing_csv) {
+        char text[160];
+        trace_token_text(t, t->token, text, sizeof(text));
+        for (int k = 0; k < K; k++) {
+            fprintf(t->routing_csv, "%ld,%d,\"", t->first_index + t->pos, t->token);
+            for (const char *p = text; *p; p++) fprintf(t->routing_csv, *p == '"' ? "\"\"" : "%c", *p);
+            fprintf(t->routing_csv, "\",%d,%d,%d,%.6g\n", l, k, s->topk_idx[k], s->topk_w[k]);
+        }
+    }
+}
+
 static void moe_ffn(const Model *m, RunState *s, int l) {
     const Config *c = &m->config;
     const Layer *L = &m->layers[l];
@@ -597,6 +750,7 @@ static void moe_ffn(const Model *m, RunState *s, int l) {
     float *out = s->ffn_out;
     matmul(s->scores, u, L->gate, c->dim, c->n_routed_experts);             // u_t^T e_i for every expert
     moe_route(c, s->scores, s->topk_idx, s->topk_w);                         // eqs. (21)-(22)
+    if (tracing(s)) trace_route(s, c, l);
     memset(out, 0, c->dim * sizeof(float));
     if (c->n_shared_experts)                                                 // eq. (20) sum_i FFN_i^(s)(u_t)
         ffn(out, u, &L->shared, c->dim, c->moe_intermediate_size * c->n_shared_experts, s->hb, s->hb2);
@@ -604,6 +758,7 @@ static void moe_ffn(const Model *m, RunState *s, int l) {
         ffn(s->u, u, &L->experts[s->topk_idx[k]], c->dim, c->moe_intermediate_size, s->hb, s->hb2);
         for (int i = 0; i < c->dim; i++) out[i] += s->topk_w[k] * s->u[i];
     }
+    if (tracing(s)) trace_vec(s, l, "eq.(20)", "h'_t-u_t", out, c->dim, 1);  // the FFN part of h'_t
 }
 
 // ---------------- The forward pass: one token at position pos -> logits
@@ -612,6 +767,7 @@ static float *forward(const Model *m, RunState *s, int token, int pos, AttnForm 
     const Config *c = &m->config;
     for (int i = 0; i < c->dim; i++) s->x[i] = mat_at(m->embed_tokens, (size_t)token * c->dim + i);
     rope_position(s, c, pos);
+    if (s->trace) trace_begin(s->trace, token, pos);
     for (int l = 0; l < c->n_layers; l++) {
         const Layer *L = &m->layers[l];
         rmsnorm(s->xb, s->x, L->input_layernorm, c->dim, c->rms_norm_eps);
@@ -620,10 +776,16 @@ static float *forward(const Model *m, RunState *s, int token, int pos, AttnForm 
         rmsnorm(s->xb, s->x, L->post_attention_layernorm, c->dim, c->rms_norm_eps);
         if (L->is_moe) moe_ffn(m, s, l);
         else ffn(s->ffn_out, s->xb, &L->dense, c->dim, c->intermediate_size, s->hb, s->hb2);
+        if (!L->is_moe && tracing(s)) trace_vec(s, l, "dense", "FFN(u_t)", s->ffn_out, c->dim, 1);
         for (int i = 0; i < c->dim; i++) s->x[i] += s->ffn_out[i];           // residual around the FFN (eq. 20's u_t +)
     }
     rmsnorm(s->x, s->x, m->norm, c->dim, c->rms_norm_eps);
     matmul(s->logits, s->x, m->lm_head, c->dim, c->vocab_size);
+    if (tracing(s)) {
+        long floats = (long)c->n_layers * (pos + 1) * kv_cache_width(c);
+        trace_text(s, -1, "", "cache so far: %d layers x %d tokens x (d_c+d_h^R = %d) = %ld floats, %ld bytes",
+                   c->n_layers, pos + 1, kv_cache_width(c), floats, floats * 4);
+    }
     return s->logits;
 }
 
@@ -1261,6 +1423,7 @@ typedef struct {
     const char *dump_logits;  // write every position's logits here (float32, [pos][vocab])
     AttnForm form;
     int n_new;                // new tokens to generate (-n)
+    Trace *trace;             // --trace / --routing-out, NULL when off
 } GenOptions;
 
 static void put_token(Tokenizer *tok, DecodeState *ds, int id) {
@@ -1327,6 +1490,7 @@ static void generate(const Model *m, Tokenizer *tok, Sampler *sp, const char *pr
         die("the prompt is %d tokens, longer than the model's context of %d", n_ids, m->config.max_position_embeddings);
     RunState s;
     runstate_init(&s, &m->config, context_for(&m->config, n_ids, opt->n_new));
+    s.trace = opt->trace;
     FILE *dump = NULL;
     if (opt->dump_logits && !(dump = fopen(opt->dump_logits, "wb"))) die("--dump-logits: cannot write %s", opt->dump_logits);
     printf("%s", prompt);
@@ -1345,6 +1509,7 @@ static void chat(const Model *m, Tokenizer *tok, Sampler *sp, const char *prompt
     int ctx = m->config.max_position_embeddings < 4096 ? m->config.max_position_embeddings : 4096;
     RunState s;
     runstate_init(&s, &m->config, ctx);
+    s.trace = opt->trace;
     FILE *dump = NULL;
     if (opt->dump_logits && !(dump = fopen(opt->dump_logits, "wb"))) die("--dump-logits: cannot write %s", opt->dump_logits);
     char line[4096];
@@ -1383,6 +1548,218 @@ static void chat(const Model *m, Tokenizer *tok, Sampler *sp, const char *prompt
 }
 
 // ----------------------------------------------------------------------------
+// ---------------- Teaching: ablation knobs, the paper's Table 1, perplexity (docs/WORKSHOP.md)
+
+// Ablation knobs for experiments: each overrides one config field after loading, so it changes
+// only what it names; 0 = the model's own value. They make a different model than the one trained.
+typedef struct {
+    int topk;        // --topk K: routed experts per token, K_r (config n_experts_per_tok)
+    int topk_group;  // --topk-group G: groups kept by device-limited routing (config topk_group)
+    int no_shared;   // --no-shared: drop the shared experts of eq. (20)
+    int no_routed;   // --no-routed: drop the routed experts of eq. (20) (the router still runs)
+    int no_yarn;     // --no-yarn: plain RoPE and softmax scale, even beyond the trained context
+} Knobs;
+
+static void knobs_apply(Config *c, const Knobs *k) {
+    int per = c->n_routed_experts / c->n_group;
+    if (k->topk > c->n_routed_experts)
+        die("--topk %d: this model has %d routed experts (expected 1..%d)", k->topk, c->n_routed_experts, c->n_routed_experts);
+    if (k->topk_group && c->topk_method != 1)
+        die("--topk-group needs device-limited routing (topk_method group_limited_greedy); this model routes greedily");
+    if (k->topk_group > c->n_group)
+        die("--topk-group %d: this model has %d expert groups (expected 1..%d)", k->topk_group, c->n_group, c->n_group);
+    int topk = k->topk ? k->topk : c->n_experts_per_tok, groups = k->topk_group ? k->topk_group : c->topk_group;
+    if (c->topk_method == 1 && groups * per < topk)
+        die("--topk %d with --topk-group %d: %d groups of %d experts hold fewer than %d experts", topk, groups, groups, per, topk);
+    if (k->no_shared && c->n_shared_experts == 0) die("--no-shared: this model has no shared experts");
+    if (k->no_yarn && !c->rope_yarn) die("--no-yarn: this model uses plain RoPE already (no rope_scaling yarn)");
+    c->n_experts_per_tok = topk;
+    c->topk_group = groups;
+    if (k->no_shared) c->n_shared_experts = 0;
+    if (k->no_routed) c->n_experts_per_tok = 0;
+    if (k->no_yarn) c->rope_yarn = 0;
+}
+
+// --kv-table: the paper's Table 1 (KV cache per token) with this model's dimensions:
+// MHA 2 n_h d_h l, GQA 2 n_g d_h l, MQA 2 d_h l, MLA (d_c + d_h^R) l values per token
+static void print_kv_table(const Config *c, double mem_gib) {
+    int l = c->n_layers, nh = c->n_heads, dh = c->qk_nope_head_dim, ctx = c->max_position_embeddings;
+    double mem = mem_gib * 1024.0 * 1024.0 * 1024.0;
+    long mla = (long)(c->kv_lora_rank + c->qk_rope_head_dim) * l, mha = 2L * nh * dh * l;
+    printf("KV cache per token, paper Table 1, this model: l=%d layers, n_h=%d heads, d_h=%d,\n"
+           "d_c=%d, d_h^R=%d; %d bytes a value (dsv2's float32 cache; bf16 would halve it)\n\n",
+           l, nh, dh, c->kv_lora_rank, c->qk_rope_head_dim, 4);
+    char ctx_head[32], mem_head[32];
+    snprintf(ctx_head, sizeof(ctx_head), "%d tokens", ctx);
+    snprintf(mem_head, sizeof(mem_head), "in %.3g GiB", mem_gib);
+    printf("%-11s %-16s %7s %7s %7s %11s %12s\n", "per token", "formula", "values", "bytes", "vs MHA", ctx_head, mem_head);
+    struct { char name[16]; char formula[20]; long values; } rows[16];
+    int n = 0;
+    snprintf(rows[n].name, 16, "MHA"); snprintf(rows[n].formula, 20, "2 n_h d_h l"); rows[n++].values = mha;
+    for (int g = nh / 2; g > 1 && n < 12; g /= 2)
+        if (nh % g == 0) {
+            snprintf(rows[n].name, 16, "GQA n_g=%d", g); snprintf(rows[n].formula, 20, "2 n_g d_h l");
+            rows[n++].values = 2L * g * dh * l;
+        }
+    snprintf(rows[n].name, 16, "MQA"); snprintf(rows[n].formula, 20, "2 d_h l"); rows[n++].values = 2L * dh * l;
+    snprintf(rows[n].name, 16, "MLA"); snprintf(rows[n].formula, 20, "(d_c + d_h^R) l"); rows[n++].values = mla;
+    for (int i = 0; i < n; i++) {
+        long bytes = rows[i].values * 4;
+        char ctxb[32];
+        double cb = (double)bytes * ctx;
+        if (cb >= 1 << 30) snprintf(ctxb, sizeof(ctxb), "%.2f GiB", cb / (1 << 30));
+        else if (cb >= 1 << 20) snprintf(ctxb, sizeof(ctxb), "%.2f MiB", cb / (1 << 20));
+        else snprintf(ctxb, sizeof(ctxb), "%.1f KiB", cb / 1024);
+        printf("%-11s %-16s %7ld %7ld %6.1f%% %11s %12.0f\n", rows[i].name, rows[i].formula, rows[i].values, bytes,
+               100.0 * rows[i].values / mha, ctxb, floor(mem / bytes));
+    }
+    printf("\nMLA caches as much as GQA with %.2f groups (paper: 2.25 for DeepSeek-V2's d_c = 4 d_h,\n"
+           "d_h^R = d_h/2); DeepSeek-V2 itself: MLA 576 values per layer, MHA 32768 (1.8%%).\n",
+           (double)mla / (2.0 * dh * l));
+}
+
+// -m ppl: sum of -log p(next token) over ids, run in windows of `window` tokens that overlap by
+// one token (window k starts at k * (window - 1)), so every token after the first is predicted
+// exactly once and no window is longer than the context. tests/make_teach_golden.py does the same.
+typedef struct { long n_tokens, n_predicted; int n_windows; double nats; } Perplexity;
+
+static Perplexity perplexity(const Model *m, const int *ids, int n, int window, AttnForm form, Trace *trace, int progress) {
+    const Config *c = &m->config;
+    Perplexity r = {n, 0, 0, 0.0};
+    RunState s;
+    runstate_init(&s, c, window);
+    s.trace = trace;
+    double t0 = now_s();
+    for (long start = 0; start + 1 < n; start += window - 1) {
+        int len = (int)(n - start < window ? n - start : window);
+        r.n_windows++;
+        if (trace) trace->first_index = start;
+        for (int pos = 0; pos + 1 < len; pos++) {
+            const float *logits = forward(m, &s, ids[start + pos], pos, form);
+            double max = logits[0], sum = 0.0;                          // log-softmax in double
+            for (int v = 1; v < c->vocab_size; v++) if (logits[v] > max) max = logits[v];
+            for (int v = 0; v < c->vocab_size; v++) sum += exp(logits[v] - max);
+            r.nats += log(sum) + max - logits[ids[start + pos + 1]];   // -log p(next token)
+            r.n_predicted++;
+            if (progress && (r.n_predicted % 128 == 0 || r.n_predicted == n - 1))
+                fprintf(stderr, "\rppl: %ld/%d tokens predicted, window %d, %.0f tok/s, perplexity so far %.3f   ",
+                        r.n_predicted, n - 1, r.n_windows, r.n_predicted / (now_s() - t0 + 1e-9), exp(r.nats / r.n_predicted));
+        }
+    }
+    if (progress) fprintf(stderr, "\n");
+    runstate_free(&s);
+    return r;
+}
+
+// the raw bytes of token id (for the trace and the routing CSV); returns their count
+static int token_text(void *tok, int id, char *buf, int size) {
+    const Tokenizer *t = (const Tokenizer *)tok;
+    if (id < 0 || id >= t->vocab_size) return snprintf(buf, size, "[%d]", id);
+    int n = t->token_off[id + 1] - t->token_off[id];
+    if (n > size) n = size;
+    memcpy(buf, t->token_blob + t->token_off[id], n);
+    return n;
+}
+
+static char *read_text_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die("cannot open text file %s: %s", path, strerror(errno));
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = (char *)xcalloc(n + 1, 1);
+    if (n < 0 || fread(buf, 1, n, f) != (size_t)n) die("cannot read text file %s", path);
+    fclose(f);
+    *len = (size_t)n;
+    if (memchr(buf, 0, n)) die("%s: not a text file (it holds a zero byte)", path);
+    long bad = utf8_invalid_offset(buf, n);
+    if (bad >= 0) die("%s: invalid UTF-8 at byte %ld", path, bad);
+    return buf;
+}
+
+static void ppl_cli(const Model *m, Tokenizer *tok, const char *text, size_t len, const char *what, int window,
+                    AttnForm form, Trace *trace) {
+    int n;
+    int *ids = tokenizer_encode(tok, text, len, tok->add_bos, &n);
+    if (n < 2) die("-m ppl: %s has %d token(s); perplexity needs at least 2", what, n);
+    Perplexity r = perplexity(m, ids, n, window, form, trace, 1);
+    double loss = r.nats / r.n_predicted;
+    printf("%s: %ld tokens, %ld predicted in %d window(s) of up to %d, %zu bytes\n", what, r.n_tokens, r.n_predicted,
+           r.n_windows, window, len);
+    printf("loss %.6f nats/token  perplexity %.4f  bits/byte %.4f\n", loss, exp(loss), r.nats / log(2.0) / (double)len);
+    free(ids);
+}
+
+// --trace-pos "0,5,9" -> positions (at most max)
+static int parse_positions(const char *v, int *out, int max) {
+    int n = 0;
+    for (const char *p = v; *p;) {
+        char *end;
+        long x = strtol(p, &end, 10);
+        if (end == p || x < 0 || x > (1 << 24) || (*end && *end != ',') || n >= max)
+            die("--trace-pos expects positions like 0,5,9 (at most %d, each >= 0), got '%s'", max, v);
+        out[n++] = (int)x;
+        p = *end ? end + 1 : end;
+    }
+    if (!n) die("--trace-pos expects positions like 0,5,9, got '%s'", v);
+    return n;
+}
+
+// the teaching flags of the command line
+typedef struct {
+    Knobs knobs;
+    const char *trace_path;   // --trace FILE ("-": stderr)
+    const char *routing_out;  // --routing-out FILE.csv
+    const char *text_file;    // -f FILE: the input text (-m ppl's text, or the prompt)
+    int positions[64], n_positions;  // --trace-pos
+    int kv_table;             // --kv-table
+    double mem_gib;           // --mem GiB for --kv-table
+    int ctx;                  // --ctx N: -m ppl's window (default: max_position_embeddings)
+} TeachOptions;
+
+static long parse_int(const char *flag, const char *v, long lo, long hi);
+static float parse_float(const char *flag, const char *v, float lo, float hi);
+
+// flags without a value; returns 1 if flag was one of them
+static int teach_switch(TeachOptions *t, const char *flag) {
+    if (!strcmp(flag, "--no-shared")) t->knobs.no_shared = 1;
+    else if (!strcmp(flag, "--no-routed")) t->knobs.no_routed = 1;
+    else if (!strcmp(flag, "--no-yarn")) t->knobs.no_yarn = 1;
+    else if (!strcmp(flag, "--kv-table")) t->kv_table = 1;
+    else return 0;
+    return 1;
+}
+
+// flags with a value; returns 1 if flag was one of them
+static int teach_flag(TeachOptions *t, const char *flag, const char *v) {
+    if (!strcmp(flag, "--topk")) t->knobs.topk = (int)parse_int("--topk", v, 1, 4096);
+    else if (!strcmp(flag, "--topk-group")) t->knobs.topk_group = (int)parse_int("--topk-group", v, 1, 4096);
+    else if (!strcmp(flag, "--trace")) t->trace_path = v;
+    else if (!strcmp(flag, "--trace-pos")) t->n_positions = parse_positions(v, t->positions, 64);
+    else if (!strcmp(flag, "--routing-out")) t->routing_out = v;
+    else if (!strcmp(flag, "-f")) t->text_file = v;
+    else if (!strcmp(flag, "--mem")) t->mem_gib = parse_float("--mem", v, 1e-6f, 1e9f);
+    else if (!strcmp(flag, "--ctx")) t->ctx = (int)parse_int("--ctx", v, 2, 1 << 24);
+    else return 0;
+    return 1;
+}
+
+// opens the trace's outputs; NULL when neither --trace nor --routing-out is given
+static Trace *teach_trace(Trace *tr, const TeachOptions *t, Tokenizer *tok) {
+    if (!t->trace_path && !t->routing_out) return NULL;
+    memset(tr, 0, sizeof(*tr));
+    if (t->trace_path) tr->out = strcmp(t->trace_path, "-") ? fopen(t->trace_path, "w") : stderr;
+    if (t->trace_path && !tr->out) die("--trace: cannot write %s", t->trace_path);
+    if (t->routing_out && !(tr->routing_csv = fopen(t->routing_out, "w"))) die("--routing-out: cannot write %s", t->routing_out);
+    if (tr->routing_csv) fprintf(tr->routing_csv, "pos,token,text,layer,rank,expert,weight\n");
+    tr->positions = t->positions;
+    tr->n_positions = t->n_positions;
+    tr->token_text = token_text;
+    tr->token_ctx = tok;
+    return tr;
+}
+
+// ----------------------------------------------------------------------------
 // ---------------- The command line
 
 static void error_usage(void) {
@@ -1396,10 +1773,24 @@ static void error_usage(void) {
         "  -p TOPP       top-p (nucleus) threshold in (0,1], 1 = off (default 0.9)\n"
         "  -s SEED       random seed (default: the time)\n"
         "  -n N          new tokens to generate, 0 = only run the prompt (default 256)\n"
-        "  -m MODE       generate | chat | encode | decode (default generate)\n"
+        "  -m MODE       generate | chat | ppl | encode | decode (default generate)\n"
         "  -y SYSTEM     system prompt for chat\n"
         "  -a FORM       attention form: absorbed (paper Appendix C, default) | naive (eqs. 10-11)\n"
-        "  --dump-logits FILE   write every position's logits as float32 [positions][vocab]\n",
+        "  --dump-logits FILE   write every position's logits as float32 [positions][vocab]\n"
+        "teaching (docs/WORKSHOP.md):\n"
+        "  -f FILE       read the input text (prompt, or -m ppl's text) from FILE\n"
+        "  -m ppl        perplexity and bits per byte of the text (-f FILE or -i TEXT)\n"
+        "  --ctx N       -m ppl: window of N tokens (default: the model's context)\n"
+        "  --trace FILE  each equation's tensor per layer and position (- = stderr)\n"
+        "  --trace-pos P,Q    trace only these positions (default: all)\n"
+        "  --routing-out FILE.csv  chosen experts and gate values per token and layer\n"
+        "  --kv-table    the paper's Table 1 for this model (KV cache of MHA/GQA/MQA/MLA)\n"
+        "  --mem GIB     --kv-table: tokens that fit in GIB GiB (default 1)\n"
+        "ablation knobs (change the model; the defaults are its config):\n"
+        "  --topk K      routed experts per token, K_r\n"
+        "  --topk-group G     groups kept by device-limited routing\n"
+        "  --no-shared   drop the shared experts;  --no-routed: drop the routed experts\n"
+        "  --no-yarn     plain RoPE and softmax scale, even beyond the trained context\n",
         "Once upon a time");
     exit(1);
 }
@@ -1426,15 +1817,20 @@ int main(int argc, char **argv) {
     const char *model_path = NULL, *tok_path = "tokenizer.bin", *prompt = NULL, *system = NULL, *mode = "generate";
     float temperature = 1.0f, topp = 0.9f;
     long seed = 0;
-    GenOptions opt = {NULL, ATTN_ABSORBED, 256};
+    GenOptions opt = {NULL, ATTN_ABSORBED, 256, NULL};
+    TeachOptions teach;
+    memset(&teach, 0, sizeof(teach));
+    teach.mem_gib = 1.0;
     if (argc < 2) error_usage();
     int i = 1;
     if (argv[1][0] != '-') model_path = argv[i++];
     for (; i < argc; i++) {
         const char *flag = argv[i];
         if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) error_usage();
+        if (teach_switch(&teach, flag)) continue;
         if (i + 1 >= argc) { fprintf(stderr, "dsv2: error: %s needs a value\n", flag); error_usage(); }
         const char *v = argv[++i];
+        if (teach_flag(&teach, flag, v)) continue;
         if (!strcmp(flag, "-z")) tok_path = v;
         else if (!strcmp(flag, "-i")) prompt = v;
         else if (!strcmp(flag, "-t")) temperature = parse_float("-t", v, 0.0f, 100.0f);
@@ -1450,11 +1846,16 @@ int main(int argc, char **argv) {
             else die("-a expects absorbed or naive, got '%s'", v);
         } else { fprintf(stderr, "dsv2: error: unknown flag %s\n", flag); error_usage(); }
     }
-    int is_gen = !strcmp(mode, "generate"), is_chat = !strcmp(mode, "chat");
-    if (!is_gen && !is_chat && strcmp(mode, "encode") && strcmp(mode, "decode"))
-        die("-m expects generate, chat, encode or decode, got '%s'", mode);
+    int is_gen = !strcmp(mode, "generate"), is_chat = !strcmp(mode, "chat"), is_ppl = !strcmp(mode, "ppl");
+    if (!is_gen && !is_chat && !is_ppl && strcmp(mode, "encode") && strcmp(mode, "decode"))
+        die("-m expects generate, chat, ppl, encode or decode, got '%s'", mode);
+    size_t text_len = 0;
+    char *text = teach.text_file ? read_text_file(teach.text_file, &text_len) : NULL;
+    if (text && prompt) die("-f %s and -i: give the input text one way", teach.text_file);
+    if (text) prompt = text;
+    else if (prompt) text_len = strlen(prompt);
     Tokenizer tok;
-    if (!is_gen && !is_chat) {
+    if (!is_gen && !is_chat && !is_ppl) {
         if (!prompt) die("-m %s needs -i TEXT", mode);
         tokenizer_load(&tok, tok_path);
         tokenizer_cli(&tok, mode, prompt);
@@ -1464,11 +1865,29 @@ int main(int argc, char **argv) {
     if (!model_path) { fprintf(stderr, "dsv2: error: no model file given\n"); error_usage(); }
     Model model;
     model_load(&model, model_path);
+    knobs_apply(&model.config, &teach.knobs);
+    if (teach.kv_table) {
+        print_kv_table(&model.config, teach.mem_gib);
+        model_free(&model);
+        return 0;
+    }
     tokenizer_load(&tok, tok_path);
+    Trace trace;
+    opt.trace = teach_trace(&trace, &teach, &tok);
+    if (is_ppl) {
+        if (!prompt) die("-m ppl needs the text: -f FILE or -i TEXT");
+        int window = teach.ctx ? teach.ctx : model.config.max_position_embeddings;
+        if (window > model.config.max_position_embeddings)
+            die("--ctx %d is longer than the model's context of %d", window, model.config.max_position_embeddings);
+        ppl_cli(&model, &tok, prompt, text_len, teach.text_file ? teach.text_file : "-i text", window, opt.form, opt.trace);
+    }
     Sampler sp = {temperature, topp, (uint64_t)(seed ? seed : (long)time(NULL)), NULL};
     sp.order = (int *)xcalloc(model.config.vocab_size, sizeof(int));
     if (is_gen) generate(&model, &tok, &sp, prompt ? prompt : "Once upon a time", &opt);
-    else chat(&model, &tok, &sp, prompt, system, &opt);
+    else if (is_chat) chat(&model, &tok, &sp, prompt, system, &opt);
+    if (opt.trace && opt.trace->out && opt.trace->out != stderr) fclose(opt.trace->out);
+    if (opt.trace && opt.trace->routing_csv) fclose(opt.trace->routing_csv);
+    free(text);
     free(sp.order);
     model_free(&model);
     tokenizer_free(&tok);
