@@ -91,7 +91,10 @@ def trace_golden(d, model, ids):
     vals, hooks = {}, []
 
     def row(t):
-        return first_tensor(t)[0, P].detach().double()
+        x = first_tensor(t)
+        while x.dim() > 3:  # [batch, 1, seq, d]: transformers 5 views the latent as one head
+            x = x[:, 0]
+        return x[0, P].detach().double()
 
     def put(name, v):
         vals[name] = [float(x) for x in v]

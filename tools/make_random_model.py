@@ -44,7 +44,9 @@ def main():
     rng = np.random.default_rng(0)
     pool_n = 1 << 27  # 128 Mi values = 256 MB
     a = 0.02 * np.sqrt(3.0)
-    pool = (rng.random(pool_n, dtype=np.float32) * 2 - 1) * a
+    # float32 throughout: under NumPy 2 a float64 scalar would promote the pool to float64, and the
+    # bit shift below would then cut float64s into halves (NaN and inf weights)
+    pool = ((rng.random(pool_n, dtype=np.float32) * 2 - 1) * np.float32(a)).astype(np.float32)
     pool = (pool.view(np.uint32) >> 16).astype(np.uint16)  # float32 -> bf16 (truncation is fine here)
     one = np.full(1 << 16, 0x3F80, dtype=np.uint16)          # bf16 1.0, for the norms
     t0 = time.time()
