@@ -43,7 +43,7 @@ for ctx, ms, tps, byt, roof, ratio in re.findall(r"BENCH decode ctx (\d+) ms ([\
     if h: print(f"| decode tok/s vs transformers, context {ctx} | {float(tps):.1f} | transformers {h:.1f} | {float(tps)/h:.1f}x | |")
 m = f(r"BENCH mla_kernel batch (\d+) ctx (\d+) heads (\d+) ms ([\d.]+) GBps ([\d.]+) ratio_to_copy ([\d.]+)")
 if m:
-    r = float(m[5]); miss = "" if r >= 0.8 else f"misses 80% by {80 - 100 * r:.0f} points: CUDA-core FMAs (16 heads x 1088 per 1152-byte row = 30 FLOP/byte) bound; needs tensor cores (wgmma) as FlashMLA"
+    r = float(m[5]); miss = "" if r >= 0.8 else f"misses 80% by {80 - 100 * r:.0f} points (see docs/BENCHMARKS.md: not profiled; CUDA cores, no tensor cores)"
     print(f"| MLA decode kernel, {m[0]} seqs x {m[1]} tokens, {m[2]} heads | {m[4]} GB/s ({m[3]} ms) | copy bandwidth | {100*r:.0f}% | {miss} |")
 p = f(r"BENCH prefill tokens (\d+) seconds ([\d.]+) tok_per_s ([\d.]+)")
 hp = f(r"BENCH hf_prefill tokens (\d+) seconds ([\d.]+) tok_per_s ([\d.]+)")
