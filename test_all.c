@@ -125,7 +125,7 @@ static int tok_dies_with_one_line(void (*fn)(const void *), const void *arg, cha
     pid_t pid = fork();
     if (pid == 0) {
         dup2(fds[1], 2); close(fds[0]);
-        freopen("/dev/null", "w", stdout);
+        if (!freopen("/dev/null", "w", stdout)) _exit(2);
         fn(arg);
         exit(0);
     }

@@ -48,7 +48,7 @@ build/tok/lenml_v3.txt: $(TOK_CORPUS) tests/tok/lenml_encode.js $(TOK_LENML)/nod
 
 build/fuzz_tok: tests/fuzz_tok.c dsv2.c
 	@mkdir -p build
-	$(CC) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -Wall -Wextra -o $@ tests/fuzz_tok.c -lm
+	$(CC) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -Wall -Wextra -fopenmp -o $@ tests/fuzz_tok.c -lm
 
 fuzz-quick: build/fuzz_tok build/tok/v2.bin build/tok/v3.bin
 	./build/fuzz_tok $(FUZZ_SECONDS) build/tok/v2.bin $(wildcard build/tok/v3.bin)
