@@ -150,6 +150,7 @@ typedef struct {
     // decode activations (one token)
     float *x, *xb, *c_q, *q, *kv_a, *q_lat, *o_lat, *o, *hb, *hb_shared, *logits;
     int *topk_idx; float *topk_w;
+    float *route_logits;      // (PF_MAX, n_routed_experts) affinities u^T e_i for the router
     float *part_o, *part_ml;  // split-sequence partial results of the attention
     size_t part_elems;
     int dec_chunk, dec_splits;
@@ -482,62 +483,75 @@ static void v_up_forward(float *o, const float *o_lat, const bf16 *kv_b, int T) 
     launchCheck();
 }
 
-// The router, one block per token (eqs. 21-22): affinities u^T e_i (a warp per expert), then
-// thread 0 runs dsv2.c's moe_route step by step (softmax, group-limited greedy top-k, lowest
-// index on ties), so the GPU picks the same experts. Writes topk_idx / topk_w (T, K).
-__global__ void moe_route_kernel(int *topk_idx, float *topk_w, const float *u, const bf16 *gate, int dim, int E, int K,
-                                 int method, int n_group, int topk_group, int norm_topk_prob, float routed_scaling) {
-    extern __shared__ float rs[];
-    float *scores = rs;                       // (E)
-    int *chosen = (int *)(scores + E);        // (E)
-    float *group_score = (float *)(chosen + E);  // (n_group)
-    int *taken = (int *)(group_score + n_group);  // (n_group)
-    int t = blockIdx.x, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    for (int e = warp; e < E; e += n_warps) {
-        float s = warp_dot(gate + (size_t)e * dim, u + (size_t)t * dim, dim);
-        if ((threadIdx.x & 31) == 0) scores[e] = s;
+// The router (eqs. 21-22). The affinities u^T e_i come from matvec (decode) or the prefill's
+// product; then one warp per token takes dsv2.c's moe_route step by step: softmax, the
+// topk_group best groups (device-limited routing), the top K_r experts, each choice a warp-wide
+// argmax with the lowest index winning ties, so the GPU picks the same experts as the CPU.
+// (A first version did all of this in one block with thread 0 running the loops: 51 us a layer.)
+__device__ __forceinline__ void warp_argmax(float *v, int *i) {  // over the lanes' (v, i) pairs
+    for (int o = 16; o > 0; o >>= 1) {
+        float v2 = __shfl_xor_sync(0xffffffffu, *v, o);
+        int i2 = __shfl_xor_sync(0xffffffffu, *i, o);
+        if (v2 > *v || (v2 == *v && i2 < *i)) { *v = v2; *i = i2; }
     }
-    __syncthreads();
-    if (threadIdx.x != 0) return;
-    float max = scores[0], sum = 0.0f;                    // eq. (22) softmax
-    for (int i = 1; i < E; i++) if (scores[i] > max) max = scores[i];
-    for (int i = 0; i < E; i++) { scores[i] = expf(scores[i] - max); sum += scores[i]; }
-    for (int i = 0; i < E; i++) scores[i] /= sum;
-    if (method == 1) {  // group_limited_greedy: keep the topk_group groups with the best expert
+}
+__global__ void moe_route_kernel(int *topk_idx, float *topk_w, const float *logits, int E, int K, int method,
+                                 int n_group, int topk_group, int norm_topk_prob, float routed_scaling) {
+    extern __shared__ float rs[];
+    float *scores = rs;                            // (E)
+    int *chosen = (int *)(scores + E);             // (E)
+    float *group_score = (float *)(chosen + E);    // (n_group)
+    int *taken = (int *)(group_score + n_group);   // (n_group)
+    int t = blockIdx.x, lane = threadIdx.x;
+    float max = -INFINITY, sum = 0.0f;             // eq. (22) s_i,t = softmax_i(u_t^T e_i)
+    for (int i = lane; i < E; i += 32) { scores[i] = logits[(size_t)t * E + i]; max = fmaxf(max, scores[i]); chosen[i] = 0; }
+    max = warp_max(max);
+    for (int i = lane; i < E; i += 32) { scores[i] = expf(scores[i] - max); sum += scores[i]; }
+    sum = warp_sum(sum);
+    for (int i = lane; i < E; i += 32) scores[i] /= sum;
+    __syncwarp();
+    if (method == 1) {  // group_limited_greedy: a group's score is its best expert's
         int per = E / n_group;
-        for (int g = 0; g < n_group; g++) {
+        for (int g = lane; g < n_group; g += 32) {
             taken[g] = 0;
             group_score[g] = scores[g * per];
-            for (int e = 1; e < per; e++) if (scores[g * per + e] > group_score[g]) group_score[g] = scores[g * per + e];
+            for (int e = 1; e < per; e++) group_score[g] = fmaxf(group_score[g], scores[g * per + e]);
         }
+        __syncwarp();
         for (int k = 0; k < topk_group; k++) {
-            int best = -1;
-            for (int g = 0; g < n_group; g++) if (!taken[g] && (best < 0 || group_score[g] > group_score[best])) best = g;
-            taken[best] = 1;
+            float v = -INFINITY; int best = 0x7fffffff;
+            for (int g = lane; g < n_group; g += 32)
+                if (!taken[g] && (group_score[g] > v || best == 0x7fffffff)) { v = group_score[g]; best = g; }
+            warp_argmax(&v, &best);
+            if (lane == 0) taken[best] = 1;
+            __syncwarp();
         }
-        for (int i = 0; i < E; i++) if (!taken[i / per]) scores[i] = 0.0f;  // dropped groups count as 0
+        for (int i = lane; i < E; i += 32) if (!taken[i / per]) scores[i] = 0.0f;  // dropped groups count as 0
+        __syncwarp();
     }
-    for (int i = 0; i < E; i++) chosen[i] = 0;
     float wsum = 0.0f;
-    for (int k = 0; k < K; k++) {                          // eq. (21) top K_r
-        int best = -1;
-        for (int i = 0; i < E; i++) if (!chosen[i] && (best < 0 || scores[i] > scores[best])) best = i;
-        chosen[best] = 1;
-        topk_idx[t * K + k] = best;
-        topk_w[t * K + k] = scores[best];
-        wsum += scores[best];
+    for (int k = 0; k < K; k++) {                  // eq. (21) g_i,t: the top K_r
+        float v = -INFINITY; int best = 0x7fffffff;
+        for (int i = lane; i < E; i += 32)
+            if (!chosen[i] && (scores[i] > v || best == 0x7fffffff)) { v = scores[i]; best = i; }
+        warp_argmax(&v, &best);
+        if (lane == 0) { chosen[best] = 1; topk_idx[t * K + k] = best; topk_w[t * K + k] = v; }
+        wsum += v;
+        __syncwarp();
     }
-    for (int k = 0; k < K; k++) {
-        if (norm_topk_prob && K > 1) topk_w[t * K + k] /= wsum + 1e-20f;
-        else topk_w[t * K + k] *= routed_scaling;
+    if (lane < K) {
+        if (norm_topk_prob && K > 1) topk_w[t * K + lane] /= wsum + 1e-20f;
+        else topk_w[t * K + lane] *= routed_scaling;
     }
 }
 static void moe_route_forward(int *topk_idx, float *topk_w, const float *u, const bf16 *gate, int T) {
     const Config *c = &gpu.c;
+    if (T == 1) matvec_forward(gpu.route_logits, u, gate, c->dim, c->n_routed_experts, NULL);
+    else gemm_forward(gpu.route_logits, u, gate, T, c->dim, c->n_routed_experts, 0.0f);
     size_t smem = (2 * (size_t)c->n_routed_experts + 2 * c->n_group) * 4;
-    moe_route_kernel<<<T, 256, smem, gpu.stream>>>(topk_idx, topk_w, u, gate, c->dim, c->n_routed_experts,
-                                                   c->n_experts_per_tok, c->topk_method, c->n_group, c->topk_group,
-                                                   c->norm_topk_prob, c->routed_scaling_factor);
+    moe_route_kernel<<<T, 32, smem, gpu.stream>>>(topk_idx, topk_w, gpu.route_logits, c->n_routed_experts,
+                                                  c->n_experts_per_tok, c->topk_method, c->n_group, c->topk_group,
+                                                  c->norm_topk_prob, c->routed_scaling_factor);
     launchCheck();
 }
 
@@ -686,6 +700,7 @@ static void gpu_init(const Model *m, int seq_len) {
     g->hb = dev_floats((size_t)c->n_experts_per_tok * mi); g->hb_shared = dev_floats(g->ffn_max);
     g->logits = dev_floats(c->vocab_size);
     g->topk_idx = dev_ints(c->n_experts_per_tok); g->topk_w = dev_floats(c->n_experts_per_tok);
+    g->route_logits = dev_floats((size_t)PF_MAX * c->n_routed_experts);
     // split the sequence so that a full context gives about one block per multiprocessor
     g->dec_chunk = ceil_div(ceil_div(seq_len, g->n_sm), MLA_TILE) * MLA_TILE;
     g->dec_splits = ceil_div(seq_len, g->dec_chunk);
@@ -788,7 +803,7 @@ static void prefill_alloc(void) {
     gpu.G = dev_floats(ffn); gpu.U = dev_floats(ffn); gpu.H = dev_floats(ffn);
     gpu.Y = dev_floats(T * K * dim); gpu.XG = dev_floats(T * K * dim);
     size_t q_in = c->q_lora_rank ? c->q_lora_rank : dim, biggest = (size_t)H * gpu.qk_head * q_in;
-    size_t sizes[] = {(size_t)c->q_lora_rank * dim, (size_t)gpu.W * dim, dim * H * c->v_head_dim,
+    size_t sizes[] = {(size_t)c->q_lora_rank * dim, (size_t)c->n_routed_experts * dim, (size_t)gpu.W * dim, dim * H * c->v_head_dim,
                       (size_t)gpu.ffn_max * dim, mi * dim};
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) if (sizes[i] > biggest) biggest = sizes[i];
     gpu.wscratch = dev_floats(biggest);
