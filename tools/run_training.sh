@@ -59,7 +59,7 @@ collect() {  # $1 = run dir
   mkdir -p "$COLLECT/hf"
   cp "$r/hf/config.json" "$r/hf/model.safetensors" "$r/hf/tokenizer.json" "$r/hf/tokenizer_config.json" "$COLLECT/hf/"
   cp "$r/loss_curves.png" "$r/expert_load.png" "$COLLECT/" 2>/dev/null || true
-  (cd "$r" && tar -czf "$COLLECT/results.tar.gz" metrics.json train_log.csv samples.txt golden \
+  (cd "$r" && tar -czf "$COLLECT/results.tar.gz" metrics.json train_log.csv samples.txt golden golden_txt \
       tokenizer/tokenizer_stats.json run_*.log 2>/dev/null || true)
   ls -la "$COLLECT" "$COLLECT/hf"
 }
