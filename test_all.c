@@ -434,8 +434,10 @@ static void test_fixture_logits(const char *name, const char *dtype, AttnForm fo
     }
     check(worst < 1e-4, "%s %s %s: logits of %d positions vs transformers (float64): max rel err %.2e at pos %d (< 1e-4)",
           name, dtype, form_name, n_total, worst, worst_pos);
+    char where[64] = "";
+    if (first_bad >= 0) snprintf(where, sizeof(where), " (first mismatch: generated token %d)", first_bad);
     check(greedy_ok == greedy->n, "%s %s %s: argmax at each position matches transformers' greedy token %d/%d%s", name, dtype, form_name,
-          greedy_ok, greedy->n, first_bad >= 0 ? " " : "");
+          greedy_ok, greedy->n, where);
     runstate_free(&s);
     model_free(&m);
     free(ref);
