@@ -42,11 +42,108 @@ static double decode_bytes(const Config *c, long n_ctx) {
     return total * 2 + (double)c->n_layers * n_ctx * W * 4;  // bf16 weights, float32 cache
 }
 
+// 3. copy bandwidth: device-to-device memcpy of 1 GiB, bytes read + written
+static double bench_copy_bandwidth(void) {
+    cudaEvent_t e0, e1;
+    cudaCheck(cudaEventCreate(&e0));
+    cudaCheck(cudaEventCreate(&e1));
+    float ms;
+    double copy_gbs;
+    size_t n = (size_t)1 << 30;
+    void *a, *b;
+    cudaCheck(cudaMalloc(&a, n));
+    cudaCheck(cudaMalloc(&b, n));
+    cudaCheck(cudaMemset(a, 1, n));
+    std::vector<double> t;
+    for (int i = 0; i < 13; i++) {
+        cudaCheck(cudaEventRecord(e0, gpu.stream));
+        cudaCheck(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, gpu.stream));
+        cudaCheck(cudaEventRecord(e1, gpu.stream));
+        cudaCheck(cudaEventSynchronize(e1));
+        cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+        if (i >= 3) t.push_back(ms);
+    }
+    copy_gbs = 2.0 * n / (median(t) * 1e-3) / 1e9;
+    printf("BENCH copy_bandwidth_GBps %.1f\n", copy_gbs);
+    cudaCheck(cudaFree(a));
+    cudaCheck(cudaFree(b));
+    return copy_gbs;
+}
+
+// 6. the MLA decode kernel alone: B sequences of L rows, the model's heads, own cache each
+static void bench_mla_kernel(const Config *c, int ctx_max, double copy_gbs, uint64_t *rng_state) {
+    cudaEvent_t e0, e1;
+    cudaCheck(cudaEventCreate(&e0));
+    cudaCheck(cudaEventCreate(&e1));
+    float ms;
+    uint64_t rng = *rng_state;
+    int B = 64, L = ctx_max, H = c->n_heads, W = gpu.W, d_c = c->kv_lora_rank, n_split = ceil_div(L, 256);
+    float *cache = dev_floats((size_t)B * L * W);
+    float *q = dev_floats((size_t)B * H * W), *o = dev_floats((size_t)B * H * d_c);
+    float *po = gpu.part_o, *pml = gpu.part_ml;  // the attention's partial results: make room for B sequences
+    gpu.part_o = dev_floats((size_t)B * n_split * ceil_div(H, MLA_HEADS) * MLA_HEADS * d_c);
+    gpu.part_ml = dev_floats((size_t)B * n_split * ceil_div(H, MLA_HEADS) * MLA_HEADS * 2);
+    int *lens = dev_ints(B);
+    std::vector<int> hl(B, L);
+    cudaCheck(cudaMemcpy(lens, hl.data(), B * sizeof(int), cudaMemcpyHostToDevice));
+    fill_random(cache, (size_t)B * L * W, 99, 1.0f);
+    std::vector<float> hq((size_t)B * H * W);
+    for (auto &v : hq) v = (random_f32(&rng) * 2 - 1) * 0.1f;
+    cudaCheck(cudaMemcpy(q, hq.data(), hq.size() * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemset(o, 0xff, (size_t)B * H * d_c * 4));  // poison: NaN unless written
+    double scale = gpu.softmax_scale;
+    std::vector<double> t;
+    for (int i = 0; i < 23; i++) {
+        cudaCheck(cudaEventRecord(e0, gpu.stream));
+        mla_attention_forward(o, q, cache, (size_t)L * W, lens, NULL, 0, B, n_split);
+        cudaCheck(cudaEventRecord(e1, gpu.stream));
+        cudaCheck(cudaEventSynchronize(e1));
+        cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+        if (i >= 3) t.push_back(ms);
+    }
+    double bytes = (double)B * L * W * 4, gbs = bytes / (median(t) * 1e-3) / 1e9;
+    // check two sequences against a float64 reference
+    std::vector<float> hc((size_t)L * W);
+    std::vector<float> ho((size_t)B * H * d_c);
+    cudaCheck(cudaMemcpy(ho.data(), o, ho.size() * 4, cudaMemcpyDeviceToHost));
+    double worst = 0;
+    for (int b : {0, B - 1}) {
+        cudaCheck(cudaMemcpy(hc.data(), cache + (size_t)b * L * W, hc.size() * 4, cudaMemcpyDeviceToHost));
+        for (int h = 0; h < H; h++) {
+            const float *qh = hq.data() + ((size_t)b * H + h) * W;
+            std::vector<double> sc(L), ref(d_c, 0.0);
+            double mx = -1e300, sum = 0;
+            for (int j = 0; j < L; j++) {
+                double d = 0;
+                for (int k = 0; k < W; k++) d += (double)qh[k] * hc[(size_t)j * W + k];
+                sc[j] = d * scale; mx = fmax(mx, sc[j]);
+            }
+            for (int j = 0; j < L; j++) { sc[j] = exp(sc[j] - mx); sum += sc[j]; }
+            for (int j = 0; j < L; j++) for (int k = 0; k < d_c; k++) ref[k] += sc[j] / sum * hc[(size_t)j * W + k];
+            double dm = 0, rm = 0;
+            for (int k = 0; k < d_c; k++) {
+                double g = ho[((size_t)b * H + h) * d_c + k];
+                dm = std::isnan(g) ? 1e30 : fmax(dm, fabs(g - ref[k])); rm = fmax(rm, fabs(ref[k]));
+            }
+            worst = fmax(worst, dm / rm);
+        }
+    }
+    // float32 accuracy expected (3xTF32 on the tensor cores): 1e-5 is well above float32 rounding, far below tf32's ~1e-3
+    printf("BENCH check_mla_kernel_vs_float64 max_rel_err %.3e %s\n", worst, worst < 1e-5 ? "OK" : "NOT OK");
+    printf("BENCH mla_kernel batch %d ctx %d heads %d ms %.3f GBps %.1f ratio_to_copy %.3f\n", B, L, H, median(t), gbs,
+           gbs / copy_gbs);
+    cudaCheck(cudaFree(gpu.part_o)); cudaCheck(cudaFree(gpu.part_ml));
+    cudaCheck(cudaFree(cache)); cudaCheck(cudaFree(q)); cudaCheck(cudaFree(o)); cudaCheck(cudaFree(lens));
+    gpu.part_o = po; gpu.part_ml = pml;
+}
+
 static int bench_main(int argc, char **argv) {
     const char *path = argv[0];
-    int check_tokens = 4, ctx_max = 8192, prompt = 2048;
+    int check_tokens = 4, ctx_max = 8192, prompt = 2048, decode_only = 0, mla_only = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--check")) check_tokens = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--decode-only")) decode_only = atoi(argv[i + 1]);  // N graph replays, nothing else (for ncu)
+        else if (!strcmp(argv[i], "--mla-only")) mla_only = atoi(argv[i + 1]);        // the MLA kernel benchmark alone
         else if (!strcmp(argv[i], "--ctx")) ctx_max = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--prompt")) prompt = atoi(argv[i + 1]);
         else die("--bench: unknown option %s", argv[i]);
@@ -64,6 +161,17 @@ static int bench_main(int argc, char **argv) {
     uint64_t rng = 12345;
     std::vector<int> ids(prompt);
     for (int i = 0; i < prompt; i++) ids[i] = (int)(random_u32(&rng) % c->vocab_size);
+    if (decode_only || mla_only) forward_gpu(&m, &s, ids[0], 0, ATTN_ABSORBED);  // sets the GPU up
+    if (decode_only) {  // the decode step alone at context ctx_max, for a profiler
+        fill_random(gpu.kv_cache, (size_t)c->n_layers * gpu.seq_len * gpu.W, 777, 1.0f);
+        for (int i = 0; i < decode_only; i++) decode_launch(ids[i % prompt], ctx_max);
+        cudaCheck(cudaStreamSynchronize(gpu.stream));
+        return 0;
+    }
+    if (mla_only) {
+        bench_mla_kernel(c, ctx_max, bench_copy_bandwidth(), &rng);
+        return 0;
+    }
 
     // 1. GPU decode vs dsv2.c's CPU forward on this model, check_tokens positions
     {
@@ -83,47 +191,33 @@ static int bench_main(int argc, char **argv) {
                worst < 1e-4 ? "OK" : "NOT OK");
         runstate_free(&sc);
     }
-    // 2. prefill vs decode: logits of the last of 128 prompt tokens both ways
+    // 2. prefill vs decode: logits of the last of 128 prompt tokens both ways; the prefill with the
+    //    padded expert layout (the default) and with the compact one (the fallback for uneven routing)
     {
         int n = 128;
         std::vector<float> a(c->vocab_size), b(c->vocab_size);
         for (int p = 0; p < n; p++) forward_gpu(&m, &s, ids[p], p, ATTN_ABSORBED);
         memcpy(a.data(), s.logits, c->vocab_size * sizeof(float));
-        prefill_gpu(&m, &s, ids.data(), n - 1, 0, ATTN_ABSORBED);
-        memcpy(b.data(), forward_gpu(&m, &s, ids[n - 1], n - 1, ATTN_ABSORBED), c->vocab_size * sizeof(float));
-        double e = rel_err_f(b.data(), a.data(), c->vocab_size);
-        printf("BENCH check_prefill_vs_decode tokens %d max_rel_err %.3e argmax_same %d %s\n", n, e,
-               sample_argmax(a.data(), c->vocab_size) == sample_argmax(b.data(), c->vocab_size), e < 1e-4 ? "OK" : "NOT OK");
+        for (int compact = 0; compact <= 1; compact++) {
+            gpu.pf_compact = compact;
+            prefill_gpu(&m, &s, ids.data(), n - 1, 0, ATTN_ABSORBED);
+            memcpy(b.data(), forward_gpu(&m, &s, ids[n - 1], n - 1, ATTN_ABSORBED), c->vocab_size * sizeof(float));
+            double e = rel_err_f(b.data(), a.data(), c->vocab_size);
+            printf("BENCH check_prefill%s_vs_decode tokens %d max_rel_err %.3e argmax_same %d %s\n", compact ? "_compact" : "",
+                   n, e, sample_argmax(a.data(), c->vocab_size) == sample_argmax(b.data(), c->vocab_size),
+                   e < 1e-4 ? "OK" : "NOT OK");
+        }
+        gpu.pf_compact = 0;
     }
     fflush(stdout);
     cudaEvent_t e0, e1;
     cudaCheck(cudaEventCreate(&e0));
     cudaCheck(cudaEventCreate(&e1));
     float ms;
-    // 3. copy bandwidth: device-to-device memcpy of 1 GiB, bytes read + written
-    double copy_gbs;
-    {
-        size_t n = (size_t)1 << 30;
-        void *a, *b;
-        cudaCheck(cudaMalloc(&a, n));
-        cudaCheck(cudaMalloc(&b, n));
-        cudaCheck(cudaMemset(a, 1, n));
-        std::vector<double> t;
-        for (int i = 0; i < 13; i++) {
-            cudaCheck(cudaEventRecord(e0, gpu.stream));
-            cudaCheck(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, gpu.stream));
-            cudaCheck(cudaEventRecord(e1, gpu.stream));
-            cudaCheck(cudaEventSynchronize(e1));
-            cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
-            if (i >= 3) t.push_back(ms);
-        }
-        copy_gbs = 2.0 * n / (median(t) * 1e-3) / 1e9;
-        printf("BENCH copy_bandwidth_GBps %.1f\n", copy_gbs);
-        cudaCheck(cudaFree(a));
-        cudaCheck(cudaFree(b));
-    }
-    // 4. prefill of `prompt` tokens (a warm-up pass first)
-    {
+    double copy_gbs = bench_copy_bandwidth();
+    // 4. prefill of `prompt` tokens (a warm-up pass first); padded expert layout, then compact (one product per expert)
+    for (int compact = 0; compact <= 1; compact++) {
+        gpu.pf_compact = compact;
         prefill_gpu(&m, &s, ids.data(), 256, 0, ATTN_ABSORBED);
         std::vector<double> t;
         for (int r = 0; r < 3; r++) {
@@ -132,81 +226,38 @@ static int bench_main(int argc, char **argv) {
             prefill_gpu(&m, &s, ids.data(), prompt, 0, ATTN_ABSORBED);
             t.push_back(now_s() - t0);
         }
-        printf("BENCH prefill tokens %d seconds %.4f tok_per_s %.1f\n", prompt, median(t), prompt / median(t));
+        printf("BENCH prefill%s tokens %d seconds %.4f tok_per_s %.1f\n", compact ? "_compact" : "", prompt, median(t),
+               prompt / median(t));
     }
-    // 5. decode at contexts 512 and ctx_max: the cache filled with random latents, graph replays timed
+    gpu.pf_compact = 0;
+    // 5. decode at contexts 512 and ctx_max: the cache filled with random latents, graph replays timed;
+    //    with programmatic dependent launch (the default) and without (DSV2_NO_PDL), same process
     int ctxs[2] = {512, ctx_max};
+    int pdl_default = gpu.pdl;
     for (int ci = 0; ci < 2; ci++) {
         int n_ctx = ctxs[ci];
         fill_random(gpu.kv_cache, (size_t)c->n_layers * gpu.seq_len * gpu.W, 777 + ci, 1.0f);
-        std::vector<double> t;
-        for (int i = 0; i < 60; i++) {
-            cudaCheck(cudaEventRecord(e0, gpu.stream));
-            decode_launch(ids[i % prompt], n_ctx);  // attends over n_ctx + 1 rows
-            cudaCheck(cudaEventRecord(e1, gpu.stream));
-            cudaCheck(cudaEventSynchronize(e1));
-            cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
-            if (i >= 10) t.push_back(ms);
-        }
-        double sec = median(t) * 1e-3, bytes = decode_bytes(c, n_ctx + 1);
-        printf("BENCH decode ctx %d ms %.3f tok_per_s %.1f bytes %.0f roofline_tok_per_s %.1f ratio %.3f\n", n_ctx,
-               sec * 1e3, 1 / sec, bytes, copy_gbs * 1e9 / bytes, (bytes / sec) / (copy_gbs * 1e9));
-        fflush(stdout);
-    }
-    // 6. the MLA decode kernel alone: B sequences of L rows, the model's heads, own cache each
-    {
-        int B = 64, L = ctx_max, H = c->n_heads, W = gpu.W, d_c = c->kv_lora_rank, chunk = 256, n_split = ceil_div(L, chunk);
-        float *cache = dev_floats((size_t)B * L * W);
-        float *q = dev_floats((size_t)B * H * W), *o = dev_floats((size_t)B * H * d_c);
-        float *po = dev_floats((size_t)B * n_split * H * d_c), *pml = dev_floats((size_t)B * n_split * H * 2);
-        int *lens = dev_ints(B);
-        std::vector<int> hl(B, L);
-        cudaCheck(cudaMemcpy(lens, hl.data(), B * sizeof(int), cudaMemcpyHostToDevice));
-        fill_random(cache, (size_t)B * L * W, 99, 1.0f);
-        std::vector<float> hq((size_t)B * H * W);
-        for (auto &v : hq) v = (random_f32(&rng) * 2 - 1) * 0.1f;
-        cudaCheck(cudaMemcpy(q, hq.data(), hq.size() * 4, cudaMemcpyHostToDevice));
-        cudaCheck(cudaMemset(o, 0xff, (size_t)B * H * d_c * 4));  // poison: NaN unless written
-        float scale = gpu.softmax_scale;
-        std::vector<double> t;
-        for (int i = 0; i < 23; i++) {
-            cudaCheck(cudaEventRecord(e0, gpu.stream));
-            mla_decode_forward(o, q, cache, (size_t)L * W, lens, NULL, 0, B, H, W, d_c, chunk, n_split, scale, po, pml);
-            cudaCheck(cudaEventRecord(e1, gpu.stream));
-            cudaCheck(cudaEventSynchronize(e1));
-            cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
-            if (i >= 3) t.push_back(ms);
-        }
-        double bytes = (double)B * L * W * 4, gbs = bytes / (median(t) * 1e-3) / 1e9;
-        // check two sequences against a float64 reference
-        std::vector<float> hc((size_t)L * W);
-        std::vector<float> ho((size_t)B * H * d_c);
-        cudaCheck(cudaMemcpy(ho.data(), o, ho.size() * 4, cudaMemcpyDeviceToHost));
-        double worst = 0;
-        for (int b : {0, B - 1}) {
-            cudaCheck(cudaMemcpy(hc.data(), cache + (size_t)b * L * W, hc.size() * 4, cudaMemcpyDeviceToHost));
-            for (int h = 0; h < H; h++) {
-                const float *qh = hq.data() + ((size_t)b * H + h) * W;
-                std::vector<double> sc(L), ref(d_c, 0.0);
-                double mx = -1e300, sum = 0;
-                for (int j = 0; j < L; j++) {
-                    double d = 0;
-                    for (int k = 0; k < W; k++) d += (double)qh[k] * hc[(size_t)j * W + k];
-                    sc[j] = d * scale; mx = fmax(mx, sc[j]);
-                }
-                for (int j = 0; j < L; j++) { sc[j] = exp(sc[j] - mx); sum += sc[j]; }
-                for (int j = 0; j < L; j++) for (int k = 0; k < d_c; k++) ref[k] += sc[j] / sum * hc[(size_t)j * W + k];
-                double dm = 0, rm = 0;
-                for (int k = 0; k < d_c; k++) {
-                    double g = ho[((size_t)b * H + h) * d_c + k];
-                    dm = std::isnan(g) ? 1e30 : fmax(dm, fabs(g - ref[k])); rm = fmax(rm, fabs(ref[k]));
-                }
-                worst = fmax(worst, dm / rm);
+        for (int pdl = 1; pdl >= 0; pdl--) {
+            gpu.pdl = pdl;
+            decode_graph_build();
+            std::vector<double> t;
+            for (int i = 0; i < 60; i++) {
+                cudaCheck(cudaEventRecord(e0, gpu.stream));
+                decode_launch(ids[i % prompt], n_ctx);  // attends over n_ctx + 1 rows
+                cudaCheck(cudaEventRecord(e1, gpu.stream));
+                cudaCheck(cudaEventSynchronize(e1));
+                cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+                if (i >= 10) t.push_back(ms);
             }
+            double sec = median(t) * 1e-3, bytes = decode_bytes(c, n_ctx + 1);
+            printf("BENCH decode%s ctx %d ms %.3f tok_per_s %.1f bytes %.0f roofline_tok_per_s %.1f ratio %.3f\n",
+                   pdl ? "" : "_no_pdl", n_ctx, sec * 1e3, 1 / sec, bytes, copy_gbs * 1e9 / bytes,
+                   (bytes / sec) / (copy_gbs * 1e9));
+            fflush(stdout);
         }
-        printf("BENCH check_mla_kernel_vs_float64 max_rel_err %.3e %s\n", worst, worst < 1e-3 ? "OK" : "NOT OK");
-        printf("BENCH mla_kernel batch %d ctx %d heads %d ms %.3f GBps %.1f ratio_to_copy %.3f\n", B, L, H, median(t), gbs,
-               gbs / copy_gbs);
     }
+    gpu.pdl = pdl_default;
+    decode_graph_build();
+    bench_mla_kernel(c, ctx_max, copy_gbs, &rng);
     return 0;
 }

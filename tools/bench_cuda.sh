@@ -22,6 +22,37 @@ say "3. random V2-Lite-shaped model ($(df -h --output=avail . | tail -1) free)"
 [ -f "$MODEL" ] || step 180 python3 tools/make_random_model.py "$MODEL" --config-out build/v2lite_cfg
 say "4-7. dsv2cu --bench (checks, copy bandwidth, prefill 2K, decode at 512 and 8K, MLA kernel)"
 step 180 ./dsv2cu --bench "$MODEL" --check 3 --ctx 8192 --prompt 2048
+if [ -n "${PROFILE:-}" ] && command -v ncu >/dev/null; then
+  say "7b. Nsight Compute: each kernel of one decode step at context 512 (kernels timed one by one, serialised)"
+  step 200 ncu --graph-profiling node --cache-control none --clock-control none --metrics gpu__time_duration.sum \
+      --launch-skip 300 --launch-count 300 --csv ./dsv2cu --bench "$MODEL" --decode-only 3 --ctx 512 --prompt 256 > "$OUT/ncu.csv"
+  python3 - "$OUT/ncu.csv" "${MODEL_LAYERS:-27}" <<'PY' | tee -a "$LOG"
+import csv, sys, collections
+rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+head, rows = rows[0], rows[1:]
+k, v = head.index("Kernel Name"), head.index("Metric Value")
+tot, n = collections.defaultdict(float), collections.Counter()
+for r in rows:
+    name = r[k].split("(")[0].split("<")[0].replace("void ", "")
+    tot[name] += float(r[v].replace(",", "")) / 1e3; n[name] += 1
+print("PROFILE kernel | launches | mean us | total us")
+for name in sorted(tot, key=lambda x: -tot[x]):
+    print(f"PROFILE {name} | {n[name]} | {tot[name]/n[name]:.1f} | {tot[name]:.0f}")
+print(f"PROFILE all | {sum(n.values())} | | {sum(tot.values()):.0f}")
+PY
+fi
+if [ -n "${DETAIL:-}" ] && command -v ncu >/dev/null; then
+  say "7c. Nsight Compute details (speed of light, memory, warp stalls) of the decode kernels and the MLA kernel"
+  step 150 ncu --graph-profiling node --kernel-name regex:"moe_down|moe_gate_up|matvec|mla_attention" --launch-skip 12 \
+      --launch-count 6 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+      --section LaunchStats ./dsv2cu --bench "$MODEL" --decode-only 3 --ctx 512 --prompt 256 > "$OUT/ncu_detail.txt"
+  step 120 ncu --kernel-name regex:"mla_attention" --launch-skip 30 --launch-count 1 --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis --section InstructionStats --section SchedulerStats \
+      ./dsv2cu --bench "$MODEL" --mla-only 1 --ctx 8192 --prompt 256 >> "$OUT/ncu_detail.txt"
+  grep -E "^  [a-z_]+_kernel|Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Stall|stalled|Warp Cycles Per|Registers Per|Block Limit|Waves Per SM|Compute \(SM\) Throughput|L2 Hit|Issue Slots Busy|Executed Ipc" "$OUT/ncu_detail.txt" | head -150
+  command -v cuobjdump >/dev/null && cuobjdump -sass dsv2cu > "$OUT/sass_all.txt" 2>&1 && \
+    awk '/Function : .*(moe_down|moe_gate_up|matvec_kernel|mla_attention)/{p=1} /Function : /{if(!($0 ~ /moe_down|moe_gate_up|matvec_kernel|mla_attention/))p=0} p' "$OUT/sass_all.txt" > "$OUT/sass.txt"; rm -f "$OUT/sass_all.txt"
+fi
 say "8. transformers baseline"
 step 150 python3 tools/bench_hf.py build/v2lite_cfg --ctx 512 8192 --prompt 2048
 say "9. table"
@@ -36,17 +67,21 @@ print("| measure | dsv2cu | target / baseline | ratio | note |\n|---|---|---|---
 bw = f(r"BENCH copy_bandwidth_GBps ([\d.]+)")
 print(f"| copy bandwidth (D2D, read+write) | {bw[0] if bw else '?'} GB/s | | | roofline denominator |")
 hf = {int(c): float(t) for c, t in re.findall(r"BENCH hf_decode ctx (\d+) ms [\d.]+ tok_per_s ([\d.]+)", log)}
+nopdl = {int(c): float(t) for c, t in re.findall(r"BENCH decode_no_pdl ctx (\d+) ms [\d.]+ tok_per_s ([\d.]+)", log)}
 for ctx, ms, tps, byt, roof, ratio in re.findall(r"BENCH decode ctx (\d+) ms ([\d.]+) tok_per_s ([\d.]+) bytes ([\d.]+) roofline_tok_per_s ([\d.]+) ratio ([\d.]+)", log):
     r = float(ratio); miss = "" if r >= 0.75 else f"misses 75% by {75 - 100 * r:.0f} points"
     h = hf.get(int(ctx))
     print(f"| decode tok/s, context {ctx} | {float(tps):.1f} | roofline {float(roof):.1f} ({float(byt)/1e9:.2f} GB/token) | {100*r:.0f}% of roofline | {miss} |")
+    if int(ctx) in nopdl: print(f"| decode tok/s, context {ctx}, without PDL (DSV2_NO_PDL=1) | {nopdl[int(ctx)]:.1f} | | {float(tps)/nopdl[int(ctx)]:.2f}x from PDL | |")
     if h: print(f"| decode tok/s vs transformers, context {ctx} | {float(tps):.1f} | transformers {h:.1f} | {float(tps)/h:.1f}x | |")
 m = f(r"BENCH mla_kernel batch (\d+) ctx (\d+) heads (\d+) ms ([\d.]+) GBps ([\d.]+) ratio_to_copy ([\d.]+)")
 if m:
-    r = float(m[5]); miss = "" if r >= 0.8 else f"misses 80% by {80 - 100 * r:.0f} points (see docs/BENCHMARKS.md: not profiled; CUDA cores, no tensor cores)"
+    r = float(m[5]); miss = "" if r >= 0.8 else f"misses 80% by {80 - 100 * r:.0f} points "
     print(f"| MLA decode kernel, {m[0]} seqs x {m[1]} tokens, {m[2]} heads | {m[4]} GB/s ({m[3]} ms) | copy bandwidth | {100*r:.0f}% | {miss} |")
 p = f(r"BENCH prefill tokens (\d+) seconds ([\d.]+) tok_per_s ([\d.]+)")
 hp = f(r"BENCH hf_prefill tokens (\d+) seconds ([\d.]+) tok_per_s ([\d.]+)")
+pc = f(r"BENCH prefill_compact tokens (\d+) seconds ([\d.]+) tok_per_s ([\d.]+)")
+if pc: print(f"| prefill tok/s, {pc[0]}-token prompt, compact expert layout (one product per expert) | {float(pc[2]):.0f} | | | fallback for uneven routing |")
 if p: print(f"| prefill tok/s, {p[0]}-token prompt | {float(p[2]):.0f} | " + (f"transformers {float(hp[2]):.0f} | {float(p[2])/float(hp[2]):.1f}x |" if hp else "| |") + " |")
 print()
 for line in re.findall(r"BENCH check.*|(?:OK    |NOT OK) GPU vs CPU.*|SKIPPED: no GPU.*", log): print("- " + line)
