@@ -15,7 +15,7 @@
  *
  * Keeping float32 accuracy on the tensor cores: the attention runs in 3xTF32 (each float32 operand
  * split in two tf32 parts, three products), the prefill's matrix products in bf16 x 3 (the weights are
- * bf16 already; each activation split in three bf16 parts). The decode step is 10 kernels per MoE
+ * bf16 already; each activation split in three bf16 parts). The decode step is 9 kernels per MoE
  * layer, each launched while the previous one runs (programmatic dependent launch) so that it can
  * stream its weights into L2 early. docs/BENCHMARKS.md has the measurements behind each choice.
  *
@@ -238,6 +238,7 @@ typedef struct {
     // decode activations (one token)
     float *x, *xb, *c_q, *q, *kv_a, *q_lat, *o_lat, *o, *hb, *hb_shared, *logits;
     int *topk_idx; float *topk_w;
+    int *route_ticket;        // blocks of the decode router that have finished (the last one picks the experts)
     float *route_logits;      // (PF_MAX, n_routed_experts) affinities u^T e_i for the router
     float *part_o, *part_ml;  // split-sequence partial results of the attention
     int dec_splits;
@@ -743,18 +744,17 @@ __device__ __forceinline__ void warp_argmax(float *v, int *i) {  // over the lan
         if (v2 > *v || (v2 == *v && i2 < *i)) { *v = v2; *i = i2; }
     }
 }
-__global__ void moe_route_kernel(int *topk_idx, float *topk_w, const float *logits, int E, int K, int method,
-                                 int n_group, int topk_group, int norm_topk_prob, float routed_scaling) {
-    pdl_launch_next();
-    pdl_wait();
-    extern __shared__ float rs[];
+// one warp: the experts of one token from its affinities logits[0..E) (read past L1: another block
+// of the same launch may have written them); rs: 2 E + 2 n_group words of shared memory
+__device__ void route_token(int *topk_idx, float *topk_w, const float *logits, float *rs, int E, int K, int method,
+                            int n_group, int topk_group, int norm_topk_prob, float routed_scaling) {
     float *scores = rs;                            // (E)
     int *chosen = (int *)(scores + E);             // (E)
     float *group_score = (float *)(chosen + E);    // (n_group)
     int *taken = (int *)(group_score + n_group);   // (n_group)
-    int t = blockIdx.x, lane = threadIdx.x;
+    int lane = threadIdx.x & 31;
     float max = -INFINITY, sum = 0.0f;             // eq. (22) s_i,t = softmax_i(u_t^T e_i)
-    for (int i = lane; i < E; i += 32) { scores[i] = logits[(size_t)t * E + i]; max = fmaxf(max, scores[i]); chosen[i] = 0; }
+    for (int i = lane; i < E; i += 32) { scores[i] = __ldcg(logits + i); max = fmaxf(max, scores[i]); chosen[i] = 0; }
     max = warp_max(max);
     for (int i = lane; i < E; i += 32) { scores[i] = expf(scores[i] - max); sum += scores[i]; }
     sum = warp_sum(sum);
@@ -785,20 +785,68 @@ __global__ void moe_route_kernel(int *topk_idx, float *topk_w, const float *logi
         for (int i = lane; i < E; i += 32)
             if (!chosen[i] && (scores[i] > v || best == 0x7fffffff)) { v = scores[i]; best = i; }
         warp_argmax(&v, &best);
-        if (lane == 0) { chosen[best] = 1; topk_idx[t * K + k] = best; topk_w[t * K + k] = v; }
+        if (lane == 0) { chosen[best] = 1; topk_idx[k] = best; topk_w[k] = v; }
         wsum += v;
         __syncwarp();
     }
     if (lane < K) {
-        if (norm_topk_prob && K > 1) topk_w[t * K + lane] /= wsum + 1e-20f;
-        else topk_w[t * K + lane] *= routed_scaling;
+        if (norm_topk_prob && K > 1) topk_w[lane] /= wsum + 1e-20f;
+        else topk_w[lane] *= routed_scaling;
     }
+}
+// the prefill's router: one warp per token
+__global__ void moe_route_kernel(int *topk_idx, float *topk_w, const float *logits, int E, int K, int method,
+                                 int n_group, int topk_group, int norm_topk_prob, float routed_scaling) {
+    pdl_launch_next();
+    pdl_wait();
+    extern __shared__ float rs[];
+    size_t t = blockIdx.x;
+    route_token(topk_idx + t * K, topk_w + t * K, logits + t * E, rs, E, K, method, n_group, topk_group, norm_topk_prob,
+                routed_scaling);
+}
+// the decode step's router in one launch: RMSNorm (kept in xn_out), the affinities u^T e_i one warp
+// per expert, and then the last block to finish (a ticket counter, reset by that block) picks the experts
+__global__ void moe_router_kernel(int *topk_idx, float *topk_w, float *logits, const bf16 *gate, const float *x,
+                                  const float *norm_w, float eps, float *xn_out, int *ticket, int dim, int E, int K,
+                                  int method, int n_group, int topk_group, int norm_topk_prob, float routed_scaling) {
+    pdl_launch_next();
+    extern __shared__ float xs[];  // dim floats, then the router's 2 E + 2 n_group words
+    __shared__ int last;
+    int warps = gridDim.x * (blockDim.x >> 5), lane = threadIdx.x & 31;
+    int r0 = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r0 < E && lane == 0) prefetch_l2(gate + (size_t)r0 * dim, (size_t)dim * sizeof(bf16));
+    pdl_wait();
+    stage_vector(xs, x, norm_w, dim, eps);
+    if (blockIdx.x == 0)
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) xn_out[i] = xs[i];
+    for (int r = r0; r < E; r += warps) {
+        float v = warp_dot(gate + (size_t)r * dim, xs, dim);
+        if (lane == 0) logits[r] = v;
+    }
+    __threadfence();  // this block's affinities are visible device-wide before it takes its ticket
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(ticket, 1) == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!last || threadIdx.x >= 32) return;
+    if (threadIdx.x == 0) *ticket = 0;  // ready for the next layer / step
+    route_token(topk_idx, topk_w, logits, xs + dim, E, K, method, n_group, topk_group, norm_topk_prob, routed_scaling);
 }
 static void moe_route_forward(int *topk_idx, float *topk_w, const float *logits, int T) {
     const Config *c = &gpu.c;
     size_t smem = (2 * (size_t)c->n_routed_experts + 2 * c->n_group) * 4;
     launch(moe_route_kernel, T, 32, smem, topk_idx, topk_w, logits, c->n_routed_experts, c->n_experts_per_tok,
            c->topk_method, c->n_group, c->topk_group, c->norm_topk_prob, c->routed_scaling_factor);
+}
+// decode: x -> xn_out = RMSNorm(x), and the token's experts (eqs. 21-22), in one launch
+static void moe_router_forward(int *topk_idx, float *topk_w, const bf16 *gate, const float *x, const float *norm_w,
+                               float *xn_out) {
+    const Config *c = &gpu.c;
+    int E = c->n_routed_experts;
+    size_t smem = ((size_t)c->dim + 2 * E + 2 * c->n_group) * 4;
+    if (smem > STAGE_MAX_BYTES) die("dsv2cu: hidden size %d is too large for the GPU router", c->dim);
+    launch(moe_router_kernel, ceil_div(E, 8), 256, smem, topk_idx, topk_w, gpu.route_logits, gate, x, norm_w,
+           c->rms_norm_eps, xn_out, gpu.route_ticket, c->dim, E, c->n_experts_per_tok, c->topk_method, c->n_group,
+           c->topk_group, c->norm_topk_prob, c->routed_scaling_factor);
 }
 
 // gate/up/SwiGLU of the decode step, fused, reading only the selected experts' rows. Work item j:
@@ -1090,6 +1138,8 @@ static void gpu_init(const Model *m, int seq_len) {
     g->hb = dev_floats((size_t)c->n_experts_per_tok * mi); g->hb_shared = dev_floats(g->ffn_max);
     g->logits = dev_floats(c->vocab_size);
     g->topk_idx = dev_ints(c->n_experts_per_tok); g->topk_w = dev_floats(c->n_experts_per_tok);
+    g->route_ticket = dev_ints(1);
+    cudaCheck(cudaMemset(g->route_ticket, 0, sizeof(int)));
     g->route_logits = dev_floats((size_t)PF_MAX * c->n_routed_experts);
     // decode attention: up to one block per multiprocessor (mla_chunk sizes the splits from the length)
     g->dec_splits = g->n_sm;
@@ -1101,12 +1151,13 @@ static void gpu_init(const Model *m, int seq_len) {
     cudaCheck(cudaFuncSetAttribute(matvec_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, STAGE_MAX_BYTES));
     cudaCheck(cudaFuncSetAttribute(moe_gate_up_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, STAGE_MAX_BYTES));
     cudaCheck(cudaFuncSetAttribute(moe_down_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, STAGE_MAX_BYTES));
+    cudaCheck(cudaFuncSetAttribute(moe_router_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, STAGE_MAX_BYTES));
     // One L1/shared-memory split for every kernel: the attention needs the largest shared memory, and
     // when neighbouring kernels ask for different splits the multiprocessors reconfigure between them
     // (Nsight Compute: a 17 us attention launch at context 1 with about 1 us of work in it).
     const void *kernels[] = {(const void *)embed_kernel, (const void *)rmsnorm_kernel, (const void *)matvec_kernel,
                              (const void *)mla_prep_kernel, (const void *)mla_attention_kernel,
-                             (const void *)mla_combine_kernel, (const void *)v_up_kernel, (const void *)moe_route_kernel,
+                             (const void *)mla_combine_kernel, (const void *)v_up_kernel, (const void *)moe_route_kernel, (const void *)moe_router_kernel,
                              (const void *)moe_gate_up_kernel, (const void *)moe_down_kernel, (const void *)split3_kernel,
                              (const void *)sum3_kernel, (const void *)swiglu_split3_kernel, (const void *)gather_rows_kernel,
                              (const void *)moe_combine_kernel};
@@ -1122,7 +1173,7 @@ static void gpu_init(const Model *m, int seq_len) {
 // ---------------- The forward pass on the GPU: one token (decode), captured as a CUDA graph
 
 // token and pos are read from gpu.step on the device, so the captured graph serves every step.
-// Per MoE layer: 10 kernels (11 with q_lora_rank), each launched while the one before still runs (PDL).
+// Per MoE layer: 9 kernels (10 with q_lora_rank), each launched while the one before still runs (PDL).
 static void decode_step(void) {
     const Config *c = &gpu.c;
     int dim = c->dim, H = c->n_heads, W = gpu.W;
@@ -1146,11 +1197,9 @@ static void decode_step(void) {
         v_up_forward(gpu.o, gpu.o_lat, L->kv_b_proj);                                                // eq. (11) W^UV
         matvec_forward(gpu.x, L->o_proj, dim, NULL, NULL, 0, gpu.o, H * c->v_head_dim, NULL, NULL, gpu.x);  // (19) + residual
         int K = 0;
-        if (L->is_moe) {  // RMSNorm and the router's affinities in one launch (xb keeps the norm), then the top-k
+        if (L->is_moe) {  // RMSNorm, the router's affinities and the top-k in one launch (xb keeps the norm)
             K = c->n_experts_per_tok;
-            matvec_forward(gpu.route_logits, L->gate, c->n_routed_experts, NULL, NULL, 0, gpu.x, dim,
-                           L->post_attention_layernorm, gpu.xb, NULL);
-            moe_route_forward(gpu.topk_idx, gpu.topk_w, gpu.route_logits, 1);                        // eqs. (21)-(22)
+            moe_router_forward(gpu.topk_idx, gpu.topk_w, L->gate, gpu.x, L->post_attention_layernorm, gpu.xb);  // (21)-(22)
         } else {
             rmsnorm_forward(gpu.xb, gpu.x, L->post_attention_layernorm, dim, 1);
         }
