@@ -174,6 +174,7 @@ template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile(
 // x = hi + lo with hi = tf32(x), lo = tf32(x - hi) keeps 22, and
 //   a b = a_hi b_hi + a_hi b_lo + a_lo b_hi   (+ a_lo b_lo, about 2^-22 |a b|, dropped)
 // is three tensor-core products with float32 accumulation. One tf32 product alone would err by ~1e-3.
+//
 // tf32(x), rounded to nearest (ties away from zero) on the bits: add half a tf32 unit of the 13 dropped
 // mantissa bits, then clear them. Two integer instructions; cvt.rna.tf32.f32 compiles to about six on sm_90
 // (Nsight Compute: the splits were most of the attention kernel's instructions). Finite x only.
@@ -372,8 +373,8 @@ static void rmsnorm_forward(float *out, const float *x, const float *w, int n, i
 //   input norm_w ? RMSNorm(x) * norm_w : x. Each block normalises x (n floats, in L2) into its own
 //   shared memory, so no separate norm kernel runs; block 0 also stores it in xn_out when given.
 //   residual: out1[r] = residual[r] + W1[r,:] . x  (residual == out1 fuses the residual add)
-// At most 4 blocks per multiprocessor, warps striding over the rows (lm_head: 24 rows a warp),
-// so few blocks repeat the norm. Before waiting for the previous kernel, each warp prefetches its
+// One wave of blocks (as many as fit at once), warps striding over the rows, two at a time (lm_head:
+// about 50 rows a warp), so few blocks repeat the norm. Before waiting for the previous kernel, each warp prefetches its
 // first weight row into L2.
 __device__ __forceinline__ const bf16 *matvec_row(int r, const bf16 *W1, int d1, const bf16 *W2, int d2, int n) {
     return r < d1 ? W1 + (size_t)r * n : r < d1 + d2 ? W2 + (size_t)(r - d1) * n : NULL;
@@ -732,8 +733,8 @@ static void v_up_forward(float *o, const float *o_lat, const bf16 *kv_b) {
            c->qk_nope_head_dim, c->v_head_dim);
 }
 
-// The router (eqs. 21-22). The affinities u^T e_i come from matvec (decode) or the prefill's
-// product; then one warp per token takes dsv2.c's moe_route step by step: softmax, the
+// The router (eqs. 21-22). The affinities u^T e_i come from moe_router_kernel (decode) or the
+// prefill's product; then one warp per token takes dsv2.c's moe_route step by step: softmax, the
 // topk_group best groups (device-limited routing), the top K_r experts, each choice a warp-wide
 // argmax with the lowest index winning ties, so the GPU picks the same experts as the CPU.
 // (A first version did all of this in one block with thread 0 running the loops: 51 us a layer.)
