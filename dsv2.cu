@@ -371,7 +371,7 @@ static void rmsnorm_forward(float *out, const float *x, const float *w, int n, i
 // Matrix-vector products of the decode step, one warp per output row, the RMSNorm before them fused:
 //   rows [0, d1) of W1 into out1, rows [d1, d1 + d2) of W2 into out2 (q and kv_a share their input);
 //   input norm_w ? RMSNorm(x) * norm_w : x. Each block normalises x (n floats, in L2) into its own
-//   shared memory, so no separate norm kernel runs; block 0 also stores it in xn_out when given.
+//   shared memory, so no separate norm kernel runs.
 //   residual: out1[r] = residual[r] + W1[r,:] . x  (residual == out1 fuses the residual add)
 // One wave of blocks (as many as fit at once), warps striding over the rows, two at a time (lm_head:
 // about 50 rows a warp), so few blocks repeat the norm. Before waiting for the previous kernel, each warp prefetches its
@@ -380,7 +380,7 @@ __device__ __forceinline__ const bf16 *matvec_row(int r, const bf16 *W1, int d1,
     return r < d1 ? W1 + (size_t)r * n : r < d1 + d2 ? W2 + (size_t)(r - d1) * n : NULL;
 }
 __global__ void matvec_kernel(float *out1, const bf16 *W1, int d1, float *out2, const bf16 *W2, int d2, const float *x,
-                              int n, const float *norm_w, float eps, float *xn_out, const float *residual) {
+                              int n, const float *norm_w, float eps, const float *residual) {
     pdl_launch_next();
     extern __shared__ float xs[];
     int warps = gridDim.x * (blockDim.x >> 5), lane = threadIdx.x & 31;
@@ -391,8 +391,6 @@ __global__ void matvec_kernel(float *out1, const bf16 *W1, int d1, float *out2, 
     const float *xv = x;
     if ((size_t)n * sizeof(float) <= STAGE_MAX_BYTES) {  // norm_w requires it (matvec_forward checks)
         stage_vector(xs, x, norm_w, n, eps);
-        if (xn_out && blockIdx.x == 0)
-            for (int i = threadIdx.x; i < n; i += blockDim.x) xn_out[i] = xs[i];
         xv = xs;
     }
     for (int r = r0; r < d1 + d2; r += 2 * warps) {  // rows r and r + warps together when both exist
@@ -408,7 +406,7 @@ __global__ void matvec_kernel(float *out1, const bf16 *W1, int d1, float *out2, 
     }
 }
 static void matvec_forward(float *out1, const bf16 *W1, int d1, float *out2, const bf16 *W2, int d2, const float *x,
-                           int n, const float *norm_w, float *xn_out, const float *residual) {
+                           int n, const float *norm_w, const float *residual) {
     static int wave = 0;
     if (!wave) wave = one_wave(matvec_kernel, 256, 16384);
     size_t smem = (size_t)n * sizeof(float);
@@ -418,7 +416,7 @@ static void matvec_forward(float *out1, const bf16 *W1, int d1, float *out2, con
     }
     int blocks = std::min(ceil_div(d1 + d2, 8), wave);
     launch(matvec_kernel, blocks, 256, smem, out1, W1, d1, out2, W2, d2, x, n, norm_w,
-           gpu.c.rms_norm_eps, xn_out, residual);
+           gpu.c.rms_norm_eps, residual);
 }
 
 // this position's RoPE angle i, as dsv2.c's rope_position: cos/sin of (float)pos * inv_freq[i], times mscale
@@ -960,17 +958,21 @@ static void moe_down_forward(float *x, const GpuLayer *L, const int *idx, const 
 // bf16 product with float32 accumulation gives W x1, W x2, W x3, and their sum is W x to float32
 // accuracy at tensor-core speed. (A plain bf16 product moved the CPU/GPU greedy text apart.)
 // Layout: a split (T, n) activation is (T, 3, n) bf16; a product of it is (3T, out) float32.
+// v as its three bf16 parts at dst[0], dst[stride], dst[2 * stride]
+__device__ __forceinline__ void store_split3(bf16 *dst, size_t stride, float v) {
+    bf16 p1 = __float2bfloat16_rn(v);
+    float r1 = v - __bfloat162float(p1);
+    bf16 p2 = __float2bfloat16_rn(r1);
+    dst[0] = p1;
+    dst[stride] = p2;
+    dst[2 * stride] = __float2bfloat16_rn(r1 - __bfloat162float(p2));
+}
 __global__ void split3_kernel(bf16 *xs, const float *x, size_t rows, int n) {
     pdl_launch_next();
     pdl_wait();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < rows * n; i += (size_t)gridDim.x * blockDim.x) {
         size_t r = i / n, j = i % n;
-        float v = x[i];
-        bf16 p1 = __float2bfloat16_rn(v);
-        float r1 = v - __bfloat162float(p1);
-        bf16 p2 = __float2bfloat16_rn(r1);
-        bf16 p3 = __float2bfloat16_rn(r1 - __bfloat162float(p2));
-        xs[(r * 3) * n + j] = p1; xs[(r * 3 + 1) * n + j] = p2; xs[(r * 3 + 2) * n + j] = p3;
+        store_split3(xs + (r * 3) * n + j, n, x[i]);
     }
 }
 static void split3_forward(bf16 *xs, const float *x, int T, int n) {
@@ -1000,12 +1002,7 @@ __global__ void swiglu_split3_kernel(bf16 *hs, const float *g3, const float *u3,
         size_t r = i / n, j = i % n;
         float g = (g3[(3 * r) * n + j] + g3[(3 * r + 1) * n + j]) + g3[(3 * r + 2) * n + j];
         float u = (u3[(3 * r) * n + j] + u3[(3 * r + 1) * n + j]) + u3[(3 * r + 2) * n + j];
-        float v = silu_dev(g) * u;
-        bf16 p1 = __float2bfloat16_rn(v);
-        float r1 = v - __bfloat162float(p1);
-        bf16 p2 = __float2bfloat16_rn(r1);
-        bf16 p3 = __float2bfloat16_rn(r1 - __bfloat162float(p2));
-        hs[(r * 3) * n + j] = p1; hs[(r * 3 + 1) * n + j] = p2; hs[(r * 3 + 2) * n + j] = p3;
+        store_split3(hs + (r * 3) * n + j, n, silu_dev(g) * u);
     }
 }
 static void swiglu_split3_forward(bf16 *hs, const float *g3, const float *u3, int rows, int n) {
@@ -1186,17 +1183,16 @@ static void decode_step(void) {
         // RMSNorm, then the query path (eqs. 12-13) and [c^KV ; k^R] (eqs. 9, 15) in one launch
         if (c->q_lora_rank) {
             matvec_forward(gpu.c_q, L->q_a_proj, c->q_lora_rank, gpu.kv_a, L->kv_a_proj_with_mqa, W, gpu.x, dim,
-                           L->input_layernorm, NULL, NULL);
-            matvec_forward(gpu.q, L->q_proj, H * gpu.qk_head, NULL, NULL, 0, gpu.c_q, c->q_lora_rank, L->q_a_layernorm,
-                           NULL, NULL);
+                           L->input_layernorm, NULL);
+            matvec_forward(gpu.q, L->q_proj, H * gpu.qk_head, NULL, NULL, 0, gpu.c_q, c->q_lora_rank, L->q_a_layernorm, NULL);
         } else {
             matvec_forward(gpu.q, L->q_proj, H * gpu.qk_head, gpu.kv_a, L->kv_a_proj_with_mqa, W, gpu.x, dim,
-                           L->input_layernorm, NULL, NULL);
+                           L->input_layernorm, NULL);
         }
         mla_prep_forward(gpu.q_lat, cache, gpu.q, gpu.kv_a, L->kv_b_proj, L->kv_a_layernorm, pos, 1, 1);  // W^UK absorbed
         mla_attention_forward(gpu.o_lat, gpu.q_lat, cache, 0, NULL, pos, 0, 1, gpu.dec_splits);        // eqs. (17)-(18)
         v_up_forward(gpu.o, gpu.o_lat, L->kv_b_proj);                                                // eq. (11) W^UV
-        matvec_forward(gpu.x, L->o_proj, dim, NULL, NULL, 0, gpu.o, H * c->v_head_dim, NULL, NULL, gpu.x);  // (19) + residual
+        matvec_forward(gpu.x, L->o_proj, dim, NULL, NULL, 0, gpu.o, H * c->v_head_dim, NULL, gpu.x);  // (19) + residual
         int K = 0;
         if (L->is_moe) {  // RMSNorm, the router's affinities and the top-k in one launch (xb keeps the norm)
             K = c->n_experts_per_tok;
@@ -1207,7 +1203,7 @@ static void decode_step(void) {
         moe_gate_up_forward(gpu.hb, gpu.hb_shared, gpu.xb, L, gpu.topk_idx, K);  // routed and shared, one launch
         moe_down_forward(gpu.x, L, gpu.topk_idx, gpu.topk_w, gpu.hb, K, gpu.hb_shared);  // eq. (20) + residual
     }
-    matvec_forward(gpu.logits, gpu.lm_head, c->vocab_size, NULL, NULL, 0, gpu.x, dim, gpu.norm, NULL, NULL);
+    matvec_forward(gpu.logits, gpu.lm_head, c->vocab_size, NULL, NULL, 0, gpu.x, dim, gpu.norm, NULL);
 }
 
 static void decode_graph_build(void) {
