@@ -623,6 +623,7 @@ mla_attention_kernel(float *part_o, float *part_ml, const float *q_lat, const fl
             float p = ok ? expf(s - m_new) : 0.0f;
             float sum = warp_sum(p);
             split_tf32(p, &p_hi[h * MLA_SP + lane], &p_lo[h * MLA_SP + lane]);
+            __syncwarp();  // every lane has read m_s[h] before lane 0 overwrites it (a shuffle orders no memory)
             if (lane == 0) {
                 float a = expf(m_old - m_new);  // 0 on the first tile (m_old = -inf)
                 a_s[h] = a; l_s[h] = l_s[h] * a + sum; m_s[h] = m_new;
@@ -708,7 +709,11 @@ static void mla_attention_forward(float *o_lat, const float *q_lat, const float 
     int H = c->n_heads, W = gpu.W, d_c = c->kv_lora_rank;
     launch(mla_attention_kernel, dim3(n_split, B, ceil_div(H, MLA_HEADS)), MLA_WARPS * 32, mla_smem_bytes(W), gpu.part_o,
            gpu.part_ml, q_lat, cache, seq_stride, lens, pos0, len_offset, H, W, d_c, n_split, gpu.softmax_scale);
-    launch(mla_combine_kernel, dim3(H, B), 256, n_split * sizeof(float), o_lat, (const float *)gpu.part_o, (const float *)gpu.part_ml, lens,
+    // the split weights' shared memory, rounded up to whole float4s: the combine's loop over the splits is
+    // unrolled by 4 and the compiler may read the weights 16 bytes at a time, also the last 1-3 of them
+    // (compute-sanitizer memcheck reported a 16-byte read of a 4-byte allocation with one split)
+    size_t wgt_bytes = (size_t)ceil_div(n_split, 4) * 4 * sizeof(float);
+    launch(mla_combine_kernel, dim3(H, B), 256, wgt_bytes, o_lat, (const float *)gpu.part_o, (const float *)gpu.part_ml, lens,
            pos0, len_offset, H, d_c, n_split);
 }
 
