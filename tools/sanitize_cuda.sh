@@ -12,6 +12,7 @@
 set -uo pipefail
 OUT=${OUT:-bench_out}
 BIN=${BIN:-./dsv2cu}
+LIMIT=${SANITIZE_TIMEOUT:-300}  # seconds per sanitizer run
 mkdir -p "$OUT"
 if ! command -v compute-sanitizer >/dev/null; then
     echo "SKIPPED: compute-sanitizer not found (install the CUDA toolkit's sanitizer to run this)"; exit 0
@@ -28,7 +29,7 @@ for run in "${runs[@]}"; do
     for tool in memcheck racecheck synccheck; do
         log="$OUT/sanitize_${name}_${tool}.log"
         t0=$(date +%s)
-        timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 99 "$BIN" "$model" -z "$tok" -t 0 -n 6 -i "$prompt" \
+        timeout "$LIMIT" compute-sanitizer --tool "$tool" --error-exitcode 99 "$BIN" "$model" -z "$tok" -t 0 -n 6 -i "$prompt" \
             >"$log" 2>&1
         rc=$?
         # memcheck/synccheck: "ERROR SUMMARY: N errors"; racecheck also "RACECHECK SUMMARY: N hazards displayed"
