@@ -345,8 +345,8 @@ static void mla_attention_forward(float *o_lat, const float *q_lat, const float 
     launch(mla_attention_kernel, dim3(n_split, B, ceil_div(H, MLA_HEADS)), MLA_WARPS * 32, mla_smem_bytes(W), gpu.part_o,
            gpu.part_ml, q_lat, cache, seq_stride, lens, pos0, len_offset, H, W, d_c, n_split, gpu.softmax_scale);
     // the split weights' shared memory, rounded up to whole float4s: the combine's loop over the splits is
-    // unrolled by 4 and the compiler may read the weights 16 bytes at a time, also the last 1-3 of them
-    // (compute-sanitizer memcheck reported a 16-byte read of a 4-byte allocation with one split)
+    // unrolled by 4, and the compiler reads the weights several at a time, the last 1-3 of them too
+    // (compute-sanitizer memcheck: a 12-byte read of the 4-byte allocation of one split, before this)
     size_t wgt_bytes = (size_t)ceil_div(n_split, 4) * 4 * sizeof(float);
     launch(mla_combine_kernel, dim3(H, B), 256, wgt_bytes, o_lat, (const float *)gpu.part_o, (const float *)gpu.part_ml, lens,
            pos0, len_offset, H, d_c, n_split);
