@@ -2,8 +2,8 @@
 # One call on the GPU machine (repo root as cwd): builds, checks the CUDA path against the CPU
 # path, benchmarks dsv2cu and the transformers baseline on a random DeepSeek-V2-Lite-shaped
 # model, prints a table for docs/BENCHMARKS.md. Results and logs under $OUT (default ./bench_out).
-# Step 2b runs dsv2cu under compute-sanitizer (tools/sanitize_cuda.sh); any report makes the
-# script exit 1 (SANITIZE_ONLY=1 stops after it).
+# Step 2b runs dsv2cu under compute-sanitizer (tools/sanitize_cuda.sh, about 50 s; logs in
+# build/sanitize/); any report makes the script exit 1 (SANITIZE_ONLY=1 stops after it).
 # Each step has a timeout so one slow step cannot eat the others; the whole takes < 9 minutes.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -21,7 +21,7 @@ step 150 make -j8 dsv2 test_all dsv2cu build/fixtures/lite.bf16.bin build/fixtur
 say "2. GPU vs CPU (test_all --gpu-only)"
 step 90 ./test_all --gpu-only
 say "2b. compute-sanitizer memcheck, racecheck, synccheck on each fixture (tools/sanitize_cuda.sh)"
-timeout 900 bash tools/sanitize_cuda.sh 2>&1 | tee -a "$LOG"; sanitize_rc=${PIPESTATUS[0]}
+timeout 600 bash tools/sanitize_cuda.sh 2>&1 | tee -a "$LOG"; sanitize_rc=${PIPESTATUS[0]}
 [ -n "${SANITIZE_ONLY:-}" ] && exit $sanitize_rc
 say "3. random V2-Lite-shaped model ($(df -h --output=avail . | tail -1) free)"
 [ -f "$MODEL" ] || step 180 python3 tools/make_random_model.py "$MODEL" --config-out build/v2lite_cfg
