@@ -2,6 +2,8 @@
 # One call on the GPU machine (repo root as cwd): builds, checks the CUDA path against the CPU
 # path, benchmarks dsv2cu and the transformers baseline on a random DeepSeek-V2-Lite-shaped
 # model, prints a table for docs/BENCHMARKS.md. Results and logs under $OUT (default ./bench_out).
+# Step 2b runs dsv2cu under compute-sanitizer (tools/sanitize_cuda.sh, about 50 s; logs in
+# build/sanitize/); any report makes the script exit 1 (SANITIZE_ONLY=1 stops after it).
 # Each step has a timeout so one slow step cannot eat the others; the whole takes < 9 minutes.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -18,6 +20,9 @@ say "1. build"
 step 150 make -j8 dsv2 test_all dsv2cu build/fixtures/lite.bf16.bin build/fixtures/v2.bf16.bin build/fixtures/lite.tok.bin build/fixtures/v2.tok.bin
 say "2. GPU vs CPU (test_all --gpu-only)"
 step 90 ./test_all --gpu-only
+say "2b. compute-sanitizer memcheck, racecheck, synccheck on each fixture (tools/sanitize_cuda.sh)"
+timeout 600 bash tools/sanitize_cuda.sh 2>&1 | tee -a "$LOG"; sanitize_rc=${PIPESTATUS[0]}
+[ -n "${SANITIZE_ONLY:-}" ] && exit $sanitize_rc
 say "3. random V2-Lite-shaped model ($(df -h --output=avail . | tail -1) free)"
 [ -f "$MODEL" ] || step 180 python3 tools/make_random_model.py "$MODEL" --config-out build/v2lite_cfg
 say "4-7. dsv2cu --bench (checks, copy bandwidth, prefill 2K, decode at 512 and 8K, MLA kernel)"
@@ -84,6 +89,7 @@ pc = f(r"BENCH prefill_compact tokens (\d+) seconds ([\d.]+) tok_per_s ([\d.]+)"
 if pc: print(f"| prefill tok/s, {pc[0]}-token prompt, compact expert layout (one product per expert) | {float(pc[2]):.0f} | | | fallback for uneven routing |")
 if p: print(f"| prefill tok/s, {p[0]}-token prompt | {float(p[2]):.0f} | " + (f"transformers {float(hp[2]):.0f} | {float(p[2])/float(hp[2]):.1f}x |" if hp else "| |") + " |")
 print()
-for line in re.findall(r"BENCH check.*|(?:OK    |NOT OK) GPU vs CPU.*|SKIPPED: no GPU.*", log): print("- " + line)
+for line in re.findall(r"BENCH check.*|(?:OK    |NOT OK) GPU vs CPU.*|(?:OK    |NOT OK) sanitize.*|SKIPPED: .*", log): print("- " + line)
 PY
 say "done in $(( $(date +%s) - t_start )) s; results in $OUT/"
+exit $sanitize_rc  # any sanitizer report fails the run
