@@ -40,10 +40,14 @@ build/fixtures/%.tok.bin: tests/fixtures/%/tokenizer.json export.py
 	@mkdir -p build/fixtures
 	$(PYTHON) export.py tests/fixtures/$* --tokenizer $@
 
+# export.py's input checks: malformed and valid variations of the fixtures (test_all runs them)
+build/malformed/cases.txt: tests/make_malformed.py $(wildcard tests/fixtures/*/*.json tests/fixtures/*/*.safetensors)
+	$(PYTHON) tests/make_malformed.py build/malformed
+
 # the tokenizer tests' prerequisites (exported tokenizers, downloads, fuzz)
 include tests/tokenizer.mk
 
-test: dsv2 test_all $(CUDA_TARGETS) $(FIXTURE_MODELS) $(FIXTURE_TOKS) $(TOK_TEST_DEPS)
+test: dsv2 test_all $(CUDA_TARGETS) $(FIXTURE_MODELS) $(FIXTURE_TOKS) $(TOK_TEST_DEPS) build/malformed/cases.txt
 	./test_all
 
 clean:

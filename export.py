@@ -12,14 +12,40 @@ import array
 import json
 import os
 import re
+import signal
 import struct
 import sys
 import time
 
 
+_progress_open = False  # a "\r" progress line is on stderr and has no newline yet
+
+
 def fail(msg):
+    """The one error line (on a line of its own, after any progress line) and exit status 1."""
+    global _progress_open
+    if _progress_open:
+        print(file=sys.stderr)
+        _progress_open = False
     print(f"export.py: error: {msg}", file=sys.stderr)
     sys.exit(1)
+
+
+def load_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        fail(f"{path}: cannot read ({e.strerror})")
+    except (ValueError, UnicodeDecodeError) as e:
+        fail(f"{path}: not valid JSON ({e})")
+    except RecursionError:
+        fail(f"{path}: not valid JSON (nested too deeply)")
+
+
+def is_int(v):
+    """A JSON integer: 3, not 3.0, "3" or true (bool is an int subclass in Python)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # ---------------- tokenizer.bin
@@ -342,16 +368,6 @@ def token_content(tok):
     return tok.get("content") if isinstance(tok, dict) else tok
 
 
-def load_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as e:
-        fail(f"{path}: cannot read ({e.strerror})")
-    except (ValueError, UnicodeDecodeError) as e:
-        fail(f"{path}: not valid JSON ({e})")
-
-
 def check_model(model):
     if model.get("type", "BPE") != "BPE":
         raise ValueError(f"model type {model.get('type')!r} is not supported (only BPE)")
@@ -465,26 +481,68 @@ def tokenizer_bytes(tab):
     return b"".join(parts)
 
 
-def export_tokenizer(hf_dir, out_path):
-    """tokenizer.json + tokenizer_config.json in hf_dir -> out_path (tokenizer.bin)."""
+MAX_TOKEN_ID = 1 << 24  # far above any real vocabulary (DeepSeek-V2: 102400); bounds the tables
+
+
+def check_tokenizer_files(tj, cfg, tj_path, cfg_path):
+    """What tokenizer_tables takes for granted: ids are integers in [0, MAX_TOKEN_ID), one
+    vocabulary entry per id, special tokens are strings. Anything else: one error line."""
+    model = tj.get("model") if isinstance(tj, dict) else None
+    if not isinstance(model, dict):
+        fail(f"{tj_path}: not a tokenizer.json (no 'model' object)")
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or not vocab:
+        fail(f"{tj_path}: model.vocab is not a non-empty object of token -> id")
+    owner = {}
+    for tok, i in vocab.items():
+        if not is_int(i) or not 0 <= i < MAX_TOKEN_ID:
+            fail(f"{tj_path}: token {tok!r} has id {i!r}; expected an integer in [0, {MAX_TOKEN_ID})")
+        if i in owner:
+            fail(f"{tj_path}: tokens {owner[i]!r} and {tok!r} have the same id {i}")
+        owner[i] = tok
+    if not isinstance(model.get("merges"), list):
+        fail(f"{tj_path}: model.merges is not a list")
+    added = tj.get("added_tokens", [])
+    if not isinstance(added, list):
+        fail(f"{tj_path}: added_tokens is not a list")
+    for a in added:
+        if not (isinstance(a, dict) and isinstance(a.get("content"), str) and is_int(a.get("id"))
+                and 0 <= a["id"] < MAX_TOKEN_ID):
+            fail(f"{tj_path}: added token {a!r:.80}: expected a string 'content' and an integer 'id' "
+                 f"in [0, {MAX_TOKEN_ID})")
+    if not isinstance(cfg, dict):
+        fail(f"{cfg_path}: not a JSON object")
+    for key in ("bos_token", "eos_token"):
+        v = cfg.get(key)
+        if not (v is None or isinstance(v, str) or isinstance(v, dict) and isinstance(v.get("content"), str)):
+            fail(f"{cfg_path}: {key} is {v!r:.80}; expected a string, {{\"content\": string}} or null")
+    if not (cfg.get("add_bos_token") is None or isinstance(cfg["add_bos_token"], bool)):
+        fail(f"{cfg_path}: add_bos_token is {cfg['add_bos_token']!r:.80}; expected true, false or null")
+
+
+def read_tokenizer(hf_dir):
+    """tokenizer.json + tokenizer_config.json in hf_dir -> the tables of tokenizer.bin, validated."""
     tj_path = os.path.join(hf_dir, "tokenizer.json")
     cfg_path = os.path.join(hf_dir, "tokenizer_config.json")
     tj = load_json(tj_path)
     cfg = load_json(cfg_path) if os.path.exists(cfg_path) else {}
+    check_tokenizer_files(tj, cfg, tj_path, cfg_path)
     try:
-        tab = tokenizer_tables(tj, cfg)
+        return tokenizer_tables(tj, cfg)
     except (KeyError, TypeError, AttributeError, IndexError) as e:
         fail(f"{tj_path}: unexpected structure ({type(e).__name__}: {e})")
     except ValueError as e:
         fail(f"{tj_path}: unsupported configuration: {e}")
-    data = tokenizer_bytes(tab)
-    with open(out_path, "wb") as f:
-        f.write(data)
-    print(f"wrote {out_path}: {len(tab['tokens'])} tokens, {len(tab['merges'])} merges, "
-          f"{len(tab['added'])} added, {len(tab['steps'])} pre-tokenizer steps, "
-          f"chat template {'yes' if tab['chat'] else 'no'}, unicode {unicodedata.unidata_version}, "
-          f"{len(data)} bytes")
 
+
+def export_tokenizer(tab, out, out_path):
+    """The tables -> tokenizer.bin in the open file out (the caller renames it to out_path)."""
+    data = tokenizer_bytes(tab)
+    out.write(data)
+    return (f"wrote {out_path}: {len(tab['tokens'])} tokens, {len(tab['merges'])} merges, "
+            f"{len(tab['added'])} added, {len(tab['steps'])} pre-tokenizer steps, "
+            f"chat template {'yes' if tab['chat'] else 'no'}, unicode {unicodedata.unidata_version}, "
+            f"{len(data)} bytes")
 
 
 # ---------------- model file
@@ -515,80 +573,146 @@ HEADER_FLOATS = [
 TOPK_METHODS = {"greedy": 0, "group_limited_greedy": 1}
 
 
-def read_config(hf_dir):
-    """config.json -> dict of the header fields; refuses what dsv2.c does not implement."""
-    path = os.path.join(hf_dir, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            c = json.load(f)
-    except OSError as e:
-        fail(f"{path}: cannot read ({e.strerror})")
-    except json.JSONDecodeError as e:
-        fail(f"{path}: not valid JSON ({e})")
+# Bounds of config.json's integers. The upper ones are far above DeepSeek-V2 236B (60 layers,
+# hidden 5120, 128 heads, 160 experts, vocab 102400, 163840 positions); they stop a corrupt value
+# (num_hidden_layers 100000000) before anything is sized from it, and keep the header's int32s exact.
+CONFIG_INTS = {
+    "hidden_size": (1, 1 << 16), "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024), "vocab_size": (1, MAX_TOKEN_ID), "q_lora_rank": (1, 1 << 16),
+    "kv_lora_rank": (1, 1 << 16), "qk_nope_head_dim": (1, 4096), "qk_rope_head_dim": (2, 4096),
+    "v_head_dim": (1, 4096), "intermediate_size": (1, 1 << 20), "moe_intermediate_size": (1, 1 << 20),
+    "n_routed_experts": (1, 4096), "n_shared_experts": (0, 64), "num_experts_per_tok": (1, 4096),
+    "first_k_dense_replace": (0, 1024), "moe_layer_freq": (1, 1024), "n_group": (1, 4096),
+    "topk_group": (1, 4096), "max_position_embeddings": (1, 1 << 24),
+    "original_max_position_embeddings": (1, 1 << 24),
+}
+FLOAT32_MAX = 3.4028234663852886e38
 
-    def need(key):
-        if c.get(key) is None:
-            fail(f"{path}: missing '{key}'")
-        return c[key]
+
+class ConfigReader:
+    """Typed, bounded access to config.json (or its rope_scaling object); a field of the wrong
+    type or out of range is one error line naming it. null counts as absent, as in transformers."""
+
+    def __init__(self, d, where):
+        self.d, self.where = d, where
+
+    def bad(self, key, want):
+        fail(f"{self.where}{key} is {self.d[key]!r:.60}; expected {want}")
+
+    def present(self, key, default):
+        if self.d.get(key) is None and default is None:
+            fail(f"{self.where}{key} is missing")
+        return self.d.get(key) is not None
+
+    def integer(self, key, default=None):
+        if not self.present(key, default):
+            return default
+        lo, hi = CONFIG_INTS[key]
+        if not is_int(self.d[key]) or not lo <= self.d[key] <= hi:
+            self.bad(key, f"an integer in [{lo}, {hi}]")
+        return self.d[key]
+
+    def number(self, key, default=None, low=None):
+        """A finite number that fits a float32 (JSON integers welcome: rope_theta 10000);
+        low: it must be above this."""
+        if not self.present(key, default):
+            return default
+        v = self.d[key]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not abs(v) <= FLOAT32_MAX:
+            self.bad(key, "a finite number")
+        if low is not None and not v > low:
+            self.bad(key, f"a number above {low}")
+        return float(v)
+
+    def boolean(self, key, default):
+        if not self.present(key, default):
+            return default
+        if not isinstance(self.d[key], bool):
+            self.bad(key, "true or false")
+        return self.d[key]
+
+
+def read_config(hf_dir):
+    """config.json -> dict of the header fields, every field type- and range-checked; refuses
+    what dsv2.c does not implement."""
+    path = os.path.join(hf_dir, "config.json")
+    c = load_json(path)
+    if not isinstance(c, dict):
+        fail(f"{path}: not a JSON object")
+    cfg = ConfigReader(c, f"{path}: ")
 
     if c.get("model_type") != "deepseek_v2":
-        fail(f"{path}: model_type is {c.get('model_type')!r}; dsv2 supports 'deepseek_v2' only")
+        fail(f"{path}: model_type is {c.get('model_type')!r:.60}; dsv2 supports 'deepseek_v2' only")
     if c.get("scoring_func", "softmax") != "softmax":
-        fail(f"{path}: scoring_func {c['scoring_func']!r} is not supported (DeepSeek-V2 uses softmax)")
+        fail(f"{path}: scoring_func {c['scoring_func']!r:.60} is not supported (DeepSeek-V2 uses softmax)")
     method = c.get("topk_method", "greedy")
-    if method not in TOPK_METHODS:
-        fail(f"{path}: topk_method {method!r} is not supported (greedy or group_limited_greedy)")
+    if not isinstance(method, str) or method not in TOPK_METHODS:
+        fail(f"{path}: topk_method {method!r:.60} is not supported (greedy or group_limited_greedy)")
     if c.get("hidden_act", "silu") != "silu":
-        fail(f"{path}: hidden_act {c['hidden_act']!r} is not supported (silu)")
-    if c.get("attention_bias") or c.get("mlp_bias"):
+        fail(f"{path}: hidden_act {c['hidden_act']!r:.60} is not supported (silu)")
+    if cfg.boolean("attention_bias", False) or cfg.boolean("mlp_bias", False):
         fail(f"{path}: attention_bias / mlp_bias are not supported (DeepSeek-V2 has none)")
     if c.get("n_routed_experts") is None:
         fail(f"{path}: n_routed_experts is null (a dense model); dsv2 expects DeepSeekMoE layers")
-    heads = need("num_attention_heads")
-    if c.get("num_key_value_heads", heads) != heads:
+    heads = cfg.integer("num_attention_heads")
+    if cfg.integer("num_key_value_heads", heads) != heads:
         fail(f"{path}: num_key_value_heads must equal num_attention_heads under MLA")
 
     h = {k: 0 for k in HEADER_INTS}
     h.update({k: 0.0 for k in HEADER_FLOATS})
-    h["dim"] = need("hidden_size")
-    h["n_layers"] = need("num_hidden_layers")
+    h["dim"] = cfg.integer("hidden_size")
+    h["n_layers"] = cfg.integer("num_hidden_layers")
     h["n_heads"] = heads
-    h["vocab_size"] = need("vocab_size")
-    h["q_lora_rank"] = c.get("q_lora_rank") or 0
+    h["vocab_size"] = cfg.integer("vocab_size")
+    h["q_lora_rank"] = cfg.integer("q_lora_rank", 0)  # null (V2-Lite): no query compression
     for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
               "intermediate_size", "moe_intermediate_size", "n_routed_experts",
               "max_position_embeddings"):
-        h[k] = need(k)
-    h["n_shared_experts"] = c.get("n_shared_experts") or 0
-    h["n_experts_per_tok"] = need("num_experts_per_tok")
-    h["first_k_dense_replace"] = c.get("first_k_dense_replace", 0)
-    h["moe_layer_freq"] = c.get("moe_layer_freq", 1)
+        h[k] = cfg.integer(k)
+    h["n_shared_experts"] = cfg.integer("n_shared_experts", 0)
+    h["n_experts_per_tok"] = cfg.integer("num_experts_per_tok")
+    h["first_k_dense_replace"] = cfg.integer("first_k_dense_replace", 0)
+    h["moe_layer_freq"] = cfg.integer("moe_layer_freq", 1)
     h["topk_method"] = TOPK_METHODS[method]
-    h["n_group"] = c.get("n_group") or 1
-    h["topk_group"] = c.get("topk_group") or 1
-    h["norm_topk_prob"] = int(bool(c.get("norm_topk_prob", False)))
-    h["bos_token_id"] = c["bos_token_id"] if isinstance(c.get("bos_token_id"), int) else -1
-    eos = c.get("eos_token_id")
-    h["eos_token_id"] = eos if isinstance(eos, int) else (eos[0] if isinstance(eos, list) and eos else -1)
-    h["rms_norm_eps"] = c.get("rms_norm_eps", 1e-6)
-    h["rope_theta"] = c.get("rope_theta", 10000.0)
-    h["routed_scaling_factor"] = c.get("routed_scaling_factor", 1.0)
+    h["n_group"] = cfg.integer("n_group", 1)
+    h["topk_group"] = cfg.integer("topk_group", 1)
+    h["norm_topk_prob"] = int(cfg.boolean("norm_topk_prob", False))
+    h["bos_token_id"] = token_id(c, "bos_token_id", h["vocab_size"], path)
+    h["eos_token_id"] = token_id(c, "eos_token_id", h["vocab_size"], path)
+    h["rms_norm_eps"] = cfg.number("rms_norm_eps", 1e-6, low=0.0)
+    if h["rms_norm_eps"] >= 1:
+        cfg.bad("rms_norm_eps", "a small positive number (1e-06)")
+    h["rope_theta"] = cfg.number("rope_theta", 10000.0, low=0.0)
+    h["routed_scaling_factor"] = cfg.number("routed_scaling_factor", 1.0, low=0.0)
 
-    rs = c.get("rope_scaling") or c.get("rope_parameters")
-    rtype = (rs or {}).get("type", (rs or {}).get("rope_type", "default"))
-    if rs and "rope_theta" in rs:
-        h["rope_theta"] = rs["rope_theta"]
+    key = "rope_scaling" if c.get("rope_scaling") is not None else "rope_parameters"
+    rs = c.get(key)
+    if rs is not None and not isinstance(rs, dict):
+        cfg.bad(key, "null or an object")
+    rs = rs or {}
+    rope = ConfigReader(rs, f"{path}: {key}.")
+    rtype = rs.get("type") or rs.get("rope_type") or "default"
+    if "rope_theta" in rs:
+        h["rope_theta"] = rope.number("rope_theta", h["rope_theta"], low=0.0)
     if rtype == "yarn":
         h["rope_yarn"] = 1
-        h["rope_factor"] = need_in(rs, "factor", path)
-        h["original_max_position_embeddings"] = need_in(rs, "original_max_position_embeddings", path)
-        h["beta_fast"] = rs.get("beta_fast") or 32.0
-        h["beta_slow"] = rs.get("beta_slow") or 1.0
-        h["mscale"] = rs.get("mscale") or 0.0
-        h["mscale_all_dim"] = rs.get("mscale_all_dim") or 0.0
-        h["attention_factor"] = rs.get("attention_factor") or 0.0
-    elif rtype not in (None, "default"):
-        fail(f"{path}: rope_scaling type {rtype!r} is not supported (none or yarn)")
+        h["rope_factor"] = rope.number("factor")
+        if h["rope_factor"] < 1:
+            rope.bad("factor", "a number >= 1 (the context extension factor)")
+        h["original_max_position_embeddings"] = rope.integer("original_max_position_embeddings")
+        # transformers reads these with `or`: 0 means the default, as here
+        h["beta_fast"] = rope.number("beta_fast", 0.0) or 32.0
+        h["beta_slow"] = rope.number("beta_slow", 0.0) or 1.0
+        for beta in ("beta_fast", "beta_slow"):
+            if h[beta] < 0:
+                rope.bad(beta, "a positive number (a count of rotations)")
+        h["mscale"] = rope.number("mscale", 0.0)
+        h["mscale_all_dim"] = rope.number("mscale_all_dim", 0.0)
+        h["attention_factor"] = rope.number("attention_factor", 0.0)
+        if rs.get("attention_factor") is not None and h["attention_factor"] <= 0:
+            rope.bad("attention_factor", "null or a positive number")
+    elif rtype != "default":
+        fail(f"{path}: rope_scaling type {rtype!r:.60} is not supported (none or yarn)")
 
     if h["n_routed_experts"] % h["n_group"]:
         fail(f"{path}: n_routed_experts {h['n_routed_experts']} is not divisible by n_group {h['n_group']}")
@@ -596,16 +720,26 @@ def read_config(hf_dir):
         fail(f"{path}: topk_group / num_experts_per_tok out of range")
     if h["qk_rope_head_dim"] % 2:
         fail(f"{path}: qk_rope_head_dim must be even")
-    if h["moe_layer_freq"] < 1:
-        fail(f"{path}: moe_layer_freq must be >= 1")
-    h["tie_word_embeddings"] = bool(c.get("tie_word_embeddings", False))
+    h["tie_word_embeddings"] = cfg.boolean("tie_word_embeddings", False)
     return h
 
 
-def need_in(d, key, path):
-    if d.get(key) is None:
-        fail(f"{path}: rope_scaling has no '{key}'")
-    return d[key]
+def token_id(c, key, vocab_size, path):
+    """bos_token_id / eos_token_id -> an id in the vocabulary, or -1 for null/absent.
+    An eos_token_id list means, in transformers, "stop at any of these"; the model file has one
+    EOS slot (informational: dsv2 stops at tokenizer.bin's EOS), so a list of one id is that id,
+    [] is none, and a longer list is refused rather than silently cut to its first id."""
+    v = c.get(key)
+    if key == "eos_token_id" and isinstance(v, list):
+        if len(v) > 1:
+            fail(f"{path}: eos_token_id lists {len(v)} ids {v!r:.60}; the dsv2 file stores one: "
+                 "keep the id that ends a turn")
+        v = v[0] if v else None
+    if v is None:
+        return -1
+    if not is_int(v) or not 0 <= v < vocab_size:
+        fail(f"{path}: {key} is {v!r:.60}; expected null or an integer in [0, vocab_size {vocab_size})")
+    return v
 
 
 def is_moe_layer(h, l):
@@ -614,45 +748,45 @@ def is_moe_layer(h, l):
 
 
 def tensor_names(h):
-    """(hub tensor name, shape) in file order; dsv2.c's map_weights() walks the same order."""
+    """Yields (hub tensor name, shape) in file order; dsv2.c's map_weights() walks the same order.
+    A generator, so that checking a checkpoint against a corrupt config stops at the first missing
+    tensor instead of listing millions."""
     d, nh = h["dim"], h["n_heads"]
     qk_head = h["qk_nope_head_dim"] + h["qk_rope_head_dim"]
-    out = [("model.embed_tokens.weight", (h["vocab_size"], d))]
+    yield "model.embed_tokens.weight", (h["vocab_size"], d)
     for l in range(h["n_layers"]):
         p = f"model.layers.{l}."
-        out.append((p + "input_layernorm.weight", (d,)))
+        yield p + "input_layernorm.weight", (d,)
         if h["q_lora_rank"]:
-            out.append((p + "self_attn.q_a_proj.weight", (h["q_lora_rank"], d)))
-            out.append((p + "self_attn.q_a_layernorm.weight", (h["q_lora_rank"],)))
-            out.append((p + "self_attn.q_b_proj.weight", (nh * qk_head, h["q_lora_rank"])))
+            yield p + "self_attn.q_a_proj.weight", (h["q_lora_rank"], d)
+            yield p + "self_attn.q_a_layernorm.weight", (h["q_lora_rank"],)
+            yield p + "self_attn.q_b_proj.weight", (nh * qk_head, h["q_lora_rank"])
         else:
-            out.append((p + "self_attn.q_proj.weight", (nh * qk_head, d)))
-        out.append((p + "self_attn.kv_a_proj_with_mqa.weight", (h["kv_lora_rank"] + h["qk_rope_head_dim"], d)))
-        out.append((p + "self_attn.kv_a_layernorm.weight", (h["kv_lora_rank"],)))
-        out.append((p + "self_attn.kv_b_proj.weight",
-                    (nh * (h["qk_nope_head_dim"] + h["v_head_dim"]), h["kv_lora_rank"])))
-        out.append((p + "self_attn.o_proj.weight", (d, nh * h["v_head_dim"])))
-        out.append((p + "post_attention_layernorm.weight", (d,)))
+            yield p + "self_attn.q_proj.weight", (nh * qk_head, d)
+        yield p + "self_attn.kv_a_proj_with_mqa.weight", (h["kv_lora_rank"] + h["qk_rope_head_dim"], d)
+        yield p + "self_attn.kv_a_layernorm.weight", (h["kv_lora_rank"],)
+        yield p + "self_attn.kv_b_proj.weight", (nh * (h["qk_nope_head_dim"] + h["v_head_dim"]), h["kv_lora_rank"])
+        yield p + "self_attn.o_proj.weight", (d, nh * h["v_head_dim"])
+        yield p + "post_attention_layernorm.weight", (d,)
         if is_moe_layer(h, l):
             mi = h["moe_intermediate_size"]
-            out.append((p + "mlp.gate.weight", (h["n_routed_experts"], d)))
+            yield p + "mlp.gate.weight", (h["n_routed_experts"], d)
             for e in range(h["n_routed_experts"]):
                 q = f"{p}mlp.experts.{e}."
-                out += [(q + "gate_proj.weight", (mi, d)), (q + "up_proj.weight", (mi, d)),
-                        (q + "down_proj.weight", (d, mi))]
+                yield from [(q + "gate_proj.weight", (mi, d)), (q + "up_proj.weight", (mi, d)),
+                            (q + "down_proj.weight", (d, mi))]
             if h["n_shared_experts"]:
                 si = mi * h["n_shared_experts"]
                 q = p + "mlp.shared_experts."
-                out += [(q + "gate_proj.weight", (si, d)), (q + "up_proj.weight", (si, d)),
-                        (q + "down_proj.weight", (d, si))]
+                yield from [(q + "gate_proj.weight", (si, d)), (q + "up_proj.weight", (si, d)),
+                            (q + "down_proj.weight", (d, si))]
         else:
             fi = h["intermediate_size"]
             q = p + "mlp."
-            out += [(q + "gate_proj.weight", (fi, d)), (q + "up_proj.weight", (fi, d)),
-                    (q + "down_proj.weight", (d, fi))]
-    out.append(("model.norm.weight", (d,)))
-    out.append(("lm_head.weight", (h["vocab_size"], d)))
-    return out
+            yield from [(q + "gate_proj.weight", (fi, d)), (q + "up_proj.weight", (fi, d)),
+                        (q + "down_proj.weight", (d, fi))]
+    yield "model.norm.weight", (d,)
+    yield "lm_head.weight", (h["vocab_size"], d)
 
 
 def pack_header(h, dtype):
@@ -664,41 +798,125 @@ def pack_header(h, dtype):
     return body + b"\0" * (HEADER_BYTES - len(body))
 
 
+# safetensors' dtypes and their element sizes (export.py converts BF16, F16 and F32 tensors)
+ST_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2,
+                  "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+ST_MAX_HEADER = 100_000_000  # the safetensors library's own limit on the header's JSON
+
+
+def _no_duplicate_keys(pairs):
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        names = [k for k, _ in pairs]
+        raise ValueError(f"{next(k for k in names if names.count(k) > 1)!r} appears twice")
+    return d
+
+
+def read_safetensors_header(path):
+    """A safetensors file's tensors, checked against the file before any is read:
+    {name: (dtype, shape, start, end)}, start/end absolute offsets in the file.
+    Layout: u64 header length n, n bytes of JSON {name: {dtype, shape, data_offsets: [start, end]}}
+    (offsets relative to the data after the header), the data."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                fail(f"{path}: not a safetensors file ({size} bytes, no 8-byte header length)")
+            n = struct.unpack("<Q", head)[0]
+            if n > size - 8:
+                fail(f"{path}: header length {n} is past the end of the file ({size} bytes): "
+                     "truncated, or not safetensors")
+            if n > ST_MAX_HEADER:
+                fail(f"{path}: header length {n} is above the safetensors limit of {ST_MAX_HEADER} bytes")
+            raw = f.read(n)
+    except OSError as e:
+        fail(f"{path}: cannot read ({e.strerror})")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except ValueError as e:  # UnicodeDecodeError included
+        fail(f"{path}: the header is not valid JSON ({e})")
+    except RecursionError:
+        fail(f"{path}: the header is not valid JSON (nested too deeply)")
+    if not isinstance(header, dict):
+        fail(f"{path}: the header is not a JSON object")
+    if not isinstance(header.get("__metadata__", {}), dict):
+        fail(f"{path}: __metadata__ is not an object")
+    data_start, data_size = 8 + n, size - 8 - n
+    tensors = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name}"
+        if not isinstance(t, dict):
+            fail(f"{where}: its entry is not an object")
+        dtype, shape, offsets = t.get("dtype"), t.get("shape"), t.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in ST_DTYPE_BYTES:
+            fail(f"{where}: unknown dtype {dtype!r:.40}")
+        if not isinstance(shape, list) or not all(is_int(s) and s >= 0 for s in shape):
+            fail(f"{where}: shape {shape!r:.60} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
+            fail(f"{where}: data_offsets {offsets!r:.60} is not a pair of integers")
+        start, end = offsets
+        if not 0 <= start <= end:
+            fail(f"{where}: data_offsets [{start}, {end}] are not 0 <= start <= end")
+        if end > data_size:
+            fail(f"{where}: data_offsets end {end} is past the {data_size} bytes of data (truncated file?)")
+        need = _numel(shape) * ST_DTYPE_BYTES[dtype]
+        if end - start != need:
+            fail(f"{where}: {end - start} bytes of data, but {dtype} {shape} needs {need}")
+        tensors[name] = (dtype, tuple(shape), data_start + start, data_start + end)
+    # no two tensors may share bytes (gaps between them are harmless and allowed)
+    spans = sorted((start, end, name) for name, (_, _, start, end) in tensors.items() if end > start)
+    for (_, end0, a), (start1, _, b) in zip(spans, spans[1:]):
+        if start1 < end0:
+            fail(f"{path}: tensors {a} and {b} overlap ({end0 - start1} bytes in common)")
+    return tensors
+
+
+def read_shard_index(path, hf_dir):
+    """model.safetensors.index.json -> its weight_map {tensor name: shard file name}, checked."""
+    index = load_json(path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        fail(f"{path}: no 'weight_map' object of tensor name -> shard file")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            fail(f"{path}: tensor {name}: {shard!r:.60} is not a file name in {hf_dir}")
+    return weight_map
+
+
 class SafeTensors:
-    """Index of the tensors in model.safetensors or model-*.safetensors; reads one at a time."""
+    """Index of the tensors in model.safetensors or model-*.safetensors (every header checked
+    when opened); reads one tensor at a time."""
 
     def __init__(self, hf_dir):
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         single = os.path.join(hf_dir, "model.safetensors")
+        weight_map = None
         if os.path.exists(index):
-            try:
-                with open(index, encoding="utf-8") as f:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
-            except (OSError, ValueError, KeyError) as e:
-                fail(f"{index}: cannot read the shard index ({e})")
+            weight_map = read_shard_index(index, hf_dir)
+            files = sorted(set(weight_map.values()))
+            for shard in files:
+                if not os.path.isfile(os.path.join(hf_dir, shard)):
+                    fail(f"{index}: lists shard {shard}, which is not a file in {hf_dir}")
         elif os.path.exists(single):
             files = ["model.safetensors"]
         else:
             fail(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
         self.where = {}  # name -> (path, dtype, shape, start, end)
-        for name in files:
-            path = os.path.join(hf_dir, name)
-            try:
-                size = os.path.getsize(path)
-                with open(path, "rb") as f:
-                    n = struct.unpack("<Q", f.read(8))[0]
-                    if n > size - 8:
-                        raise ValueError("header longer than the file")
-                    header = json.loads(f.read(n))
-            except (OSError, ValueError, struct.error) as e:
-                fail(f"{path}: not a readable safetensors file ({e})")
-            for key, t in header.items():
-                if key == "__metadata__":
-                    continue
-                start, end = t["data_offsets"]
-                if 8 + n + end > size:
-                    fail(f"{path}: tensor {key} runs past the end of the file (truncated?)")
-                self.where[key] = (path, t["dtype"], tuple(t["shape"]), 8 + n + start, 8 + n + end)
+        for shard in files:
+            path = os.path.join(hf_dir, shard)
+            for name, (dtype, shape, start, end) in read_safetensors_header(path).items():
+                if name in self.where:
+                    fail(f"{path}: tensor {name} is also in {self.where[name][0]}")
+                if weight_map is not None and weight_map.get(name) != shard:
+                    fail(f"{path}: has tensor {name}, which {index} "
+                         f"{'puts in ' + weight_map[name] if name in weight_map else 'does not list'}")
+                self.where[name] = (path, dtype, shape, start, end)
+        for name, shard in (weight_map or {}).items():
+            if name not in self.where:
+                fail(f"{index}: lists tensor {name} in {shard}, which has no such tensor")
 
     def __contains__(self, name):
         return name in self.where
@@ -763,41 +981,114 @@ def convert(dtype_in, raw, dtype_out):
     return bf16_to_f32(raw) if dtype_in == "BF16" else f16_to_f32(raw)
 
 
-def export_model(hf_dir, out_path, dtype):
+# buffers some checkpoints store; dsv2 computes them from config.json
+IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+CONVERTED_DTYPES = ("BF16", "F16", "F32")
+
+
+def read_model(hf_dir):
+    """config.json + the safetensors -> (header fields, checkpoint, [(name, shape)] in file order),
+    all checked before anything is written: every tensor of the model config.json describes is
+    present with its shape and a dtype export.py converts, and no tensor is left unaccounted for
+    (a checkpoint with more layers or experts than the config is the wrong checkpoint)."""
     h = read_config(hf_dir)
     st = SafeTensors(hf_dir)
-    names = tensor_names(h)
-    if h["tie_word_embeddings"] and "lm_head.weight" not in st:
-        names[-1] = ("model.embed_tokens.weight", names[-1][1])  # tied: the head is the embedding
-    for l in range(h["n_layers"]):  # the checkpoint must agree with the dense/MoE layer rule
-        has_gate = f"model.layers.{l}.mlp.gate.weight" in st
+    for l in range(h["n_layers"]):  # the checkpoint must have each layer and agree with the dense/MoE rule
+        p = f"model.layers.{l}."
+        if p + "input_layernorm.weight" not in st:
+            fail(f"{hf_dir}: config.json says {h['n_layers']} layers, the checkpoint has no {p}input_layernorm.weight")
+        has_gate = p + "mlp.gate.weight" in st
         if has_gate != is_moe_layer(h, l):
             fail(f"layer {l}: config.json says {'MoE' if is_moe_layer(h, l) else 'dense'} "
                  f"but the checkpoint {'has' if has_gate else 'lacks'} mlp.gate.weight")
+    names = []
+    for name, shape in tensor_names(h):
+        if name == "lm_head.weight" and h["tie_word_embeddings"] and name not in st:
+            name = "model.embed_tokens.weight"  # tied: the head is the embedding
+        if name not in st:
+            fail(f"{hf_dir}: tensor {name} {list(shape)} is missing from the checkpoint")
+        path, dtype, got = st.where[name][:3]
+        if got != shape:
+            fail(f"{path}: tensor {name} has shape {list(got)}, expected {list(shape)} from config.json")
+        if dtype not in CONVERTED_DTYPES:
+            fail(f"{path}: tensor {name} is {dtype}; export.py converts {', '.join(CONVERTED_DTYPES)}")
+        names.append((name, shape))
+    used = {name for name, _ in names}
+    extra = sorted(name for name in st.where if name not in used and not IGNORED_TENSORS.fullmatch(name))
+    if extra:
+        fail(f"{st.where[extra[0]][0]}: tensor {extra[0]}{f' and {len(extra) - 1} more' if len(extra) > 1 else ''} "
+             "not part of the model config.json describes: checkpoint and config.json do not match")
+    return h, st, names
+
+
+def end_progress():
+    global _progress_open
+    if _progress_open:
+        print(file=sys.stderr)
+        _progress_open = False
+
+
+def export_model(h, st, names, out, out_path, dtype):
+    """The checked model -> the dsv2 file in the open file out (the caller renames it to out_path)."""
+    global _progress_open
     total = sum(_numel(s) for _, s in names)
     width = 2 if dtype == "bf16" else 4
-    tmp = out_path + ".tmp"
     done, t0, last = 0, time.time(), 0.0
-    try:
-        with open(tmp, "wb") as out:
-            out.write(pack_header(h, dtype))
-            for name, shape in names:
-                out.write(b"\0" * (-out.tell() % ALIGN))
-                for dt, raw in st.stream(name, shape):
-                    out.write(convert(dt, raw, dtype))
-                done += _numel(shape)
-                if time.time() - last > 1.0 or done == total:
-                    last = time.time()
-                    print(f"\rexport.py: {done / total:6.1%} of {total / 1e6:.1f}M parameters, "
-                          f"{done * width / max(last - t0, 1e-9) / 1e6:.0f} MB/s", end="", file=sys.stderr)
-        os.replace(tmp, out_path)
-    except OSError as e:
-        fail(f"{out_path}: cannot write ({e.strerror})")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    print(f"\nexport.py: wrote {out_path} ({os.path.getsize(out_path) / 2**20:.1f} MiB, {dtype})",
-          file=sys.stderr)
+    out.write(pack_header(h, dtype))
+    for name, shape in names:
+        out.write(b"\0" * (-out.tell() % ALIGN))
+        for dt, raw in st.stream(name, shape):
+            out.write(convert(dt, raw, dtype))
+        done += _numel(shape)
+        if time.time() - last > 1.0 or done == total:
+            last = time.time()
+            print(f"\rexport.py: {done / total:6.1%} of {total / 1e6:.1f}M parameters, "
+                  f"{done * width / max(last - t0, 1e-9) / 1e6:.0f} MB/s", end="", file=sys.stderr)
+            _progress_open = True
+    return f"export.py: wrote {out_path} ({out.tell() / 2**20:.1f} MiB, {dtype})"
+
+
+class Outputs:
+    """The output files: each is written beside its final name as NAME.PID.tmp and renamed into
+    place only when all of them are complete; discard() removes the rest (error, Ctrl-C)."""
+
+    def __init__(self):
+        self.pending = []  # (temporary path, final path, open file)
+
+    def create(self, path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        f = open(tmp, "xb")
+        self.pending.append((tmp, path, f))
+        return f
+
+    def commit(self):
+        for _, _, f in self.pending:
+            f.close()
+        for tmp, path, _ in self.pending:
+            os.replace(tmp, path)
+        self.pending = []
+
+    def discard(self):
+        for tmp, _, f in self.pending:
+            f.close()
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        self.pending = []
+
+
+def check_output_path(path):
+    """Refuse an output path that cannot be written, before any work."""
+    parent = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        fail(f"{path}: is a directory; give the output file's name")
+    if not os.path.exists(parent):
+        fail(f"{path}: directory {parent} does not exist")
+    if not os.path.isdir(parent):
+        fail(f"{path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        fail(f"{path}: directory {parent} is not writable")
 
 
 def _numel(shape):
@@ -807,21 +1098,67 @@ def _numel(shape):
     return n
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("hf_dir", help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
-    ap.add_argument("model_out", nargs="?", help="output model file")
-    ap.add_argument("--tokenizer", metavar="TOK_OUT", help="also write tokenizer.bin here")
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight type in the model file")
-    args = ap.parse_args()
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error (argparse's own adds the usage)
+        fail(f"{message}; see python3 export.py -h")
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
+def export(args):
     if not args.model_out and not args.tokenizer:
         fail("nothing to do: give MODEL_OUT and/or --tokenizer TOK_OUT")
     if not os.path.isdir(args.hf_dir):
         fail(f"{args.hf_dir}: not a directory")
-    if args.tokenizer:
-        export_tokenizer(args.hf_dir, args.tokenizer)
-    if args.model_out:
-        export_model(args.hf_dir, args.model_out, args.dtype)
+    outs = [p for p in (args.model_out, args.tokenizer) if p]
+    for path in outs:
+        check_output_path(path)
+    if len(outs) == 2 and os.path.realpath(outs[0]) == os.path.realpath(outs[1]):
+        fail(f"{args.model_out}: the model and the tokenizer cannot be written to the same file")
+    # everything is read and checked first: an error leaves no file behind
+    tab = read_tokenizer(args.hf_dir) if args.tokenizer else None
+    model = read_model(args.hf_dir) if args.model_out else None
+    if tab and model and len(tab["tokens"]) > model[0]["vocab_size"]:
+        fail(f"{args.hf_dir}: tokenizer.json has {len(tab['tokens'])} tokens, config.json's vocab_size "
+             f"is {model[0]['vocab_size']}: they do not belong together")
+    outputs = Outputs()
+    try:
+        done = []
+        if model:
+            done.append((sys.stderr, export_model(*model, outputs.create(args.model_out), args.model_out, args.dtype)))
+        if tab:
+            done.append((sys.stdout, export_tokenizer(tab, outputs.create(args.tokenizer), args.tokenizer)))
+        outputs.commit()
+    except OSError as e:  # a file that cannot be created, a full disk, a read error
+        if e.filename:
+            fail(f"{e.filename}: {e.strerror or e}")
+        fail(f"{outputs.pending[-1][1] if outputs.pending else args.model_out}: cannot write ({e.strerror or e})")
+    finally:
+        outputs.discard()
+    end_progress()
+    for stream, line in done:
+        print(line, file=stream)
+
+
+def main():
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("hf_dir", help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
+    ap.add_argument("model_out", nargs="?", help="output model file")
+    ap.add_argument("--tokenizer", metavar="TOK_OUT", help="also write tokenizer.bin here")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight type in the model file")
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        export(ap.parse_args())
+    except KeyboardInterrupt:
+        fail("interrupted; no file written")
+    except MemoryError:
+        fail("out of memory")
+    except RecursionError:
+        fail("input nested too deeply")
+    except Exception as e:  # a case the checks above missed: still one line, and a bug to report
+        fail(f"unexpected {type(e).__name__}: {e} (a bug in export.py: please report it with the checkpoint's config.json)")
 
 
 if __name__ == "__main__":

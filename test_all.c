@@ -707,6 +707,83 @@ static void test_bad_input(void) {
     expect_error("export.py, missing directory", "python3 export.py build/no_such_dir build/bad_out.bin", "not a directory");
 }
 
+// ---------------- export.py checks its input before it writes a byte
+// tests/make_malformed.py turns the fixtures into malformed checkpoints (each must be refused with
+// exit 1 and one line `export.py: error: ...` naming the problem, leaving no file behind), exports
+// disturbed midway (Ctrl-C, SIGTERM, a failing write: the error ends the progress line's output, no
+// file left) and valid variations (each must export the same bytes as the unchanged fixture);
+// tests/run_export.py runs export.py on every case (one interpreter, a fork per case).
+#include <dirent.h>
+#define MALFORMED "build/malformed"
+
+static int files_in(const char *dir) {  // entries of a folder, -1 if it cannot be read
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));) n += strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
+    closedir(d);
+    return n;
+}
+
+static int same_bytes(const char *a, const char *b) {
+    size_t na = 0, nb = 0;
+    char *x = tok_read_file(a, &na), *y = tok_read_file(b, &nb);
+    int same = x && y && na == nb && memcmp(x, y, na) == 0;
+    free(x); free(y);
+    return same;
+}
+
+static void test_export_checks(void) {
+    FILE *p = popen("python3 tests/run_export.py " MALFORMED "/cases.txt", "r");
+    char line[8192];
+    int n_bad = 0, n_good = 0;
+    while (p && fgets(line, sizeof(line), p)) {
+        // NAME EXPECT OUT STATUS STDOUT_BYTES STDERR_LINES TRACEBACK FIRST_LINE LAST_LINE
+        char *f[9];
+        int nf = 0;
+        line[strcspn(line, "\n")] = 0;
+        for (char *s = line; nf < 9; s++) {
+            f[nf++] = s;
+            if (!(s = strchr(s, '\t'))) break;
+            *s = 0;
+        }
+        if (nf != 9) { check(0, "export.py checks: unreadable line from tests/run_export.py: %s", line); continue; }
+        const char *name = f[0], *expect = f[1], *out = f[2], *first = f[7], *last = f[8];
+        int status = atoi(f[3]), stdout_bytes = atoi(f[4]), lines = atoi(f[5]), traceback = atoi(f[6]);
+        if (!strncmp(expect, "error:", 6)) {
+            n_bad++;
+            int left = files_in(out);
+            check(status == 1 && lines == 1 && !traceback && stdout_bytes == 0 && left == 0 &&
+                  !strncmp(first, "export.py: error: ", 18) && strstr(first, expect + 6),
+                  "bad input, export.py %s: exit %d, %d line(s)%s%s: %s", name, status, lines,
+                  traceback ? ", a traceback" : "", left ? ", files left in the output folder" : "", first);
+        } else if (!strncmp(expect, "midway:", 7)) {  // midway:HOW:TEXT: the error is the last line, on its own
+            n_bad++;
+            const char *needle = strchr(expect + 7, ':');
+            int left = files_in(out);
+            check(status == 1 && !traceback && stdout_bytes == 0 && left == 0 && needle &&
+                  !strncmp(last, "export.py: error: ", 18) && strstr(last, needle + 1),
+                  "bad input, export.py %s: exit %d%s%s, last line: %s", name, status,
+                  traceback ? ", a traceback" : "", left ? ", files left in the output folder" : "", last);
+        } else {  // same:MODEL_REF:TOK_REF, "-" for none
+            n_good++;
+            char refs[512], path[1024];
+            snprintf(refs, sizeof(refs), "%s", expect + 5);
+            char *tok_ref = strchr(refs, ':');
+            if (tok_ref) *tok_ref++ = 0;
+            int same = status == 0 && tok_ref;
+            if (same && strcmp(refs, "-")) { snprintf(path, sizeof(path), "%s/model.bin", out); same = same_bytes(path, refs); }
+            if (same && strcmp(tok_ref, "-")) { snprintf(path, sizeof(path), "%s/tok.bin", out); same = same_bytes(path, tok_ref); }
+            check(same, "export.py accepts %s: exit %d, output %s the unchanged fixture's (%s)", name, status,
+                  same ? "identical to" : "differs from", expect + 5);
+        }
+    }
+    int rc = p ? pclose(p) : -1;
+    check(rc == 0 && n_bad >= 40 && n_good >= 5, "export.py checks: %d malformed and %d valid checkpoints run "
+          "(tests/run_export.py exit status %d; make test makes them)", n_bad, n_good, rc);
+    check(system("test -z \"$(find " MALFORMED " -name '*.tmp')\"") == 0, "export.py leaves no temporary file behind");
+}
+
 // ---------------- the default model (dsv2_tiny.bin, tokenizer.bin) against transformers
 // tests/default/NAME/: the prompt text, its ids from Hugging Face tokenizers (BOS first; cut at
 // 24 tokens by tools/model_golden.py), float64 logits at those positions, and 64 greedy tokens
@@ -1097,6 +1174,7 @@ static void test_model(void) {
     test_routing_by_hand();
     test_default_model();
     test_bad_input();
+    test_export_checks();
     test_teach();
 }
 
