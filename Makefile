@@ -42,8 +42,10 @@ build/fixtures/%.tok.bin: tests/fixtures/%/tokenizer.json export.py
 
 # the tokenizer tests' prerequisites (exported tokenizers, downloads, fuzz)
 include tests/tokenizer.mk
+# the word list the default model's samples are checked against (a download)
+include tests/wordlist.mk
 
-test: dsv2 test_all $(CUDA_TARGETS) $(FIXTURE_MODELS) $(FIXTURE_TOKS) $(TOK_TEST_DEPS)
+test: dsv2 test_all $(CUDA_TARGETS) $(FIXTURE_MODELS) $(FIXTURE_TOKS) $(TOK_TEST_DEPS) $(WORDLIST)
 	./test_all
 
 clean:
