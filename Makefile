@@ -46,8 +46,10 @@ build/malformed/cases.txt: tests/make_malformed.py $(wildcard tests/fixtures/*/*
 
 # the tokenizer tests' prerequisites (exported tokenizers, downloads, fuzz)
 include tests/tokenizer.mk
+# the word list the default model's samples are checked against (a download)
+include tests/wordlist.mk
 
-test: dsv2 test_all $(CUDA_TARGETS) $(FIXTURE_MODELS) $(FIXTURE_TOKS) $(TOK_TEST_DEPS) build/malformed/cases.txt
+test: dsv2 test_all $(CUDA_TARGETS) $(FIXTURE_MODELS) $(FIXTURE_TOKS) $(TOK_TEST_DEPS) build/malformed/cases.txt $(WORDLIST)
 	./test_all
 
 clean:

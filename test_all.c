@@ -840,6 +840,30 @@ static void test_default_model(void) {
     model_free(&m);
 }
 
+// ---------------- the default model is classroom-safe: its samples hold no listed word
+// tools/wordlist.py samples ./dsv2 the way `make run` does (prompt and flags read from the
+// Makefile) over seeds 1-40, and four more prompts over 10 seeds each, and looks for the
+// words of the list its training text was filtered with (npm naughty-words, fetched by
+// tests/wordlist.mk; the same matcher, inflections included).
+#define WORDLIST_DIR ".cache/npm/naughty-words-1.2.0"
+static void test_default_model_words(void) {
+    if (access(WORDLIST_DIR "/package/en.json", R_OK) != 0) {
+        printf("SKIPPED (not counted): default model's samples vs the word list: %s missing "
+               "(make test fetches it with npm; offline?)\n", WORDLIST_DIR "/package/en.json");
+        return;
+    }
+    FILE *p = popen("python3 tools/wordlist.py sample --words " WORDLIST_DIR "/package/en.json --tarball "
+                    WORDLIST_DIR ".tgz --seeds 40 --prompts 4 -n 100 2>&1", "r");
+    char line[1024], summary[1024] = "no summary line";
+    while (p && fgets(line, sizeof(line), p)) {
+        line[strcspn(line, "\n")] = 0;
+        if (!strncmp(line, "hit: ", 5)) printf("   %s\n", line);
+        else snprintf(summary, sizeof(summary), "%s", line);
+    }
+    int rc = p ? pclose(p) : -1;
+    check(rc == 0 && strstr(summary, ": 0 listed word(s)"), "default model's samples: %s", summary);
+}
+
 // ---------------- the teaching kit: trace, perplexity, knobs, routing CSV, the workshop's commands
 
 typedef struct { char name[64]; int n; float *v; } TraceRec;
@@ -1173,6 +1197,7 @@ static void test_model(void) {
     }
     test_routing_by_hand();
     test_default_model();
+    test_default_model_words();
     test_bad_input();
     test_export_checks();
     test_teach();

@@ -7,13 +7,18 @@
 #   bash tools/run_training.sh train  OUTDIR   # train (resumes from OUTDIR/ckpt) + finish
 #   bash tools/run_training.sh finish OUTDIR   # golden files, plots, collect (after a finished train)
 #
-# Needs (carried, gitignored): data/english_{train,val}.txt (+ *_stats.json) from
-# tools/get_data.sh, and .cache/deepseek-v2-tokenizer.json (a copy of DeepSeek-V2's
-# tokenizer.json; only its pre_tokenizer is used). Env: TRAIN_BUDGET (s, default 360),
-# DEADLINE (s after train.py starts, default 480), PRETOK (path of that tokenizer.json).
+# Needs (carried, gitignored): data/english_{train,val}.txt (+ *_stats.json) and
+# data/wordlist_en.json from tools/get_data.sh, and .cache/deepseek-v2-tokenizer.json (a copy
+# of DeepSeek-V2's tokenizer.json; only its pre_tokenizer is used). Env: TRAIN_BUDGET (s,
+# default 360), DEADLINE (s after train.py starts, default 480), PRETOK (path of that
+# tokenizer.json).
+# `full` then compares the new model with the committed one (dsv2_tiny.bin) on the same
+# validation texts, filtered and (data/unfiltered/, from get_data.sh) unfiltered:
+# tools/compare_val.py, non-fatal, into compare_val.json.
 # Results for $OUT (<= 8 files, <= 16 MiB each): hf/{config.json, model.safetensors,
 # tokenizer.json, tokenizer_config.json}, loss_curves.png, expert_load.png, results.tar.gz
-# (metrics.json, train_log.csv, samples.txt, golden/, logs). If training stops at the
+# (metrics.json, train_log.csv, samples.txt, golden/, compare_val.json, data stats, logs).
+# If training stops at the
 # deadline (exit 3), $OUT gets resume/{model_part0.pt, model_part1.pt, state.json,
 # tokenizer.json, tokenizer_config.json} instead: copy that folder to OUTDIR/ckpt-carry
 # here (see docs/MODEL.md, "Reproducing") and run `train` again.
@@ -46,8 +51,9 @@ restore_carry() {  # a resume folder that came back through $OUT and was carried
 
 prep() {  # $1 = data dir, $2 = tokenizer dir, $3 = extra args for prep_code, $4 = tokenizer max bytes
   need data/english_train.txt "run tools/get_data.sh on the dev machine and carry data/"
+  need data/wordlist_en.json "run tools/get_data.sh on the dev machine and carry data/"
   need "$PRETOK" "copy DeepSeek-V2's tokenizer.json there and carry it"
-  if [ ! -f "$1/code_train.txt" ]; then $PY tools/prep_code.py --out "$1" $3; fi
+  if [ ! -f "$1/code_train.txt" ]; then $PY tools/prep_code.py --out "$1" --words data/wordlist_en.json $3; fi
   if [ "$1" != data ]; then cp data/english_*.txt data/english_stats.json "$1/" 2>/dev/null || true; fi
   if [ ! -f "$2/tokenizer.json" ]; then
     $PY tools/train_tokenizer.py --pretok-from "$PRETOK" --data "$1" --out "$2" --max-bytes "$4"
@@ -59,8 +65,9 @@ collect() {  # $1 = run dir
   mkdir -p "$COLLECT/hf"
   cp "$r/hf/config.json" "$r/hf/model.safetensors" "$r/hf/tokenizer.json" "$r/hf/tokenizer_config.json" "$COLLECT/hf/"
   cp "$r/loss_curves.png" "$r/expert_load.png" "$COLLECT/" 2>/dev/null || true
+  cp data/english_stats.json data/code_stats.json "$r/" 2>/dev/null || true
   (cd "$r" && tar -czf "$COLLECT/results.tar.gz" metrics.json train_log.csv samples.txt golden golden_txt \
-      tokenizer/tokenizer_stats.json run_*.log 2>/dev/null || true)
+      tokenizer/tokenizer_stats.json english_stats.json code_stats.json compare_val.json run_*.log 2>/dev/null || true)
   ls -la "$COLLECT" "$COLLECT/hf"
 }
 
@@ -69,6 +76,19 @@ finish() {  # $1 = run dir
   $PY tools/golden_to_txt.py "$1/golden" "$1/golden_txt"
   $PY tools/plots.py "$1" || echo "plots failed (non-fatal)"
   collect "$1"
+}
+
+compare() {  # $1 = run dir: the committed model vs the new one on the same validation texts
+  local r=$1 texts=(--text english=data/english_val.txt --text code=data/code_val.txt)
+  [ -f dsv2_tiny.bin ] && [ -f tokenizer.bin ] || { echo "no committed model to compare with"; return 0; }
+  make dsv2 >/dev/null
+  if [ -f data/unfiltered/english_val.txt ]; then
+    texts+=(--text english_unfiltered=data/unfiltered/english_val.txt)
+    $PY tools/prep_code.py --out "$r/unfiltered" >/dev/null && texts+=(--text code_unfiltered="$r/unfiltered/code_val.txt")
+  fi
+  $PY tools/compare_val.py --old-bin dsv2_tiny.bin --old-tok tokenizer.bin --new-hf "$r/hf" "${texts[@]}" \
+      --out "$r/compare_val.json"
+  collect "$r"
 }
 
 train() {  # $1 = data dir, $2 = run dir, rest = extra train.py args
@@ -103,6 +123,7 @@ case $STAGE in
     prep data "$O/tokenizer" "" 16000000
     train data "$O" --time-budget "$TRAIN_BUDGET" --deadline "$DEADLINE"
     finish "$O"
+    compare "$O" || echo "compare failed (non-fatal)"
     ;;
   train)
     restore_carry
