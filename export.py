@@ -724,6 +724,17 @@ class SafeTensors:
                 yield dtype, raw
 
 
+# ---------------- tensor data: conversions in bulk
+#
+# The standard library has no vector arithmetic, so the conversions do their per-value work in
+# operations implemented in C over a whole chunk (big-integer arithmetic, bytes.translate,
+# extended slices, array, struct), not in a Python statement per value.
+
+def byte_table(f):
+    """a bytes.translate table: byte b -> f(b)"""
+    return bytes(f(b) for b in range(256))
+
+
 def bf16_to_f32(raw):
     """bf16 -> fp32 is a byte shuffle: the bf16 bits are the high half of the fp32 bits."""
     out = bytearray(2 * len(raw))
@@ -732,20 +743,43 @@ def bf16_to_f32(raw):
     return bytes(out)
 
 
+def bits(b):
+    """bytes as one big integer (little-endian): bitwise operations on it work on all bytes at once"""
+    return int.from_bytes(b, "little")
+
+
+EXP_HIGH_ONES = byte_table(lambda b: 0xFF if b & 0x7F == 0x7F else 0)  # byte 3: the exponent's 7 high bits set
+EXP_LOW_ONE = byte_table(lambda b: 0xFF if b & 0x80 else 0)            # byte 2: the exponent's low bit set
+ABOVE_HALF = byte_table(lambda b: 1 if b > 0x80 else 0)
+IS_HALF = byte_table(lambda b: 1 if b == 0x80 else 0)
+NONZERO = byte_table(lambda b: 1 if b else 0)
+ODD = byte_table(lambda b: b & 1)
+
+
 def f32_to_bf16(raw):
-    """fp32 -> bf16, rounding to nearest even (as torch does); NaN stays NaN."""
-    words = array.array("I", raw)
-    if sys.byteorder == "big":
-        words.byteswap()
-    out = array.array("H", bytes(2 * len(words)))
-    for i, w in enumerate(words):
-        if (w & 0x7F800000) == 0x7F800000 and (w & 0x7FFFFF):
-            out[i] = (w >> 16) | 0x40
-        else:
-            out[i] = ((w + 0x7FFF + ((w >> 16) & 1)) >> 16) & 0xFFFF
-    if sys.byteorder == "big":
-        out.byteswap()
-    return out.tobytes()
+    """fp32 -> bf16, rounding to nearest even (as torch does); NaN stays NaN.
+
+    The bf16 is the fp32's high half (bytes 2, 3), plus 1 where the low half (bytes 0, 1) is
+    above 0x8000, or exactly 0x8000 with the high half odd. Each byte column is one bytes object
+    (raw[k::4]); the tests are byte tables, combined as big integers."""
+    n = len(raw) // 4
+    b0, b1, b2, b3 = raw[0::4], raw[1::4], raw[2::4], raw[3::4]
+    inf_nan = bits(b3.translate(EXP_HIGH_ONES)) & bits(b2.translate(EXP_LOW_ONE))  # exponent all ones
+    up = bits(b1.translate(ABOVE_HALF)) | (bits(b1.translate(IS_HALF)) & (bits(b0.translate(NONZERO)) | bits(b2.translate(ODD))))
+    up &= ~inf_nan  # (an inf never rounds up; a NaN is redone below)
+    ups, high = bytearray(2 * n), bytearray(2 * n)
+    ups[0::2] = up.to_bytes(n, "little")
+    high[0::2], high[1::2] = b2, b3
+    out = bytearray((bits(high) + bits(ups)).to_bytes(2 * n, "little"))  # no carry leaves its 16 bits
+    if inf_nan:  # rare: NaN keeps its high half with the quiet bit set, as torch does
+        marks = inf_nan.to_bytes(n, "little")
+        i = marks.find(0xFF)
+        while i >= 0:
+            w = int.from_bytes(raw[4 * i:4 * i + 4], "little")
+            if w & 0x7FFFFF:
+                out[2 * i:2 * i + 2] = ((w >> 16) | 0x40).to_bytes(2, "little")
+            i = marks.find(0xFF, i + 1)
+    return bytes(out)
 
 
 def f16_to_f32(raw):
