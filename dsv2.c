@@ -40,7 +40,7 @@ static void die(const char *fmt, ...) {
 //
 // export.py writes one file: a 256-byte header (magic "DSV2", version, the Config fields below
 // in this order), then every tensor in the order map_weights() walks, each aligned to 64 bytes,
-// as fp32 or bf16, row-major in the Hugging Face shape [out, in]. docs/FORMAT.md has the table.
+// as fp32, bf16 or q8, row-major in the Hugging Face shape [out, in]. docs/FORMAT.md has the table.
 
 #define DSV2_MAGIC 0x32565344u  // "DSV2" read as a little-endian uint32
 #define DSV2_VERSION 1
@@ -48,7 +48,7 @@ static void die(const char *fmt, ...) {
 #define TENSOR_ALIGN 64
 
 typedef struct {
-    int32_t dtype;                  // 0: fp32 weights, 1: bf16 weights
+    int32_t dtype;                  // the weights: DTYPE_F32, DTYPE_BF16 or DTYPE_Q8 (below)
     int32_t dim;                    // d, hidden size
     int32_t n_layers;
     int32_t n_heads;                // n_h
@@ -79,10 +79,22 @@ typedef struct {
     float rope_factor, beta_fast, beta_slow, mscale, mscale_all_dim, attention_factor;  // YaRN
 } Config;
 
-// a weight matrix inside the memory map; element type given by the file
+// How the weights are stored (the header's dtype). A q8 file keeps the RMSNorm weights, the
+// router and any matrix whose rows are not whole blocks in fp32 (tensor_dtype() in map_weights).
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_Q8 = 2 };
+
+// q8: each row cut into blocks of 32 consecutive values w = d * q, one fp16 scale d per block
+// and 32 int8 q (llama.cpp's Q8_0 block, byte for byte, so a GGUF converter only copies it)
+#define Q8_BLOCK 32
+typedef struct {
+    uint16_t d;            // the scale, fp16
+    int8_t q[Q8_BLOCK];    // the values, w = d * q
+} BlockQ8;                 // 34 bytes, no padding
+
+// a weight matrix inside the memory map, in one of the DTYPEs
 typedef struct {
     const void *data;
-    int bf16;
+    int dtype;
 } Mat;
 
 typedef struct {
@@ -130,12 +142,39 @@ static inline float bf16_to_float(uint16_t b) {
     return f;
 }
 
+// IEEE half -> float: shift the 15 exponent+mantissa bits into float position, then rescale the
+// exponent bias (15 -> 127) by multiplying with 2^112; exact, subnormal halves included
+static inline float fp16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)(h & 0x7FFF) << 13;
+    float f;
+    memcpy(&f, &u, 4);
+    f *= 0x1p112f;
+    return h & 0x8000 ? -f : f;
+}
+
+// element i of a tensor (row-major, i = row * n + column)
 static inline float mat_at(Mat m, size_t i) {
-    return m.bf16 ? bf16_to_float(((const uint16_t *)m.data)[i]) : ((const float *)m.data)[i];
+    if (m.dtype == DTYPE_Q8) {
+        const BlockQ8 *b = (const BlockQ8 *)m.data + i / Q8_BLOCK;
+        return fp16_to_float(b->d) * b->q[i % Q8_BLOCK];
+    }
+    return m.dtype == DTYPE_BF16 ? bf16_to_float(((const uint16_t *)m.data)[i]) : ((const float *)m.data)[i];
 }
 
 static int is_moe_layer(const Config *c, int l) {
     return c->n_routed_experts > 0 && l >= c->first_k_dense_replace && l % c->moe_layer_freq == 0;
+}
+
+// How the file stores one tensor of `cols` values a row: in its dtype, except that a q8 file
+// keeps vectors and the router (matrix = 0) and rows that are not whole blocks in fp32
+static int tensor_dtype(const Config *c, int matrix, uint64_t cols) {
+    if (c->dtype != DTYPE_Q8) return c->dtype;
+    return matrix && cols % Q8_BLOCK == 0 ? DTYPE_Q8 : DTYPE_F32;
+}
+
+static uint64_t tensor_bytes(int dtype, uint64_t rows, uint64_t cols) {
+    if (dtype == DTYPE_Q8) return rows * (cols / Q8_BLOCK) * sizeof(BlockQ8);
+    return rows * cols * (dtype == DTYPE_BF16 ? 2 : 4);
 }
 
 // Points every weight of the model at its place in the file, walking the tensors in file
@@ -144,33 +183,34 @@ static int is_moe_layer(const Config *c, int l) {
 static uint64_t map_weights(Model *m, const char *base) {
     const Config *c = &m->config;
     uint64_t off = HEADER_BYTES;
-    int width = c->dtype == 1 ? 2 : 4;
     uint64_t qk_head = (uint64_t)c->qk_nope_head_dim + c->qk_rope_head_dim;
-#define TAKE(dst, rows, cols) do { \
+#define TAKE_AS(dst, rows, cols, matrix) do { \
         off = (off + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN; \
-        (dst).data = base + off; (dst).bf16 = c->dtype == 1; \
-        off += (uint64_t)(rows) * (uint64_t)(cols) * width; \
+        (dst).data = base + off; (dst).dtype = tensor_dtype(c, matrix, cols); \
+        off += tensor_bytes((dst).dtype, rows, cols); \
     } while (0)
+#define TAKE(dst, rows, cols) TAKE_AS(dst, rows, cols, 1)
+#define TAKE_VECTOR(dst, n) TAKE_AS(dst, 1, n, 0)
     TAKE(m->embed_tokens, c->vocab_size, c->dim);
     for (int l = 0; l < c->n_layers; l++) {
         Layer *L = &m->layers[l];
-        TAKE(L->input_layernorm, 1, c->dim);
+        TAKE_VECTOR(L->input_layernorm, c->dim);
         if (c->q_lora_rank) {
             TAKE(L->q_a_proj, c->q_lora_rank, c->dim);
-            TAKE(L->q_a_layernorm, 1, c->q_lora_rank);
+            TAKE_VECTOR(L->q_a_layernorm, c->q_lora_rank);
             TAKE(L->q_proj, c->n_heads * qk_head, c->q_lora_rank);
         } else {
             TAKE(L->q_proj, c->n_heads * qk_head, c->dim);
         }
         TAKE(L->kv_a_proj_with_mqa, c->kv_lora_rank + c->qk_rope_head_dim, c->dim);
-        TAKE(L->kv_a_layernorm, 1, c->kv_lora_rank);
+        TAKE_VECTOR(L->kv_a_layernorm, c->kv_lora_rank);
         TAKE(L->kv_b_proj, (uint64_t)c->n_heads * (c->qk_nope_head_dim + c->v_head_dim), c->kv_lora_rank);
         TAKE(L->o_proj, c->dim, (uint64_t)c->n_heads * c->v_head_dim);
-        TAKE(L->post_attention_layernorm, 1, c->dim);
+        TAKE_VECTOR(L->post_attention_layernorm, c->dim);
         L->is_moe = is_moe_layer(c, l);
         if (L->is_moe) {
             uint64_t mi = c->moe_intermediate_size, si = mi * c->n_shared_experts;
-            TAKE(L->gate, c->n_routed_experts, c->dim);
+            TAKE_AS(L->gate, c->n_routed_experts, c->dim, 0);  // the router stays fp32 in a q8 file
             for (int e = 0; e < c->n_routed_experts; e++) {
                 TAKE(L->experts[e].gate_proj, mi, c->dim);
                 TAKE(L->experts[e].up_proj, mi, c->dim);
@@ -187,9 +227,11 @@ static uint64_t map_weights(Model *m, const char *base) {
             TAKE(L->dense.down_proj, c->dim, c->intermediate_size);
         }
     }
-    TAKE(m->norm, 1, c->dim);
+    TAKE_VECTOR(m->norm, c->dim);
     TAKE(m->lm_head, c->vocab_size, c->dim);
 #undef TAKE
+#undef TAKE_VECTOR
+#undef TAKE_AS
     return off;
 }
 
@@ -198,7 +240,7 @@ static void check_config(const Config *c, const char *path) {
 #define RANGE(field, lo, hi) do { if (c->field < (lo) || c->field > (hi)) \
         die("%s: unsupported or corrupt config: " #field " = %d (expected %d..%d)", path, \
             (int)c->field, (int)(lo), (int)(hi)); } while (0)
-    RANGE(dtype, 0, 1);
+    RANGE(dtype, DTYPE_F32, DTYPE_Q8);
     RANGE(dim, 1, 1 << 16);
     RANGE(n_layers, 1, 1024);
     RANGE(n_heads, 1, 1024);
@@ -442,39 +484,63 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
+// row i of W (., n) . x (n,): the dot product, in the weights' dtype
+static float row_dot(Mat w, size_t i, const float *x, int n) {
+    float val = 0.0f;
+    if (w.dtype == DTYPE_Q8) {
+        // one running sum per position in a block, so the compiler keeps all 32 in vector
+        // registers and no block ends in a horizontal sum; added up once at the end
+        const BlockQ8 *row = (const BlockQ8 *)w.data + i * (n / Q8_BLOCK);
+        float sum[Q8_BLOCK] = {0};
+        for (int b = 0; b < n / Q8_BLOCK; b++) {
+            float d = fp16_to_float(row[b].d);
+            const float *xb = x + b * Q8_BLOCK;
+            #pragma omp simd
+            for (int j = 0; j < Q8_BLOCK; j++) sum[j] += d * (row[b].q[j] * xb[j]);
+        }
+        for (int j = 0; j < Q8_BLOCK; j++) val += sum[j];
+    } else if (w.dtype == DTYPE_BF16) {
+        const uint16_t *row = (const uint16_t *)w.data + i * n;
+        #pragma omp simd reduction(+:val)
+        for (int j = 0; j < n; j++) val += bf16_to_float(row[j]) * x[j];
+    } else {
+        const float *row = (const float *)w.data + i * n;
+        #pragma omp simd reduction(+:val)
+        for (int j = 0; j < n; j++) val += row[j] * x[j];
+    }
+    return val;
+}
+
+// y (n,) += a * row i of W (., n)
+static void row_axpy(float *y, float a, Mat w, size_t i, int n) {
+    if (w.dtype == DTYPE_Q8) {
+        const BlockQ8 *row = (const BlockQ8 *)w.data + i * (n / Q8_BLOCK);
+        for (int b = 0; b < n / Q8_BLOCK; b++) {
+            float ad = a * fp16_to_float(row[b].d);
+            #pragma omp simd
+            for (int j = 0; j < Q8_BLOCK; j++) y[b * Q8_BLOCK + j] += ad * row[b].q[j];
+        }
+    } else {
+        for (int j = 0; j < n; j++) y[j] += a * mat_at(w, i * n + j);
+    }
+}
+
 // W (d,n) @ x (n,) -> xout (d,); OpenMP over the output rows, when there is enough work to
 // pay for waking the threads (small matrices run faster on one core)
 static void matmul(float *xout, const float *x, Mat w, int n, int d) {
     #pragma omp parallel for schedule(static) if ((long)n * d >= (1L << 17))
-    for (int i = 0; i < d; i++) {
-        float val = 0.0f;
-        if (w.bf16) {
-            const uint16_t *row = (const uint16_t *)w.data + (size_t)i * n;
-            #pragma omp simd reduction(+:val)
-            for (int j = 0; j < n; j++) val += bf16_to_float(row[j]) * x[j];
-        } else {
-            const float *row = (const float *)w.data + (size_t)i * n;
-            #pragma omp simd reduction(+:val)
-            for (int j = 0; j < n; j++) val += row[j] * x[j];
-        }
-        xout[i] = val;
-    }
+    for (int i = 0; i < d; i++) xout[i] = row_dot(w, i, x, n);
 }
 
 // rows [r0, r0+d) of W (., n) @ x (n,) -> xout (d,); single-threaded, for per-head work
 static void matmul_rows(float *xout, const float *x, Mat w, size_t r0, int n, int d) {
-    for (int i = 0; i < d; i++) {
-        float val = 0.0f;
-        for (int j = 0; j < n; j++) val += mat_at(w, (r0 + i) * n + j) * x[j];
-        xout[i] = val;
-    }
+    for (int i = 0; i < d; i++) xout[i] = row_dot(w, r0 + i, x, n);
 }
 
 // rows [r0, r0+d) of W (., n), transposed: W^T (n, d) @ x (d,) -> xout (n,); single-threaded
 static void matmul_rows_t(float *xout, const float *x, Mat w, size_t r0, int n, int d) {
     for (int j = 0; j < n; j++) xout[j] = 0.0f;
-    for (int i = 0; i < d; i++)
-        for (int j = 0; j < n; j++) xout[j] += mat_at(w, (r0 + i) * n + j) * x[i];
+    for (int i = 0; i < d; i++) row_axpy(xout, x[i], w, r0 + i, n);
 }
 
 static float silu(float x) { return x / (1.0f + expf(-x)); }
