@@ -23,6 +23,10 @@
 #include <sys/stat.h>
 #include <errno.h>
 #include <stdarg.h>
+#include <sys/resource.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 // one clear error line, then a non-zero exit
 static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
@@ -1472,6 +1476,26 @@ static void print_kv_cache_size(const Config *c) {
             mha, mha * 4, 100.0 * mla / mha);
 }
 
+// Memory after a run: resident (what the process holds in RAM now, the touched pages of the
+// mapped model file included, and at most) next to the size of the mapping itself.
+static void print_memory_summary(const Model *m) {
+    long pages = 0, resident = 0, page = sysconf(_SC_PAGESIZE);
+    FILE *f = fopen("/proc/self/statm", "r");  // Linux: total and resident size, in pages
+    if (f && fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
+    if (f) fclose(f);
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);  // ru_maxrss: the peak, in KiB on Linux
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    const char *dtype = m->config.dtype == DTYPE_Q8 ? "q8" : m->config.dtype == DTYPE_BF16 ? "bf16" : "fp32";
+    double now_mib = resident * (double)page / (1 << 20), peak_mib = ru.ru_maxrss / 1024.0;
+    fprintf(stderr, "memory: resident %.1f MiB (peak %.1f MiB); model file mapped: %.1f MiB (%s); %d thread%s\n",
+            now_mib, peak_mib > now_mib ? peak_mib : now_mib, m->file_size / (double)(1 << 20), dtype,
+            threads, threads == 1 ? "" : "s");
+}
+
 // The generation loop's two hooks. dsv2.c runs every position through forward(); dsv2.cu
 // (which includes this file with DSV2_GPU defined) runs them on the GPU and takes the prompt,
 // all of it but the last token, in one batched pass (prefill).
@@ -1565,6 +1589,7 @@ static void generate(const Model *m, Tokenizer *tok, Sampler *sp, const char *pr
     printf("\n");
     if (dump) fclose(dump);
     print_kv_cache_size(&m->config);
+    print_memory_summary(m);
     runstate_free(&s);
     free(ids);
 }
@@ -1610,6 +1635,7 @@ static void chat(const Model *m, Tokenizer *tok, Sampler *sp, const char *prompt
     }
     if (dump) fclose(dump);
     print_kv_cache_size(&m->config);
+    print_memory_summary(m);
     runstate_free(&s);
 }
 
@@ -1843,6 +1869,7 @@ static void error_usage(void) {
         "  -y SYSTEM     system prompt for chat\n"
         "  -a FORM       attention form: absorbed (paper Appendix C, default) | naive (eqs. 10-11)\n"
         "  --dump-logits FILE   write every position's logits as float32 [positions][vocab]\n"
+        "  --threads N   OpenMP threads (default: all cores, or OMP_NUM_THREADS)\n"
         "teaching (docs/WORKSHOP.md):\n"
         "  -f FILE       read the input text (prompt, or -m ppl's text) from FILE\n"
         "  -m ppl        perplexity and bits per byte of the text (-f FILE or -i TEXT)\n"
@@ -1906,6 +1933,14 @@ int main(int argc, char **argv) {
         else if (!strcmp(flag, "-m")) mode = v;
         else if (!strcmp(flag, "-y")) system = v;
         else if (!strcmp(flag, "--dump-logits")) opt.dump_logits = v;
+        else if (!strcmp(flag, "--threads")) {
+            int threads = (int)parse_int("--threads", v, 1, 4096);
+#ifdef _OPENMP
+            omp_set_num_threads(threads);
+#else
+            (void)threads;
+#endif
+        }
         else if (!strcmp(flag, "-a")) {
             if (!strcmp(v, "absorbed")) opt.form = ATTN_ABSORBED;
             else if (!strcmp(v, "naive")) opt.form = ATTN_NAIVE;

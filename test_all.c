@@ -681,6 +681,12 @@ static void test_bad_input(void) {
     expect_error("unknown attention form", cmd, "-a expects");
     snprintf(cmd, sizeof(cmd), "./dsv2 %s %s -m poem", good, tok);
     expect_error("unknown mode", cmd, "-m expects");
+    snprintf(cmd, sizeof(cmd), "./dsv2 %s %s --threads 0", good, tok);
+    expect_error("--threads 0", cmd, "--threads expects");
+    // the summary after a run: resident memory, the mapped file's size, the threads asked for
+    check(system("./dsv2 dsv2_tiny.bin -n 4 -i hi --threads 1 2>&1 >/dev/null | "
+                 "grep -q '^memory: resident [0-9.]* MiB (peak [0-9.]* MiB); model file mapped: 14.9 MiB (bf16); 1 thread$'") == 0,
+          "./dsv2 --threads 1: the summary gives resident memory, the mapped model file (14.9 MiB, bf16) and 1 thread");
     snprintf(cmd, sizeof(cmd), "./dsv2 %s %s -n 1 --dump-logits /no/such/dir/x.bin", good, tok);
     expect_error("unwritable --dump-logits", cmd, "--dump-logits");
     // a prompt longer than the context: the lite fixture has 256 positions
