@@ -983,6 +983,18 @@ static void test_q8(void) {
         free(ids); free(want);
         for (int i = 0; i < ng; i++) free(g[i].v);
     }
+    // tools/make_random_model.py (the benchmarks' models) writes the layout dsv2.c's loader
+    // computes on its own, in both dtypes (the fixtures' shapes: rows of 24, 48 and 64 values)
+    for (int f = 0; f < 2; f++)
+        for (int q = 0; q < 2; q++) {
+            char cmd[512];
+            snprintf(cmd, sizeof cmd, "python3 tools/make_random_model.py build/random_%s.bin --config tests/fixtures/%s/config.json "
+                     "--dtype %s >/dev/null && ./dsv2 build/random_%s.bin -z build/fixtures/%s.tok.bin -n 4 -i hi 2>&1 >/dev/null | "
+                     "grep -q 'model file mapped: .* (%s)'", fixtures[f], fixtures[f], q ? "q8" : "bf16", fixtures[f], fixtures[f],
+                     q ? "q8" : "bf16");
+            check(system(cmd) == 0, "tools/make_random_model.py --config tests/fixtures/%s/config.json --dtype %s: ./dsv2 loads and runs it",
+                  fixtures[f], q ? "q8" : "bf16");
+        }
 }
 
 // ---------------- the teaching kit: trace, perplexity, knobs, routing CSV, the workshop's commands
