@@ -8,8 +8,9 @@
 # It measures the memory read bandwidth (tools/read_bandwidth.c, a few GB), writes the model
 # (tools/make_random_model.py: 27 layers, q8, 16.7 GB; routing and RoPE neutral, so llama.cpp
 # computes the same model), runs ./dsv2 on a PROMPT-token prompt plus GEN generated tokens, converts
-# the model to GGUF (tools/to_gguf.py) and runs llama.cpp's llama-bench -p PROMPT -n GEN. Without
-# LLAMA_BENCH (a llama-bench built from llama.cpp's source, CPU backend) the baseline is SKIPPED.
+# the model to GGUF (tools/to_gguf.py) and runs llama.cpp's llama-bench -p PROMPT -n GEN. It also
+# runs dsv2 built with -DDSV2_PLAIN_C (q8 products in plain C instead of AVX-512): what that path buys.
+# Without LLAMA_BENCH (a llama-bench built from llama.cpp's source, CPU backend) the baseline is SKIPPED.
 # Environment (defaults): THREADS (all cores), LAYERS (27), PROMPT (512), GEN (128),
 # MODEL (build/bench_cpu/v2lite_q8.bin; kept for the next run), KEEP_GGUF (unset: the GGUF,
 # another 16.7 GB, is deleted afterwards), TOK_DIR (../shared/data/deepseek-v2-tokenizer),
@@ -35,6 +36,7 @@ say "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(np
 say "1. build"
 make -s dsv2 build/tok/v2.bin >> "$LOG" 2>&1 || die "make dsv2 build/tok/v2.bin failed (the tokenizer needs $TOK_DIR)"
 gcc -O3 -march=native -fopenmp -o "$OUT/read_bandwidth" tools/read_bandwidth.c || die "cannot build tools/read_bandwidth.c"
+gcc -O3 -march=native -fopenmp -DDSV2_PLAIN_C -o "$OUT/dsv2_plain_c" dsv2.c -lm || die "cannot build dsv2 with -DDSV2_PLAIN_C"
 
 say "2. memory read bandwidth (4 GB, $THREADS threads, best of 5)"
 OMP_NUM_THREADS=$THREADS "$OUT/read_bandwidth" 4 | tee -a "$LOG"
@@ -69,6 +71,10 @@ cat "$MODEL" > /dev/null  # into the page cache first: timed runs should not wai
 rc=$?
 tail -4 "$OUT/dsv2_err.txt" | tee -a "$LOG"
 [ $rc -eq 0 ] || say "dsv2 failed (exit $rc)"
+say "4b. the same, dsv2 built with -DDSV2_PLAIN_C"
+"$OUT/dsv2_plain_c" "$MODEL" -z build/tok/v2.bin -t 0 -n "$GEN" --threads "$THREADS" -i "$TEXT" > /dev/null 2> "$OUT/dsv2_plain_c_err.txt" ||
+  say "dsv2 -DDSV2_PLAIN_C failed"
+tail -4 "$OUT/dsv2_plain_c_err.txt" | tee -a "$LOG"
 
 say "5. llama.cpp on the same weights"
 if [ -n "${LLAMA_BENCH:-}" ] && [ -x "$LLAMA_BENCH" ]; then
@@ -83,16 +89,18 @@ else
 fi
 
 say "6. table"
-python3 - "$LOG" "$OUT/dsv2_err.txt" "$OUT/llama_bench.jsonl" "$MODEL" "$PROMPT" "$GEN" "$THREADS" <<'PY' | tee "$OUT/table.md"
+python3 - "$LOG" "$OUT/dsv2_err.txt" "$OUT/llama_bench.jsonl" "$MODEL" "$PROMPT" "$GEN" "$THREADS" "$OUT/dsv2_plain_c_err.txt" <<'PY' | tee "$OUT/table.md"
 import json, os, re, sys
 sys.path.insert(0, "tools")
 from convert_model import read_model
-log, err, lj, model, prompt, gen, threads = sys.argv[1:8]
+log, err, lj, model, prompt, gen, threads, plain_err = sys.argv[1:9]
 prompt, gen = int(prompt), int(gen)
 text = open(log).read()
 bw = re.search(r"BENCH read_bandwidth GBps ([\d.]+)", text)
 bw = float(bw.group(1)) if bw else None
-d = re.search(r"prompt: (\d+) tokens, ([\d.]+) tok/s; generated: (\d+) tokens, ([\d.]+) tok/s", open(err).read())
+speed = r"prompt: (\d+) tokens, ([\d.]+) tok/s; generated: (\d+) tokens, ([\d.]+) tok/s"
+d = re.search(speed, open(err).read())
+plain = re.search(speed, open(plain_err).read()) if os.path.exists(plain_err) else None
 mem = re.search(r"memory: resident ([\d.]+) MiB \(peak ([\d.]+) MiB\); model file mapped: ([\d.]+) MiB", open(err).read())
 llama = {}
 if os.path.exists(lj):
@@ -124,6 +132,9 @@ if d:
     gbps = g_tps * step / 1e9
     print(f"| decode GB/s ({step / 1e9:.2f} GB a token) | {gbps:.1f} | {show(lg and lg * step / 1e9, '{:.1f}')} | | "
           f"{f'{100 * gbps / bw:.0f}% of the read bandwidth (target 70%)' if bw else ''} |")
+    if plain:
+        print(f"| decode tok/s, dsv2 built with -DDSV2_PLAIN_C | {float(plain.group(4)):.2f} | | | "
+              f"the AVX-512 q8 path is {g_tps / float(plain.group(4)):.2f}x this |")
 else:
     print("| dsv2 | failed: see the log | | | |")
 if mem:
