@@ -1500,8 +1500,8 @@ static void print_kv_cache_size(const Config *c) {
             mha, mha * 4, 100.0 * mla / mha);
 }
 
-// Memory after a run: resident (what the process holds in RAM now, the touched pages of the
-// mapped model file included, and at most) next to the size of the mapping itself.
+// Memory after a run: resident now and at the peak (the touched pages of the mapped model file
+// count), next to the size of the mapping itself.
 static void print_memory_summary(const Model *m) {
     long pages = 0, resident = 0, page = sysconf(_SC_PAGESIZE);
     FILE *f = fopen("/proc/self/statm", "r");  // Linux: total and resident size, in pages
