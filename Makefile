@@ -4,7 +4,7 @@ CFLAGS ?= -O3 -march=native -Wall -Wextra
 OMP = -fopenmp
 PYTHON ?= python3
 FIXTURES = lite v2
-FIXTURE_MODELS = $(foreach f,$(FIXTURES),build/fixtures/$(f).fp32.bin build/fixtures/$(f).bf16.bin)
+FIXTURE_MODELS = $(foreach f,$(FIXTURES),build/fixtures/$(f).fp32.bin build/fixtures/$(f).bf16.bin build/fixtures/$(f).q8.bin)
 FIXTURE_TOKS = $(foreach f,$(FIXTURES),build/fixtures/$(f).tok.bin)
 
 NVCC := $(shell command -v nvcc 2>/dev/null)
@@ -36,6 +36,10 @@ build/fixtures/%.bf16.bin: tests/fixtures/%/config.json export.py
 	@mkdir -p build/fixtures
 	$(PYTHON) export.py tests/fixtures/$* $@ --dtype bf16
 
+build/fixtures/%.q8.bin: tests/fixtures/%/config.json export.py
+	@mkdir -p build/fixtures
+	$(PYTHON) export.py tests/fixtures/$* $@ --dtype q8
+
 build/fixtures/%.tok.bin: tests/fixtures/%/tokenizer.json export.py
 	@mkdir -p build/fixtures
 	$(PYTHON) export.py tests/fixtures/$* --tokenizer $@
@@ -49,7 +53,13 @@ include tests/tokenizer.mk
 # the word list the default model's samples are checked against (a download)
 include tests/wordlist.mk
 
-test: dsv2 test_all $(CUDA_TARGETS) $(FIXTURE_MODELS) $(FIXTURE_TOKS) $(TOK_TEST_DEPS) build/malformed/cases.txt $(WORDLIST)
+# the default model in q8, for test_all's q8 checks
+build/dsv2_tiny.q8.bin: dsv2_tiny.bin tools/convert_model.py export.py
+	@mkdir -p build
+	$(PYTHON) tools/convert_model.py dsv2_tiny.bin $@ --dtype q8
+
+test: dsv2 test_all $(CUDA_TARGETS) $(FIXTURE_MODELS) $(FIXTURE_TOKS) build/dsv2_tiny.q8.bin $(TOK_TEST_DEPS) \
+      build/malformed/cases.txt $(WORDLIST)
 	./test_all
 
 clean:

@@ -135,7 +135,7 @@ static int one_wave(void (*kernel)(Params...), int threads, size_t smem) {
 // a weight tensor of n elements -> a new device buffer in bf16 (dst NULL) or into dst
 static bf16 *upload_mat(Mat w, size_t n, bf16 *dst) {
     if (!dst) cudaCheck(cudaMalloc(&dst, n * sizeof(bf16)));
-    if (w.bf16) {
+    if (w.dtype == DTYPE_BF16) {
         cudaCheck(cudaMemcpy(dst, w.data, n * sizeof(bf16), cudaMemcpyHostToDevice));
     } else {
         std::vector<uint16_t> tmp(n);
@@ -290,6 +290,7 @@ static void gpu_init(const Model *m, int seq_len) {
         if (seq_len != g->seq_len) die("dsv2cu: one context length per process (%d, then %d)", g->seq_len, seq_len);
         return;
     }
+    if (c->dtype == DTYPE_Q8) die("dsv2cu: q8 model files run on the CPU only (./dsv2); export with --dtype bf16 for the GPU");
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) die("dsv2cu: no CUDA GPU found");
     mla_config_check(c);

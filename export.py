@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """export.py: a Hugging Face DeepSeek-V2 directory -> one dsv2 model file and/or tokenizer.bin.
 
-  python3 export.py HF_DIR [MODEL_OUT] [--tokenizer TOK_OUT] [--dtype fp32|bf16]
+  python3 export.py HF_DIR [MODEL_OUT] [--tokenizer TOK_OUT] [--dtype fp32|bf16|q8]
 
 Standard library only. The model file is written tensor by tensor (peak memory is one chunk of
 one tensor, not the checkpoint); docs/FORMAT.md describes it. tokenizer.bin's layout is
@@ -10,6 +10,7 @@ described in the tokenizer section below.
 import argparse
 import array
 import json
+import operator
 import os
 import re
 import signal
@@ -551,13 +552,16 @@ def export_tokenizer(tab, out, out_path):
 #   header, HEADER_BYTES long: magic "DSV2", version, then the int32 fields of HEADER_INTS and
 #   the float32 fields of HEADER_FLOATS in that order, zero padded;
 #   then every tensor in the order of tensor_names(), each starting at a multiple of ALIGN,
-#   as fp32 or bf16 (the header's dtype), row-major in the Hugging Face shape [out, in].
+#   row-major in the Hugging Face shape [out, in], as fp32, bf16 or q8 (the header's dtype;
+#   tensor_dtype() says which tensors a q8 file keeps in fp32).
 
 MAGIC = b"DSV2"
 VERSION = 1
 HEADER_BYTES = 256
 ALIGN = 64
-DTYPES = {"fp32": 0, "bf16": 1}
+DTYPES = {"fp32": 0, "bf16": 1, "q8": 2}
+Q8_BLOCK = 32                # q8: values per block, consecutive along a row (the input dimension)
+Q8_BLOCK_BYTES = 2 + Q8_BLOCK  # an fp16 scale d, then 32 int8 q; value = d * q (llama.cpp's Q8_0)
 HEADER_INTS = [
     "dtype", "dim", "n_layers", "n_heads", "vocab_size", "q_lora_rank", "kv_lora_rank",
     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size",
@@ -942,6 +946,36 @@ class SafeTensors:
                 yield dtype, raw
 
 
+# ---------------- tensor data: conversions in bulk
+#
+# The standard library has no vector arithmetic, so the conversions do their per-value work in
+# operations implemented in C over a whole chunk (big-integer arithmetic, bytes.translate,
+# extended slices, array, struct), not in a Python statement per value.
+
+BIG_ENDIAN = sys.byteorder == "big"  # the arrays below are byte-swapped there: files are little-endian
+
+
+def floats(raw):
+    """little-endian float32 bytes -> array('f')"""
+    a = array.array("f", raw)
+    if BIG_ENDIAN:
+        a.byteswap()
+    return a
+
+
+def le_bytes(a):
+    """an array -> its little-endian bytes"""
+    if BIG_ENDIAN:
+        a = array.array(a.typecode, a)
+        a.byteswap()
+    return a.tobytes()
+
+
+def byte_table(f):
+    """a bytes.translate table: byte b -> f(b)"""
+    return bytes(f(b) for b in range(256))
+
+
 def bf16_to_f32(raw):
     """bf16 -> fp32 is a byte shuffle: the bf16 bits are the high half of the fp32 bits."""
     out = bytearray(2 * len(raw))
@@ -950,20 +984,43 @@ def bf16_to_f32(raw):
     return bytes(out)
 
 
+def bits(b):
+    """bytes as one big integer (little-endian): bitwise operations on it work on all bytes at once"""
+    return int.from_bytes(b, "little")
+
+
+EXP_HIGH_ONES = byte_table(lambda b: 0xFF if b & 0x7F == 0x7F else 0)  # byte 3: the exponent's 7 high bits set
+EXP_LOW_ONE = byte_table(lambda b: 0xFF if b & 0x80 else 0)            # byte 2: the exponent's low bit set
+ABOVE_HALF = byte_table(lambda b: 1 if b > 0x80 else 0)
+IS_HALF = byte_table(lambda b: 1 if b == 0x80 else 0)
+NONZERO = byte_table(lambda b: 1 if b else 0)
+ODD = byte_table(lambda b: b & 1)
+
+
 def f32_to_bf16(raw):
-    """fp32 -> bf16, rounding to nearest even (as torch does); NaN stays NaN."""
-    words = array.array("I", raw)
-    if sys.byteorder == "big":
-        words.byteswap()
-    out = array.array("H", bytes(2 * len(words)))
-    for i, w in enumerate(words):
-        if (w & 0x7F800000) == 0x7F800000 and (w & 0x7FFFFF):
-            out[i] = (w >> 16) | 0x40
-        else:
-            out[i] = ((w + 0x7FFF + ((w >> 16) & 1)) >> 16) & 0xFFFF
-    if sys.byteorder == "big":
-        out.byteswap()
-    return out.tobytes()
+    """fp32 -> bf16, rounding to nearest even (as torch does); NaN stays NaN.
+
+    The bf16 is the fp32's high half (bytes 2, 3), plus 1 where the low half (bytes 0, 1) is
+    above 0x8000, or exactly 0x8000 with the high half odd. Each byte column is one bytes object
+    (raw[k::4]); the tests are byte tables, combined as big integers."""
+    n = len(raw) // 4
+    b0, b1, b2, b3 = raw[0::4], raw[1::4], raw[2::4], raw[3::4]
+    inf_nan = bits(b3.translate(EXP_HIGH_ONES)) & bits(b2.translate(EXP_LOW_ONE))  # exponent all ones
+    up = bits(b1.translate(ABOVE_HALF)) | (bits(b1.translate(IS_HALF)) & (bits(b0.translate(NONZERO)) | bits(b2.translate(ODD))))
+    up &= ~inf_nan  # (an inf never rounds up; a NaN is redone below)
+    ups, high = bytearray(2 * n), bytearray(2 * n)
+    ups[0::2] = up.to_bytes(n, "little")
+    high[0::2], high[1::2] = b2, b3
+    out = bytearray((bits(high) + bits(ups)).to_bytes(2 * n, "little"))  # no carry leaves its 16 bits
+    if inf_nan:  # rare: NaN keeps its high half with the quiet bit set, as torch does
+        marks = inf_nan.to_bytes(n, "little")
+        i = marks.find(0xFF)
+        while i >= 0:
+            w = int.from_bytes(raw[4 * i:4 * i + 4], "little")
+            if w & 0x7FFFFF:
+                out[2 * i:2 * i + 2] = ((w >> 16) | 0x40).to_bytes(2, "little")
+            i = marks.find(0xFF, i + 1)
+    return bytes(out)
 
 
 def f16_to_f32(raw):
@@ -971,14 +1028,98 @@ def f16_to_f32(raw):
     return struct.pack(f"<{len(vals)}f", *vals)
 
 
+# q8: llama.cpp's Q8_0, computed exactly as ggml's quantize_row_q8_0_ref does in float32, so
+# that the same weights give the same bytes as llama.cpp's own quantizer:
+#   amax = max |x| over the block;  d = amax / 127;  id = d ? 1/d : 0;  q = roundf(x * id)
+#   stored: d as fp16 (round to nearest even), then the 32 q as int8
+# Float32 steps: a float32 division (amax / 127, 1 / d) done in double and rounded to float32
+# gives the float32 result (double has more than twice float32's precision), and the product of
+# two float32s is exact in double, so storing it into an array('f') rounds it as float32 would.
+# roundf(y) for 0 <= y < 128 is floor(y + 0.5): the integer part plus the first bit after the
+# point, both inside y's high 16 bits (sign, exponent, 7 mantissa bits). So it is a byte table
+# on the second-highest byte for each value of the highest byte; y < 0.5 when the highest byte
+# is below 63 (exponent < 126).
+CLEAR_SIGN = byte_table(lambda b: b & 0x7F)
+SIGN_MASK = byte_table(lambda b: 0xFF if b & 0x80 else 0)
+NEGATE = byte_table(lambda b: -b & 0xFF)
+
+
+def _roundf_tables():
+    tables = []
+    for top in (63, 64, 65, 66):  # y in [0.5, 2), [2, 8), [8, 32), [32, 128)
+        def rounded(b):
+            y = struct.unpack("<f", bytes([0, 0, b, top]))[0]
+            return int(y + 0.5) if y < 128 else 0
+        tables.append((byte_table(lambda b: 0xFF if b == top else 0), byte_table(rounded)))
+    return tables
+
+
+ROUNDF_TABLES = _roundf_tables()
+
+
+def f32_to_q8(raw):
+    """float32 values (a multiple of 32, rows of whole blocks) -> Q8_0 blocks"""
+    n = len(raw) // 4
+    nb = n // Q8_BLOCK
+    if n % Q8_BLOCK:
+        raise ValueError(f"q8 needs whole blocks of {Q8_BLOCK} values, got {n}")
+    # |x|: clear the sign bits; as uint32 the same values compare in the same order
+    absolute = bytearray(raw)
+    absolute[3::4] = raw[3::4].translate(CLEAR_SIGN)
+    words = array.array("I", absolute)
+    if BIG_ENDIAN:
+        words.byteswap()
+    blocks = memoryview(words)
+    amax = array.array("f", array.array("I", [max(blocks[i:i + Q8_BLOCK]) for i in range(0, n, Q8_BLOCK)]).tobytes())
+    d = array.array("f", [m / 127 for m in amax])
+    inv = array.array("f", [1 / v if v else 0.0 for v in d])
+    inv_per_value = array.array("f", bytes(4 * n))
+    for k in range(Q8_BLOCK):
+        inv_per_value[k::Q8_BLOCK] = inv
+    y = le_bytes(array.array("f", map(operator.mul, floats(absolute), inv_per_value)))  # |x| * id
+    q = 0  # roundf(|x| * id), one byte a value
+    for is_top, table in ROUNDF_TABLES:
+        q |= bits(y[2::4].translate(table)) & bits(y[3::4].translate(is_top))
+    negative = bits(raw[3::4].translate(SIGN_MASK))
+    minus_q = bits(q.to_bytes(n, "little").translate(NEGATE))
+    qs = ((q & ~negative) | (minus_q & negative)).to_bytes(n, "little")  # int8 two's complement
+    try:
+        scales = struct.pack(f"<{nb}e", *d)
+    except OverflowError:
+        raise ValueError("a weight is too large for q8's fp16 scale (|w| > 8.3e6)") from None
+    out = bytearray(nb * Q8_BLOCK_BYTES)
+    out[0::Q8_BLOCK_BYTES] = scales[0::2]
+    out[1::Q8_BLOCK_BYTES] = scales[1::2]
+    for k in range(Q8_BLOCK):
+        out[2 + k::Q8_BLOCK_BYTES] = qs[k::Q8_BLOCK]
+    return bytes(out)
+
+
 def convert(dtype_in, raw, dtype_out):
-    if dtype_out == "bf16":
-        if dtype_in == "BF16":
-            return raw
-        return f32_to_bf16(raw if dtype_in == "F32" else f16_to_f32(raw))
-    if dtype_in == "F32":
+    """a chunk of checkpoint values (BF16, F16 or F32 bytes) -> the bytes of dtype_out"""
+    if dtype_in == "BF16" and dtype_out == "bf16":
         return raw
-    return bf16_to_f32(raw) if dtype_in == "BF16" else f16_to_f32(raw)
+    f32 = raw if dtype_in == "F32" else bf16_to_f32(raw) if dtype_in == "BF16" else f16_to_f32(raw)
+    if dtype_out == "bf16":
+        return f32_to_bf16(f32)
+    return f32_to_q8(f32) if dtype_out == "q8" else f32
+
+
+def tensor_dtype(name, shape, dtype):
+    """How a file of this dtype stores one tensor. A q8 file keeps in fp32: the vectors (RMSNorm
+    weights, read once per token: no gain), the router (mlp.gate: its top-k picks experts, and a
+    small error there moves a token to another expert) and any matrix whose rows are not whole
+    blocks of 32 (none in DeepSeek-V2 or -Lite; the small test fixtures have some)."""
+    if dtype != "q8":
+        return dtype
+    if len(shape) == 2 and shape[1] % Q8_BLOCK == 0 and not name.endswith("mlp.gate.weight"):
+        return "q8"
+    return "fp32"
+
+
+def tensor_bytes(shape, tdtype):
+    n = _numel(shape)
+    return n // Q8_BLOCK * Q8_BLOCK_BYTES if tdtype == "q8" else n * (2 if tdtype == "bf16" else 4)
 
 
 # buffers some checkpoints store; dsv2 computes them from config.json
@@ -1032,18 +1173,18 @@ def export_model(h, st, names, out, out_path, dtype):
     """The checked model -> the dsv2 file in the open file out (the caller renames it to out_path)."""
     global _progress_open
     total = sum(_numel(s) for _, s in names)
-    width = 2 if dtype == "bf16" else 4
     done, t0, last = 0, time.time(), 0.0
     out.write(pack_header(h, dtype))
     for name, shape in names:
         out.write(b"\0" * (-out.tell() % ALIGN))
+        tdtype = tensor_dtype(name, shape, dtype)
         for dt, raw in st.stream(name, shape):
-            out.write(convert(dt, raw, dtype))
+            out.write(convert(dt, raw, tdtype))
         done += _numel(shape)
         if time.time() - last > 1.0 or done == total:
             last = time.time()
             print(f"\rexport.py: {done / total:6.1%} of {total / 1e6:.1f}M parameters, "
-                  f"{done * width / max(last - t0, 1e-9) / 1e6:.0f} MB/s", end="", file=sys.stderr)
+                  f"{done / max(last - t0, 1e-9) / 1e6:.1f}M parameters/s", end="", file=sys.stderr)
             _progress_open = True
     return f"export.py: wrote {out_path} ({out.tell() / 2**20:.1f} MiB, {dtype})"
 
@@ -1147,7 +1288,9 @@ def main():
     ap.add_argument("hf_dir", help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
     ap.add_argument("model_out", nargs="?", help="output model file")
     ap.add_argument("--tokenizer", metavar="TOK_OUT", help="also write tokenizer.bin here")
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight type in the model file")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "q8"], default="fp32",
+                    help="weight type in the model file (q8: int8 blocks of 32 with an fp16 scale, "
+                         "llama.cpp's Q8_0; docs/FORMAT.md)")
     signal.signal(signal.SIGTERM, _terminated)
     try:
         export(ap.parse_args())

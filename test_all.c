@@ -681,6 +681,12 @@ static void test_bad_input(void) {
     expect_error("unknown attention form", cmd, "-a expects");
     snprintf(cmd, sizeof(cmd), "./dsv2 %s %s -m poem", good, tok);
     expect_error("unknown mode", cmd, "-m expects");
+    snprintf(cmd, sizeof(cmd), "./dsv2 %s %s --threads 0", good, tok);
+    expect_error("--threads 0", cmd, "--threads expects");
+    // the summary after a run: resident memory, the mapped file's size, the threads asked for
+    check(system("./dsv2 dsv2_tiny.bin -n 4 -i hi --threads 1 2>&1 >/dev/null | "
+                 "grep -q '^memory: resident [0-9.]* MiB (peak [0-9.]* MiB); model file mapped: 14.9 MiB (bf16); 1 thread$'") == 0,
+          "./dsv2 --threads 1: the summary gives resident memory, the mapped model file (14.9 MiB, bf16) and 1 thread");
     snprintf(cmd, sizeof(cmd), "./dsv2 %s %s -n 1 --dump-logits /no/such/dir/x.bin", good, tok);
     expect_error("unwritable --dump-logits", cmd, "--dump-logits");
     // a prompt longer than the context: the lite fixture has 256 positions
@@ -862,6 +868,242 @@ static void test_default_model_words(void) {
     }
     int rc = p ? pclose(p) : -1;
     check(rc == 0 && strstr(summary, ": 0 listed word(s)"), "default model's samples: %s", summary);
+}
+
+// ---------------- q8 weights (llama.cpp's Q8_0 blocks) against the same model in fp32
+// The fixtures and the default model exported/converted to q8 (make test builds them). What is
+// checked, and why these bounds:
+// - each weight: w - d q, with q = roundf(w / d) and d = amax / 127 stored in fp16, is at most
+//   d/2 from rounding q plus 127 |d - fp16(d)| <= 127 * 2^-11 d from rounding d: 0.563 d in all;
+// - the q8 matrix-vector products equal the products of the dequantized weights (float32 rounding);
+// - the logits, with the router over all experts (so that no expert choice can flip): Q8_TOL of the
+//   logits' scale. Each weight moves by ~0.5% of its block's scale (rms of d/2 uniform rounding
+//   over a typical |w|); over the ~10-20 products a token passes through this gives 1-5% (measured
+//   in docs/BENCHMARKS.md: 1.2e-2 to 4.9e-2); a wrong scale, block or sign gives errors of order 1;
+// - greedy: teacher-forced, the argmax may differ from transformers' token only where the fp32
+//   model's top two logits are closer than 2 Q8_TOL of the scale (a near-tie q8 may flip).
+#define Q8_TOL 0.1
+
+// every tensor of a model in file order: (Mat, rows, cols, matrix: not a norm's or the router's)
+static int model_tensors(const Model *m, Mat *t, long *rows, long *cols, int *matrix, int max) {
+    const Config *c = &m->config;
+    int n = 0;
+#define PUT_AS(mat, r, k, is_matrix) do { \
+        if (n < max) { t[n] = (mat); rows[n] = (r); cols[n] = (k); matrix[n] = (is_matrix); } \
+        n++; \
+    } while (0)
+#define PUT(mat, r, k) PUT_AS(mat, r, k, (r) > 1)
+    long qk = c->qk_nope_head_dim + c->qk_rope_head_dim, mi = c->moe_intermediate_size;
+    PUT(m->embed_tokens, c->vocab_size, c->dim);
+    for (int l = 0; l < c->n_layers; l++) {
+        const Layer *L = &m->layers[l];
+        PUT(L->input_layernorm, 1, c->dim);
+        if (c->q_lora_rank) {
+            PUT(L->q_a_proj, c->q_lora_rank, c->dim);
+            PUT(L->q_a_layernorm, 1, c->q_lora_rank);
+        }
+        PUT(L->q_proj, c->n_heads * qk, c->q_lora_rank ? c->q_lora_rank : c->dim);
+        PUT(L->kv_a_proj_with_mqa, c->kv_lora_rank + c->qk_rope_head_dim, c->dim);
+        PUT(L->kv_a_layernorm, 1, c->kv_lora_rank);
+        PUT(L->kv_b_proj, (long)c->n_heads * (c->qk_nope_head_dim + c->v_head_dim), c->kv_lora_rank);
+        PUT(L->o_proj, c->dim, (long)c->n_heads * c->v_head_dim);
+        PUT(L->post_attention_layernorm, 1, c->dim);
+        const FFN *f = L->is_moe ? L->experts : &L->dense;
+        int n_ffn = L->is_moe ? c->n_routed_experts + (c->n_shared_experts > 0) : 1;
+        if (L->is_moe) PUT_AS(L->gate, c->n_routed_experts, c->dim, 0);
+        for (int e = 0; e < n_ffn; e++) {
+            const FFN *x = L->is_moe && e == c->n_routed_experts ? &L->shared : &f[e];
+            long width = !L->is_moe ? c->intermediate_size : e == c->n_routed_experts ? mi * c->n_shared_experts : mi;
+            PUT(x->gate_proj, width, c->dim);
+            PUT(x->up_proj, width, c->dim);
+            PUT(x->down_proj, c->dim, width);
+        }
+    }
+    PUT(m->norm, 1, c->dim);
+    PUT(m->lm_head, c->vocab_size, c->dim);
+#undef PUT
+#undef PUT_AS
+    return n;
+}
+
+// the q8 file against the fp32 file of the same checkpoint, tensor by tensor
+static void test_q8_weights(const char *name, const char *q8_path, const char *f32_path) {
+    Model mq, mf;
+    model_load(&mq, q8_path);
+    model_load(&mf, f32_path);
+    enum { MAX = 1 << 14 };
+    static Mat tq[MAX], tf[MAX];
+    static long rows[MAX], cols[MAX];
+    static int matrix[MAX];
+    int n = model_tensors(&mq, tq, rows, cols, matrix, MAX);
+    model_tensors(&mf, tf, rows, cols, matrix, MAX);
+    if (n > MAX) { check(0, "q8 %s: more than %d tensors", name, MAX); return; }
+    int quantized = 0, kept = 0, kept_wrong = 0, bad_weights = 0, bad_blocks = 0, fp32_differ = 0;
+    double worst_w = 0, worst_dot = 0, worst_axpy = 0;
+    float *x = xcalloc(1 << 16, sizeof(float)), *y = xcalloc(1 << 16, sizeof(float));
+    uint64_t rng = 42;
+    for (int j = 0; j < (1 << 16); j++) x[j] = random_f32(&rng) * 2 - 1;
+    for (int t = 0; t < n; t++) {
+        long r = rows[t], k = cols[t];
+        int should = matrix[t] && k % Q8_BLOCK == 0;  // in q8, by the rule of docs/FORMAT.md
+        if (tq[t].dtype != DTYPE_Q8) {
+            kept++;
+            kept_wrong += should || tq[t].dtype != DTYPE_F32;
+            if (tq[t].dtype == DTYPE_F32) fp32_differ += memcmp(tq[t].data, tf[t].data, r * k * sizeof(float)) != 0;
+            continue;
+        }
+        quantized++;
+        kept_wrong += !should;
+        const BlockQ8 *b = (const BlockQ8 *)tq[t].data;
+        for (long blk = 0; blk < r * k / Q8_BLOCK; blk++) {
+            float d = fp16_to_float(b[blk].d);
+            int qmax = 0;
+            for (int j = 0; j < Q8_BLOCK; j++) {
+                long i = blk * Q8_BLOCK + j;
+                double err = fabs((double)mat_at(tq[t], i) - mat_at(tf[t], i));
+                if (err > 0.563 * d + 1e-30) bad_weights++;
+                if (d > 0) worst_w = fmax(worst_w, err / d);
+                qmax = abs(b[blk].q[j]) > qmax ? abs(b[blk].q[j]) : qmax;
+            }
+            if (d > 0 && qmax != 127) bad_blocks++;
+        }
+        // the kernels: row_dot (matmul, matmul_rows) and row_axpy (matmul_rows_t) on the q8 rows
+        // against the dequantized weights in double
+        for (long i = 0; i < r && i < 64; i++) {
+            double ref = 0, scale = 0;
+            for (long j = 0; j < k; j++) { ref += (double)mat_at(tq[t], i * k + j) * x[j]; scale += fabs(mat_at(tq[t], i * k + j) * x[j]); }
+            worst_dot = fmax(worst_dot, fabs(row_dot(tq[t], i, x, (int)k) - ref) / (scale > 0 ? scale : 1));
+        }
+        long rr = r < 64 ? r : 64;
+        matmul_rows_t(y, x, tq[t], 0, (int)k, (int)rr);
+        for (long j = 0; j < k; j++) {
+            double ref = 0, scale = 0;
+            for (long i = 0; i < rr; i++) { ref += (double)mat_at(tq[t], i * k + j) * x[i]; scale += fabs(mat_at(tq[t], i * k + j) * x[i]); }
+            worst_axpy = fmax(worst_axpy, fabs(y[j] - ref) / (scale > 0 ? scale : 1));
+        }
+    }
+    check(quantized > 0 && !kept_wrong && !fp32_differ,
+          "q8 %s: %d matrices in q8, %d tensors kept in fp32 (norms, router, rows not whole blocks of 32), identical to the fp32 file's",
+          name, quantized, kept);
+    check(quantized > 0 && !bad_weights && !bad_blocks,
+          "q8 %s: every weight within 0.563 d of fp32 (largest: %.3f d), every block's largest |q| is 127 (d = amax / 127)",
+          name, worst_w);
+    check(quantized > 0 && worst_dot < 1e-5 && worst_axpy < 1e-5,
+          "q8 %s: q8 matrix-vector products (row_dot, row_axpy) = dequantized weights' in double: rel err %.1e, %.1e",
+          name, worst_dot, worst_axpy);
+    free(x); free(y);
+    model_free(&mq);
+    model_free(&mf);
+}
+
+// logits of the q8 file against the reference file (fp32 or bf16: the same weights before
+// quantization), teacher-forced over ids; with all_experts the router keeps every routed expert
+// (so no choice can flip). Returns the worst max|diff| / max|reference| over the positions. From
+// position `from` on, counts the argmax agreements with want[pos - from], and the disagreements
+// that are near-ties of the reference logits (closer than 2 Q8_TOL of their scale).
+static double widest_tie;  // of the disagreements q8_logits counted as near-ties: the reference's gap / scale
+
+static double q8_logits(const char *q8_path, const char *ref_path, const int *ids, int n, int all_experts,
+                        const int *want, int from, int *agree, int *near_ties) {
+    Model mq, mf;
+    model_load(&mq, q8_path);
+    model_load(&mf, ref_path);
+    if (all_experts) {
+        Knobs k = {mf.config.n_routed_experts, mf.config.topk_method == 1 ? mf.config.n_group : 0, 0, 0, 0};
+        knobs_apply(&mq.config, &k);
+        knobs_apply(&mf.config, &k);
+    }
+    RunState sq, sf;
+    runstate_init(&sq, &mq.config, n);
+    runstate_init(&sf, &mf.config, n);
+    int vocab = mf.config.vocab_size;
+    double worst = 0;
+    *agree = *near_ties = 0;
+    widest_tie = 0;
+    for (int pos = 0; pos < n; pos++) {
+        const float *lq = forward(&mq, &sq, ids[pos], pos, ATTN_ABSORBED), *lf = forward(&mf, &sf, ids[pos], pos, ATTN_ABSORBED);
+        double d = 0, r = 0;
+        for (int i = 0; i < vocab; i++) { d = fmax(d, fabs((double)lq[i] - lf[i])); r = fmax(r, fabs(lf[i])); }
+        worst = fmax(worst, d / r);
+        if (want && pos >= from) {
+            int got = sample_argmax(lq, vocab), top = want[pos - from];
+            if (got == top) (*agree)++;
+            else if (fabs((double)lf[top] - lf[got]) < 2 * Q8_TOL * r) {
+                (*near_ties)++;
+                widest_tie = fmax(widest_tie, fabs((double)lf[top] - lf[got]) / r);
+            }
+        }
+    }
+    runstate_free(&sq);
+    runstate_free(&sf);
+    model_free(&mq);
+    model_free(&mf);
+    return worst;
+}
+
+static void test_q8(void) {
+    const char *fixtures[] = {"lite", "v2"};
+    for (int f = 0; f < 2; f++) {
+        char q8[256], f32[256], path[256];
+        snprintf(q8, sizeof q8, "build/fixtures/%s.q8.bin", fixtures[f]);
+        snprintf(f32, sizeof f32, "build/fixtures/%s.fp32.bin", fixtures[f]);
+        test_q8_weights(fixtures[f], q8, f32);
+        Golden g[64];
+        snprintf(path, sizeof path, "tests/fixtures/%s/golden.txt", fixtures[f]);
+        int ng = golden_load(path, g, 64);
+        if (ng < 0) { check(0, "q8 %s: cannot read %s", fixtures[f], path); continue; }
+        const Golden *prompt = golden_get(g, ng, "prompt_ids"), *greedy = golden_get(g, ng, "greedy_ids");
+        int n = prompt->n + greedy->n, *ids = xcalloc(n, sizeof(int)), *want = xcalloc(greedy->n, sizeof(int));
+        for (int i = 0; i < n; i++) ids[i] = (int)(i < prompt->n ? prompt->v[i] : greedy->v[i - prompt->n]);
+        for (int i = 0; i < greedy->n; i++) want[i] = (int)greedy->v[i];
+        int agree, near_ties;
+        double e = q8_logits(q8, f32, ids, n, 1, NULL, 0, &agree, &near_ties);
+        check(e < Q8_TOL, "q8 %s: logits vs fp32 with the router over all experts, %d positions: max rel err %.2e (tolerance %.2g)",
+              fixtures[f], n, e, Q8_TOL);
+        // the real router; the reference's greedy token follows position prompt-1 onwards
+        e = q8_logits(q8, f32, ids, n - 1, 0, want, prompt->n - 1, &agree, &near_ties);
+        check(agree + near_ties == greedy->n, "q8 %s: teacher-forced argmax = transformers' greedy token at %d/%d positions, "
+              "the other %d near-ties (gap <= %.1e of the scale; logits with the real router: max rel err %.2e)",
+              fixtures[f], agree, greedy->n, near_ties, widest_tie, e);
+        free(ids); free(want);
+        for (int i = 0; i < ng; i++) free(g[i].v);
+    }
+    // the default model (bf16) converted to q8 by tools/convert_model.py, on the three prompts of
+    // tests/default with transformers' 64 greedy tokens each
+    const char *names[] = {"english", "code", "mixed"};
+    for (int p = 0; p < 3; p++) {
+        char path[256];
+        Golden g[8];
+        snprintf(path, sizeof path, "tests/default/%s/golden.txt", names[p]);
+        int ng = golden_load(path, g, 8);
+        if (ng < 0) { check(0, "q8 default model: cannot read %s", path); continue; }
+        const Golden *prompt = golden_get(g, ng, "prompt_ids"), *greedy = golden_get(g, ng, "greedy_ids");
+        int n = prompt->n + greedy->n, *ids = xcalloc(n, sizeof(int)), *want = xcalloc(greedy->n, sizeof(int));
+        for (int i = 0; i < n; i++) ids[i] = (int)(i < prompt->n ? prompt->v[i] : greedy->v[i - prompt->n]);
+        for (int i = 0; i < greedy->n; i++) want[i] = (int)greedy->v[i];
+        int agree, near_ties;
+        double e = q8_logits("build/dsv2_tiny.q8.bin", "dsv2_tiny.bin", ids, n, 1, NULL, 0, &agree, &near_ties);
+        check(e < Q8_TOL, "q8 default model %s: logits vs bf16 with the router over all experts, %d positions: max rel err %.2e (tolerance %.2g)",
+              names[p], n, e, Q8_TOL);
+        e = q8_logits("build/dsv2_tiny.q8.bin", "dsv2_tiny.bin", ids, n - 1, 0, want, prompt->n - 1, &agree, &near_ties);
+        check(agree + near_ties == greedy->n, "q8 default model %s: teacher-forced argmax = transformers' greedy token at %d/%d "
+              "positions, the other %d near-ties (gap <= %.1e of the scale; logits with the real router: max rel err %.2e)",
+              names[p], agree, greedy->n, near_ties, widest_tie, e);
+        free(ids); free(want);
+        for (int i = 0; i < ng; i++) free(g[i].v);
+    }
+    // tools/make_random_model.py (the benchmarks' models) writes the layout dsv2.c's loader
+    // computes on its own, in both dtypes (the fixtures' shapes: rows of 24, 48 and 64 values)
+    for (int f = 0; f < 2; f++)
+        for (int q = 0; q < 2; q++) {
+            char cmd[512];
+            snprintf(cmd, sizeof cmd, "python3 tools/make_random_model.py build/random_%s.bin --config tests/fixtures/%s/config.json "
+                     "--dtype %s >/dev/null && ./dsv2 build/random_%s.bin -z build/fixtures/%s.tok.bin -n 4 -i hi 2>&1 >/dev/null | "
+                     "grep -q 'model file mapped: .* (%s)'", fixtures[f], fixtures[f], q ? "q8" : "bf16", fixtures[f], fixtures[f],
+                     q ? "q8" : "bf16");
+            check(system(cmd) == 0, "tools/make_random_model.py --config tests/fixtures/%s/config.json --dtype %s: ./dsv2 loads and runs it",
+                  fixtures[f], q ? "q8" : "bf16");
+        }
 }
 
 // ---------------- the teaching kit: trace, perplexity, knobs, routing CSV, the workshop's commands
@@ -1198,6 +1440,7 @@ static void test_model(void) {
     test_routing_by_hand();
     test_default_model();
     test_default_model_words();
+    test_q8();
     test_bad_input();
     test_export_checks();
     test_teach();
