@@ -26,6 +26,7 @@ static void check(int ok, const char *fmt, ...) {
 #define TOK_V3 "build/tok/v3.bin"
 #define TOK_SHARED "../shared/data/deepseek-v2-tokenizer/"
 #define TOK_CORPUS "tests/tok/corpus.txt"
+#define TOK_CORPUS_UNICODE "tests/tok/corpus_unicode.txt"  // characters of Unicode 14.0-17.0 in context
 #define TOK_SEP "__dsv2_tok_case__"
 
 static char *tok_read_file(const char *path, size_t *len) {
@@ -328,6 +329,19 @@ static void test_tokenizer_vocab(const char *name, const char *bin, int want_bos
         free(cases.buf);
     } else {
         check(0, "%s: cannot read %s", name, TOK_CORPUS);
+    }
+    // characters assigned in Unicode 14.0 to 17.0 inside words, next to punctuation and digits: the
+    // classes must be tokenizers' (tools/unicode_classes.txt), not those of the exporting Python.
+    // Not compared with @lenml/tokenizers: JavaScript's regex classes follow Node's Unicode version.
+    if (tok_read_cases(&cases, TOK_CORPUS_UNICODE, TOK_SEP)) {
+        snprintf(what, sizeof what, "%s recent-Unicode corpus vs Rust tokenizers 0.23 golden", name);
+        snprintf(path, sizeof path, "tests/tok/golden_unicode_%s.txt", name);
+        tok_compare(&t, what, &cases, path);
+        snprintf(what, sizeof what, "%s recent-Unicode corpus", name);
+        tok_roundtrip(&t, what, &cases);
+        free(cases.buf);
+    } else {
+        check(0, "%s: cannot read %s", name, TOK_CORPUS_UNICODE);
     }
     size_t word_len = 1 << 20;
     char *word = malloc(word_len);
