@@ -40,7 +40,7 @@ build/fixtures/%.q8.bin: tests/fixtures/%/config.json export.py
 	@mkdir -p build/fixtures
 	$(PYTHON) export.py tests/fixtures/$* $@ --dtype q8
 
-build/fixtures/%.tok.bin: tests/fixtures/%/tokenizer.json export.py
+build/fixtures/%.tok.bin: tests/fixtures/%/tokenizer.json export.py tools/unicode_classes.txt
 	@mkdir -p build/fixtures
 	$(PYTHON) export.py tests/fixtures/$* --tokenizer $@
 

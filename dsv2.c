@@ -912,7 +912,7 @@ typedef struct { uint8_t len, n_ids; char bytes[22]; int32_t ids[6]; } BpeCacheS
 
 typedef struct {
     int vocab_size, bos_id, eos_id, add_bos;
-    char unicode_version[17];       // of the unicodedata export.py computed the classes with
+    char unicode_version[17];       // of the character classes (export.py's table): "regexes/Digits", e.g. "16.0.0/17.0.0"
     // views into the memory-mapped tokenizer.bin
     void *map; size_t map_size;
     const int32_t *token_off;       // (vocab_size+1,) token bytes = token_blob[off[id]:off[id+1]]
@@ -1067,14 +1067,16 @@ void tokenizer_load(Tokenizer *t, const char *path) {
     if (t->map == MAP_FAILED) die("cannot mmap tokenizer file %s", path);
     Reader r = {path, (const uint8_t *)t->map, (const uint8_t *)t->map + t->map_size};
     if (memcmp(take(&r, 8, 1), "DSV2TOK\0", 8) != 0) die("%s is not a dsv2 tokenizer file (bad magic)", path);
-    int version = take_int(&r);
-    if (version != 1) die("tokenizer file %s has version %d, this dsv2 reads version 1 (re-export it)", path, version);
+    int version = take_int(&r);  // 2: character classes from export.py's Unicode table (1: from Python's unicodedata)
+    if (version != 2) die("tokenizer file %s has version %d, this dsv2 reads version 2 (re-export it with export.py)", path, version);
     t->vocab_size = take_int(&r); t->n_merges = take_int(&r); t->n_added = take_int(&r);
     t->bos_id = take_int(&r); t->eos_id = take_int(&r); t->add_bos = take_int(&r);
     t->n_classes = take_int(&r); int n_ranges = take_int(&r);
     t->n_steps = take_int(&r); int n_alts = take_int(&r), n_atoms = take_int(&r);
     int blob_bytes = take_int(&r); t->has_chat = take_int(&r);
     memcpy(t->unicode_version, take(&r, 16, 1), 16);
+    if (strspn(t->unicode_version, "0123456789./") != strlen(t->unicode_version) || !t->unicode_version[0])
+        die("tokenizer file %s is corrupt (Unicode version)", path);
     if (t->vocab_size <= 0 || t->n_merges < 0 || t->n_added < 0 || t->n_classes < 0 || n_ranges < 0 ||
         t->n_steps < 0 || n_alts < 0 || n_atoms < 0 || blob_bytes < 0)
         die("tokenizer file %s is corrupt (negative sizes)", path);
@@ -1403,6 +1405,8 @@ void tokenizer_cli(Tokenizer *t, const char *mode, const char *input) {
         int *ids = tokenizer_encode(t, input, strlen(input), t->add_bos, &n);
         for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
         printf("\n");
+        fprintf(stderr, "%d ids (tokenizer: %d tokens, character classes of Unicode %s, regexes/digits)\n", n, t->vocab_size,
+                t->unicode_version);
         free(ids);
     } else if (strcmp(mode, "decode") == 0) {
         DecodeState s = {0};

