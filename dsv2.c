@@ -93,8 +93,8 @@ typedef struct {
     Mat input_layernorm;     // (dim)
     Mat q_a_proj;            // W^DQ (q_lora_rank, dim); data NULL when q_lora_rank == 0
     Mat q_a_layernorm;       // (q_lora_rank)
-    Mat q_proj;              // q_b_proj [W^UQ; W^QR] per head (n_heads*(d_h+d_h^R), q_lora_rank),
-                             // or q_proj (same rows, dim) when the query is not compressed
+    Mat q_b_proj;            // [W^UQ_i; W^QR_i] per head (n_heads*(d_h+d_h^R), q_lora_rank); without query
+                             // compression (V2-Lite) the checkpoint's q_proj (same rows, dim): c_t^Q = h_t
     Mat kv_a_proj_with_mqa;  // [W^DKV; W^KR] (kv_lora_rank + d_h^R, dim)
     Mat kv_a_layernorm;      // (kv_lora_rank)
     Mat kv_b_proj;           // per head [W^UK_i; W^UV_i] (n_heads*(d_h+v_head_dim), kv_lora_rank)
@@ -158,9 +158,9 @@ static uint64_t map_weights(Model *m, const char *base) {
         if (c->q_lora_rank) {
             TAKE(L->q_a_proj, c->q_lora_rank, c->dim);
             TAKE(L->q_a_layernorm, 1, c->q_lora_rank);
-            TAKE(L->q_proj, c->n_heads * qk_head, c->q_lora_rank);
+            TAKE(L->q_b_proj, c->n_heads * qk_head, c->q_lora_rank);
         } else {
-            TAKE(L->q_proj, c->n_heads * qk_head, c->dim);
+            TAKE(L->q_b_proj, c->n_heads * qk_head, c->dim);
         }
         TAKE(L->kv_a_proj_with_mqa, c->kv_lora_rank + c->qk_rope_head_dim, c->dim);
         TAKE(L->kv_a_layernorm, 1, c->kv_lora_rank);
@@ -555,9 +555,9 @@ static void mla_attention(const Model *m, RunState *s, int l, int pos, AttnForm 
     if (c->q_lora_rank) {
         matmul(s->c_q, h, L->q_a_proj, c->dim, c->q_lora_rank);              // eq. (12) c_t^Q = W^DQ h_t
         rmsnorm(s->c_q, s->c_q, L->q_a_layernorm, c->q_lora_rank, c->rms_norm_eps);
-        matmul(s->q, s->c_q, L->q_proj, c->q_lora_rank, c->n_heads * qk_head); // eq. (13) q_t^C = W^UQ c_t^Q (and W^QR c_t^Q)
+        matmul(s->q, s->c_q, L->q_b_proj, c->q_lora_rank, c->n_heads * qk_head); // eq. (13) q_t^C = W^UQ c_t^Q (and W^QR c_t^Q)
     } else {
-        matmul(s->q, h, L->q_proj, c->dim, c->n_heads * qk_head);           // eq. (13) without compression
+        matmul(s->q, h, L->q_b_proj, c->dim, c->n_heads * qk_head);           // eq. (13) without compression
     }
     for (int i = 0; i < c->n_heads; i++)
         rope_apply(s->q + i * qk_head + nope, s, rope);                      // eq. (14) q_t^R = RoPE(W^QR c_t^Q)
