@@ -226,6 +226,9 @@ static void check_config(const Config *c, const char *path) {
 #undef RANGE
     if (c->qk_rope_head_dim % 2) die("%s: qk_rope_head_dim must be even", path);
     if (c->n_routed_experts % c->n_group) die("%s: n_routed_experts is not a multiple of n_group", path);
+    if (c->topk_method == 1 && c->topk_group * (c->n_routed_experts / c->n_group) < c->n_experts_per_tok)
+        die("%s: unsupported config: topk_group %d groups of %d experts hold fewer than n_experts_per_tok %d", path,
+            c->topk_group, c->n_routed_experts / c->n_group, c->n_experts_per_tok);
     if (!(c->rms_norm_eps > 0 && c->rms_norm_eps < 1) || !(c->rope_theta > 1) ||
         !isfinite(c->routed_scaling_factor) || (c->rope_yarn && !(c->rope_factor >= 1)) ||
         (c->rope_yarn && c->original_max_position_embeddings < 1))
