@@ -1041,6 +1041,16 @@ static void test_teach_cli(void) {
                  "greedily");
     expect_error("--no-yarn on a plain-RoPE model", "./dsv2 build/fixtures/lite.fp32.bin -z build/fixtures/lite.tok.bin -n 1 --no-yarn",
                  "plain RoPE");
+    // a model file whose kept groups hold fewer experts than K_r (2 of 4 groups of 3 < 7): refused
+    size_t n;
+    char *v2 = tok_read_file("build/fixtures/v2.fp32.bin", &n);
+    if (v2 && n > HEADER_BYTES) {
+        ((int32_t *)(v2 + 8))[14] = 7;  // n_experts_per_tok
+        write_file("build/bad_groups.bin", v2, n);
+    }
+    free(v2);
+    expect_error("a config whose topk_group groups hold fewer than K_r experts",
+                 "./dsv2 build/bad_groups.bin -z build/fixtures/v2.tok.bin -n 1", "fewer than n_experts_per_tok 7");
 }
 
 // every ./dsv2 command of docs/WORKSHOP.md's ```sh blocks runs, exits 0 and prints something
