@@ -356,8 +356,9 @@ static void runstate_free(RunState *s) {
     free(s->topk_idx);
 }
 
-// The teaching trace's hooks: when RunState.trace is set, a block's last line reports what it
-// computed (defined after forward(); they read the block's results and never change them).
+// The teaching trace's hooks, when RunState.trace is set: forward() first asks trace_begin whether
+// this position is traced; then each block's last line reports what the block computed. They are
+// defined after forward(), and they read the blocks' results without changing them.
 static void trace_begin(Trace *t, int token, int pos);
 static void trace_mla(const Model *m, const RunState *s, int l, int pos);
 static void trace_dense(const Config *c, const RunState *s, int l);
