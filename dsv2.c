@@ -5,7 +5,9 @@
  * values, a cache that holds only the latent c^KV and one shared RoPE key per token, query
  * compression, decoupled RoPE with YaRN, and the absorbed form of Appendix C.
  * DeepSeekMoE (sec. 2.2, eqs. 20-22): shared and routed experts, top-k and device-limited routing.
- * Every equation is a `// eq. (N)` comment on the line that computes it.
+ * Each of eqs. 9-22 is a `// eq. (N)` comment on the line that computes it, in the paper's order
+ * within MLA (the MoE section runs 22, 21, 20 and says why); what the checkpoints add to the
+ * equations is marked `// not in the paper: ...` with the reason.
  *
  * Build: gcc -O3 -march=native -fopenmp -o dsv2 dsv2.c -lm      (or: make)
  * Run:   ./dsv2 dsv2_tiny.bin -z tokenizer.bin -i "The jury said that the city"
@@ -112,8 +114,8 @@ typedef struct {
     Mat input_layernorm;     // (dim)
     Mat q_a_proj;            // W^DQ (q_lora_rank, dim); data NULL when q_lora_rank == 0
     Mat q_a_layernorm;       // (q_lora_rank)
-    Mat q_proj;              // q_b_proj [W^UQ; W^QR] per head (n_heads*(d_h+d_h^R), q_lora_rank),
-                             // or q_proj (same rows, dim) when the query is not compressed
+    Mat q_b_proj;            // [W^UQ_i; W^QR_i] per head (n_heads*(d_h+d_h^R), q_lora_rank); without query
+                             // compression (V2-Lite) the checkpoint's q_proj (same rows, dim): c_t^Q = h_t
     Mat kv_a_proj_with_mqa;  // [W^DKV; W^KR] (kv_lora_rank + d_h^R, dim)
     Mat kv_a_layernorm;      // (kv_lora_rank)
     Mat kv_b_proj;           // per head [W^UK_i; W^UV_i] (n_heads*(d_h+v_head_dim), kv_lora_rank)
@@ -205,9 +207,9 @@ static uint64_t map_weights(Model *m, const char *base) {
         if (c->q_lora_rank) {
             TAKE(L->q_a_proj, c->q_lora_rank, c->dim);
             TAKE_VECTOR(L->q_a_layernorm, c->q_lora_rank);
-            TAKE(L->q_proj, c->n_heads * qk_head, c->q_lora_rank);
+            TAKE(L->q_b_proj, c->n_heads * qk_head, c->q_lora_rank);
         } else {
-            TAKE(L->q_proj, c->n_heads * qk_head, c->dim);
+            TAKE(L->q_b_proj, c->n_heads * qk_head, c->dim);
         }
         TAKE(L->kv_a_proj_with_mqa, c->kv_lora_rank + c->qk_rope_head_dim, c->dim);
         TAKE_VECTOR(L->kv_a_layernorm, c->kv_lora_rank);
@@ -273,6 +275,9 @@ static void check_config(const Config *c, const char *path) {
 #undef RANGE
     if (c->qk_rope_head_dim % 2) die("%s: qk_rope_head_dim must be even", path);
     if (c->n_routed_experts % c->n_group) die("%s: n_routed_experts is not a multiple of n_group", path);
+    if (c->topk_method == 1 && c->topk_group * (c->n_routed_experts / c->n_group) < c->n_experts_per_tok)
+        die("%s: unsupported config: topk_group %d groups of %d experts hold fewer than n_experts_per_tok %d", path,
+            c->topk_group, c->n_routed_experts / c->n_group, c->n_experts_per_tok);
     if (!(c->rms_norm_eps > 0 && c->rms_norm_eps < 1) || !(c->rope_theta > 1) ||
         !isfinite(c->routed_scaling_factor) || (c->rope_yarn && !(c->rope_factor >= 1)) ||
         (c->rope_yarn && c->original_max_position_embeddings < 1))
@@ -313,54 +318,49 @@ static void model_free(Model *m) {
 
 // ----------------------------------------------------------------------------
 // ---------------- The run state: activations and the latent KV cache
+//
+// Paper symbols in the comments: d = dim, n_h = n_heads, d_h = qk_nope_head_dim, d_h^R =
+// qk_rope_head_dim, d_c = kv_lora_rank, d_c' = q_lora_rank; d_v = v_head_dim (the paper's d_h).
 
+// -a: what attention reads from the latent cache. Both forms give the same logits (mla_attention).
 typedef enum { ATTN_ABSORBED, ATTN_NAIVE } AttnForm;
 
-// The teaching trace (--trace, --routing-out; docs/WORKSHOP.md): when RunState.trace is set, the
-// blocks below report each equation's tensor as they compute it. NULL (the default) costs one
-// pointer test per equation. Consumers: 80-column text lines, a routing CSV, and the tests,
-// which get every full vector through `record`.
-typedef struct {
-    FILE *out;              // --trace: one line per equation (NULL: no text)
-    FILE *routing_csv;      // --routing-out: pos,token,text,layer,rank,expert,weight rows (NULL: none)
-    const int *positions;   // --trace-pos: only these positions (n_positions 0: every position)
-    int n_positions;
-    void (*record)(void *ctx, int layer, const char *name, const float *v, int n);  // NULL: none
-    void *record_ctx;
-    int (*token_text)(void *ctx, int id, char *buf, int size);  // a token's text (tokenizer below)
-    void *token_ctx;
-    int active, pos, token; // set by forward(): is this position traced, and which it is
-    long first_index;       // -m ppl: index in the text of the window's first token (CSV column pos)
-} Trace;
+typedef struct Trace Trace;  // the teaching trace (--trace, --routing-out): its section follows forward()
 
 typedef struct {
-    float *x;         // residual stream h (dim)
-    float *xb;        // normed input of attention / FFN (dim)
-    float *c_q;       // c_t^Q, the compressed query (q_lora_rank)
-    float *q;         // [q_t,i^C ; q_t,i^R] for every head (n_heads, d_h + d_h^R)
-    float *kv_a;      // [c_t^KV ; k_t^R] as projected (kv_lora_rank + d_h^R)
-    float *q_absorbed;// absorbed form: W^UK_i^T q_t,i^C per head (n_heads, kv_lora_rank)
-    float *o_latent;  // absorbed form: sum_j p_j c_j^KV per head (n_heads, kv_lora_rank)
-    float *kv_head;   // naive form: k_j,i^C and v_j,i^C rebuilt per head (n_heads, d_h + v_head_dim)
-    float *att;       // attention probabilities (n_heads, seq_len)
-    float *o;         // o_t,i for every head (n_heads, v_head_dim)
-    float *u;         // u_t, attention or FFN output (dim)
-    float *ffn_out;   // (dim)
-    float *hb, *hb2;  // FFN hidden (max width)
-    float *scores;    // s_i,t router affinities (n_routed_experts)
-    int *topk_idx;    // chosen experts (n_experts_per_tok)
-    float *topk_w;    // g_i,t of the chosen experts (n_experts_per_tok)
+    float *x;          // the residual stream (dim)
+    float *h;          // h_t = RMSNorm(x), the attention's input (dim)
+    float *c_q;        // c_t^Q, the compressed query (d_c')
+    float *q;          // every head's query [q_t,i^C ; q_t,i^R] (n_h, d_h + d_h^R)
+    float *kv_rebuilt; // naive form: k_j,i^C then v_j,i^C of one cached token j, per head (n_h, d_h + d_v)
+    float *q_latent;   // absorbed form: W^UK_i^T q_t,i^C per head (n_h, d_c)
+    float *o_latent;   // absorbed form: sum_j p_t,i,j c_j^KV per head (n_h, d_c)
+    float *att;        // p_t,i,j, the attention probabilities of every head (n_h, seq_len)
+    float *o;          // o_t,i of every head (n_h, d_v)
+    float *attn_out;   // the attention's output, u_t of eq. 19 (dim)
+    float *u;          // the FFN's input, u_t of eq. 20: RMSNorm of x after the attention's residual (dim)
+    float *scores;     // u_t^T e_i of every routed expert, turned into s_i,t by moe_route (n_routed_experts)
+    int *topk_idx;     // the chosen routed experts, best first (n_experts_per_tok)
+    float *topk_w;     // their g_i,t (n_experts_per_tok)
+    float *expert_out; // one routed expert's FFN_i^(r)(u_t) (dim)
+    float *hb, *hb2;   // an FFN's hidden layer: silu(gate u) * up u, and up u (the widest FFN's width)
+    float *ffn_out;    // the FFN's output: eq. 20's sums, without its "u_t +" (dim)
     float *rope_cos, *rope_sin;  // this position's rotation (d_h^R / 2)
-    float *inv_freq;  // RoPE / YaRN inverse frequencies (d_h^R / 2)
+    float *inv_freq;   // RoPE / YaRN inverse frequencies (d_h^R / 2)
     float rope_mscale;     // YaRN's factor on cos/sin (1 without YaRN)
     float softmax_scale;   // 1/sqrt(d_h + d_h^R), times YaRN's mscale^2
-    float *logits;    // (vocab_size)
-    float *kv_cache;  // THE cache: (n_layers, seq_len, kv_lora_rank + d_h^R): c^KV then k^R
+    float *logits;     // (vocab_size)
+    float *kv_cache;   // THE cache: (n_layers, seq_len, d_c + d_h^R), each row [c_j^KV ; k_j^R]
     int seq_len;
-    Trace *trace;     // the teaching trace, NULL when off
+    Trace *trace;      // the teaching trace, NULL when off
 } RunState;
 
 static int kv_cache_width(const Config *c) { return c->kv_lora_rank + c->qk_rope_head_dim; }
+
+// layer l's cache row of position pos: [c^KV (d_c) ; k^R (d_h^R)]
+static float *cache_row(const RunState *s, const Config *c, int l, int pos) {
+    return s->kv_cache + ((size_t)l * s->seq_len + pos) * kv_cache_width(c);
+}
 
 static void rope_init(RunState *s, const Config *c);
 
@@ -372,22 +372,23 @@ static void runstate_init(RunState *s, const Config *c, int seq_len) {
     s->seq_len = seq_len;
     s->trace = NULL;
     s->x = (float *)xcalloc(c->dim, sizeof(float));
-    s->xb = (float *)xcalloc(c->dim, sizeof(float));
+    s->h = (float *)xcalloc(c->dim, sizeof(float));
     s->c_q = (float *)xcalloc(c->q_lora_rank, sizeof(float));
     s->q = (float *)xcalloc((size_t)c->n_heads * qk_head, sizeof(float));
-    s->kv_a = (float *)xcalloc(kv_cache_width(c), sizeof(float));
-    s->q_absorbed = (float *)xcalloc((size_t)c->n_heads * c->kv_lora_rank, sizeof(float));
+    s->kv_rebuilt = (float *)xcalloc((size_t)c->n_heads * (c->qk_nope_head_dim + c->v_head_dim), sizeof(float));
+    s->q_latent = (float *)xcalloc((size_t)c->n_heads * c->kv_lora_rank, sizeof(float));
     s->o_latent = (float *)xcalloc((size_t)c->n_heads * c->kv_lora_rank, sizeof(float));
-    s->kv_head = (float *)xcalloc((size_t)c->n_heads * (c->qk_nope_head_dim + c->v_head_dim), sizeof(float));
     s->att = (float *)xcalloc((size_t)c->n_heads * seq_len, sizeof(float));
     s->o = (float *)xcalloc((size_t)c->n_heads * c->v_head_dim, sizeof(float));
+    s->attn_out = (float *)xcalloc(c->dim, sizeof(float));
     s->u = (float *)xcalloc(c->dim, sizeof(float));
-    s->ffn_out = (float *)xcalloc(c->dim, sizeof(float));
-    s->hb = (float *)xcalloc(ffn_width, sizeof(float));
-    s->hb2 = (float *)xcalloc(ffn_width, sizeof(float));
     s->scores = (float *)xcalloc(c->n_routed_experts, sizeof(float));
     s->topk_idx = (int *)xcalloc(c->n_experts_per_tok, sizeof(int));
     s->topk_w = (float *)xcalloc(c->n_experts_per_tok, sizeof(float));
+    s->expert_out = (float *)xcalloc(c->dim, sizeof(float));
+    s->hb = (float *)xcalloc(ffn_width, sizeof(float));
+    s->hb2 = (float *)xcalloc(ffn_width, sizeof(float));
+    s->ffn_out = (float *)xcalloc(c->dim, sizeof(float));
     s->rope_cos = (float *)xcalloc(c->qk_rope_head_dim / 2, sizeof(float));
     s->rope_sin = (float *)xcalloc(c->qk_rope_head_dim / 2, sizeof(float));
     s->inv_freq = (float *)xcalloc(c->qk_rope_head_dim / 2, sizeof(float));
@@ -397,85 +398,26 @@ static void runstate_init(RunState *s, const Config *c, int seq_len) {
 }
 
 static void runstate_free(RunState *s) {
-    float *all[] = {s->x, s->xb, s->c_q, s->q, s->kv_a, s->q_absorbed, s->o_latent, s->kv_head, s->att,
-                    s->o, s->u, s->ffn_out, s->hb, s->hb2, s->scores, s->topk_w, s->rope_cos, s->rope_sin,
+    float *all[] = {s->x, s->h, s->c_q, s->q, s->kv_rebuilt, s->q_latent, s->o_latent, s->att, s->o, s->attn_out,
+                    s->u, s->scores, s->topk_w, s->expert_out, s->hb, s->hb2, s->ffn_out, s->rope_cos, s->rope_sin,
                     s->inv_freq, s->logits, s->kv_cache};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]);
     free(s->topk_idx);
 }
 
-// ----------------------------------------------------------------------------
-// ---------------- The teaching trace: each equation's tensor, as it is computed
-//
-// Line format (80 columns): `L<layer> eq.(N) <paper name> [shape] first values ...`; layers count
-// from 0 as in the code; per-head tensors show head 1 (i = 1 in the paper, index 0 here).
-
-static int tracing(const RunState *s) { return s->trace && s->trace->active; }
-
-// copies token id's text into buf with newlines, tabs, quotes and control bytes escaped
-static void trace_token_text(const Trace *t, int id, char *buf, int size) {
-    char raw[64];
-    int n = t->token_text ? t->token_text(t->token_ctx, id, raw, sizeof(raw)) : 0, k = 0;
-    for (int i = 0; i < n && k < size - 5; i++) {
-        unsigned char ch = (unsigned char)raw[i];
-        if (ch == '\n') { buf[k++] = '\\'; buf[k++] = 'n'; }
-        else if (ch == '\t') { buf[k++] = '\\'; buf[k++] = 't'; }
-        else if (ch == '"' || ch == '\\') { buf[k++] = '\\'; buf[k++] = (char)ch; }
-        else if (ch < 0x20 || ch == 0x7f) k += snprintf(buf + k, size - k, "\\x%02x", ch);
-        else buf[k++] = (char)ch;
-    }
-    buf[k] = 0;
-}
-
-// forward() calls this first: is position pos traced? prints the token's header line
-static void trace_begin(Trace *t, int token, int pos) {
-    t->pos = pos;
-    t->token = token;
-    t->active = t->n_positions == 0;
-    for (int i = 0; i < t->n_positions; i++) if (t->positions[i] == pos) t->active = 1;
-    if (t->active && t->out) {
-        char text[160];
-        trace_token_text(t, token, text, sizeof(text));
-        fflush(stdout);  // the prompt echoed so far, when the trace goes to the terminal too
-        fprintf(t->out, "\n--- position %d, token %d \"%s\"\n", pos, token, text);
-    }
-}
-
-// one line: `L3 eq.(9)  c_t^KV  [64]  0.12 -0.53 ...`; rows > 1 shows the shape as [rows x n/rows]
-static void trace_vec(const RunState *s, int l, const char *eq, const char *name, const float *v, int n, int rows) {
-    Trace *t = s->trace;
-    if (t->record) t->record(t->record_ctx, l, name, v, n);
-    if (!t->out) return;
-    char line[128];
-    int k = rows > 1 ? snprintf(line, sizeof(line), "L%d %-9s %-9s [%dx%d]", l, eq, name, rows, n / rows)
-                     : snprintf(line, sizeof(line), "L%d %-9s %-9s [%d]", l, eq, name, n);
-    while (k < 34) line[k++] = ' ';
-    line[k] = 0;
-    for (int i = 0; i < n; i++) {
-        char val[32];
-        int w = snprintf(val, sizeof(val), " %.3g", v[i]);
-        if (k + w > (i + 1 < n ? 75 : 79)) { k += snprintf(line + k, sizeof(line) - k, " ..."); break; }
-        memcpy(line + k, val, w + 1);
-        k += w;
-    }
-    fprintf(t->out, "%s\n", line);
-}
-
-// a line of words: shapes of concatenations, routing decisions, the cache
-static void trace_text(const RunState *s, int l, const char *eq, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
-static void trace_text(const RunState *s, int l, const char *eq, const char *fmt, ...) {
-    if (!s->trace->out) return;
-    va_list ap; va_start(ap, fmt);
-    if (l >= 0) fprintf(s->trace->out, "L%d %-9s ", l, eq);
-    vfprintf(s->trace->out, fmt, ap);
-    fprintf(s->trace->out, "\n");
-    va_end(ap);
-}
+// The teaching trace's hooks, when RunState.trace is set: forward() first asks trace_begin whether
+// this position is traced; then each block's last line reports what the block computed. They are
+// defined after forward(), and they read the blocks' results without changing them.
+static void trace_begin(Trace *t, int token, int pos);
+static void trace_mla(const Model *m, const RunState *s, int l, int pos);
+static void trace_dense(const Config *c, const RunState *s, int l);
+static void trace_moe(const Config *c, const RunState *s, int l);
+static void trace_cache(const Config *c, const RunState *s, int pos);
 
 // ----------------------------------------------------------------------------
 // ---------------- Neural net blocks
 
-// RMSNorm: o = x * rsqrt(mean(x^2) + eps) * w, in float32 (size n)
+// RMSNorm: o = x * rsqrt(mean(x^2) + eps) * w, in float32; x, w, o are (n,), o may be x
 static void rmsnorm(float *o, const float *x, Mat w, int n, float eps) {
     float ss = 0.0f;
     for (int i = 0; i < n; i++) ss += x[i] * x[i];
@@ -483,6 +425,7 @@ static void rmsnorm(float *o, const float *x, Mat w, int n, float eps) {
     for (int i = 0; i < n; i++) o[i] = mat_at(w, i) * (x[i] * r);
 }
 
+// x (n,) -> softmax(x) in place
 static void softmax(float *x, int n) {
     float max = x[0];
     for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
@@ -573,7 +516,14 @@ static void matmul_rows_t(float *xout, const float *x, Mat w, size_t r0, int n, 
 
 static float silu(float x) { return x / (1.0f + expf(-x)); }
 
-// ---------------- Decoupled RoPE with YaRN (eqs. 14-15)
+// index of the largest of x (n,), the lowest index on ties
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    return best;
+}
+
+// ---------------- Decoupled RoPE with YaRN (sec. 2.1.3; used by eqs. 14-15)
 
 // YaRN's magnitude correction: 0.1 m ln(s) + 1 for s > 1
 static double yarn_get_mscale(double scale, double m) { return scale <= 1 ? 1.0 : 0.1 * m * log(scale) + 1.0; }
@@ -583,9 +533,10 @@ static double yarn_correction_dim(double num_rotations, int dim, double base, in
     return (dim * log(max_pos / (num_rotations * 2 * M_PI))) / (2 * log(base));
 }
 
-// inverse frequencies inv_freq[i] = theta^(-2i/d_h^R); with YaRN, the low frequencies are
+// inv_freq (d_h^R / 2): inv_freq[i] = theta^(-2i/d_h^R); with YaRN, the low frequencies are
 // interpolated (divided by the factor) and the high ones kept, with a linear ramp between the
 // correction dimensions of beta_fast and beta_slow. Float32 steps as transformers takes them.
+// Also the two scalars YaRN changes: rope_mscale (on cos/sin) and softmax_scale (eq. 18's).
 static void rope_init(RunState *s, const Config *c) {
     int half = c->qk_rope_head_dim / 2, dim = c->qk_rope_head_dim;
     s->rope_mscale = 1.0f;
@@ -613,12 +564,15 @@ static void rope_init(RunState *s, const Config *c) {
         s->rope_mscale = (float)(yarn_get_mscale(c->rope_factor, c->mscale) / yarn_get_mscale(c->rope_factor, c->mscale_all_dim));
     else s->rope_mscale = (float)yarn_get_mscale(c->rope_factor, 1.0);
     if (c->mscale_all_dim != 0) {
+        // not in the paper: YaRN's attention temperature, get_mscale(factor, mscale_all_dim)^2 (1.59 for
+        // V2) on every q.k, not only the RoPE halves: it keeps attention as sharp over the extended context
         float m = (float)yarn_get_mscale(c->rope_factor, c->mscale_all_dim);
         s->softmax_scale = (float)((1.0 / sqrt((double)(c->qk_nope_head_dim + c->qk_rope_head_dim))) * m * m);
     }
 }
 
-// cos and sin of this position's angles (pos * inv_freq[i], in float32), times YaRN's mscale
+// rope_cos, rope_sin (d_h^R / 2): cos and sin of this position's angles pos * inv_freq[i], in
+// float32, times YaRN's mscale
 static void rope_position(RunState *s, const Config *c, int pos) {
     for (int i = 0; i < c->qk_rope_head_dim / 2; i++) {
         float angle = (float)pos * s->inv_freq[i];
@@ -627,7 +581,7 @@ static void rope_position(RunState *s, const Config *c, int pos) {
     }
 }
 
-// rotate the INTERLEAVED pairs (2i, 2i+1) of v (d_h^R values), as the checkpoints expect
+// v (rope_dim,) rotated in place: the INTERLEAVED pairs (2i, 2i+1) turn together, as the checkpoints expect
 static void rope_apply(float *v, const RunState *s, int rope_dim) {
     for (int i = 0; i < rope_dim / 2; i++) {
         float a = v[2 * i], b = v[2 * i + 1];
@@ -636,104 +590,148 @@ static void rope_apply(float *v, const RunState *s, int rope_dim) {
     }
 }
 
-// ---------------- Multi-head Latent Attention (eqs. 9-19)
+// ----------------------------------------------------------------------------
+// ---------------- Multi-head Latent Attention (sec. 2.1, eqs. 9-19)
+//
+// A token's keys and values are compressed into one latent c_t^KV (eq. 9) which, with one RoPE key
+// k_t^R shared by all heads (eq. 15), is all the cache keeps: a row of d_c + d_h^R floats per token
+// and layer. mla_attention, at the end of this section, runs three steps:
+//   mla_project          the cache row and every head's query (eqs. 9, 12-15)
+//   mla_attend_naive     keys and values rebuilt from the cached latents (eqs. 10-11), then
+//                        multi-head attention over them (eqs. 16-18), or
+//   mla_attend_absorbed  the same numbers computed on the latents themselves (Appendix C)
+// and the output projection (eq. 19). The pieces of eqs. 9-11 come first, so that the equations
+// read in the paper's order.
 
-static void mla_attention(const Model *m, RunState *s, int l, int pos, AttnForm form) {
+// The joint KV compression (eq. 9): h (dim,) -> this token's cache row [c_t^KV (d_c) ; W^KR h_t
+// (d_h^R)], one product since kv_a_proj_with_mqa is [W^DKV ; W^KR]; mla_project ropes the tail.
+static void kv_compress(float *row, const float *h, const Layer *L, const Config *c) {
+    matmul(row, h, L->kv_a_proj_with_mqa, c->dim, kv_cache_width(c));  // eq. (9) c_t^KV = W^DKV h_t (+ W^KR h_t)
+    // not in the paper: kv_a_layernorm, RMSNorm of the latent (sec. 3.1.2 adds it "to ensure stable training")
+    rmsnorm(row, row, L->kv_a_layernorm, c->kv_lora_rank, c->rms_norm_eps);
+}
+
+// kv_b_proj holds, for each head i, W^UK_i (d_h rows) then W^UV_i (d_v rows), each row (d_c,)
+static size_t w_uk_row(const Config *c, int i) { return (size_t)i * (c->qk_nope_head_dim + c->v_head_dim); }
+static size_t w_uv_row(const Config *c, int i) { return w_uk_row(c, i) + c->qk_nope_head_dim; }
+
+// Head i's key from a latent (eq. 10): c_kv (d_c,) -> k_c (d_h,)
+static void key_up(float *k_c, const float *c_kv, const Layer *L, const Config *c, int i) {
+    int d_c = c->kv_lora_rank, d_h = c->qk_nope_head_dim;
+    matmul_rows(k_c, c_kv, L->kv_b_proj, w_uk_row(c, i), d_c, d_h);      // eq. (10) k_j,i^C = W^UK_i c_j^KV
+}
+
+// Head i's value from a latent (eq. 11): c_kv (d_c,) -> v_c (d_v,). Linear, so the absorbed form
+// applies it once to the attention-weighted sum of latents.
+static void value_up(float *v_c, const float *c_kv, const Layer *L, const Config *c, int i) {
+    int d_c = c->kv_lora_rank, d_v = c->v_head_dim;
+    matmul_rows(v_c, c_kv, L->kv_b_proj, w_uv_row(c, i), d_c, d_v);      // eq. (11) v_j,i^C = W^UV_i c_j^KV
+}
+
+// The projections and the cache write (eqs. 9, 12-15): h (dim,) -> the cache row of (l, pos) and
+// q (n_h, d_h + d_h^R), each head's [q_t,i^C ; q_t,i^R] (q_b_proj's rows per head: no-RoPE, then RoPE).
+static void mla_project(const Model *m, RunState *s, int l, int pos) {
     const Config *c = &m->config;
     const Layer *L = &m->layers[l];
-    int nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim, vdim = c->v_head_dim;
-    int qk_head = nope + rope, d_c = c->kv_lora_rank, width = kv_cache_width(c);
-    float *h = s->xb;
-
-    // the query, compressed (V2) or not (V2-Lite)
+    int d_h = c->qk_nope_head_dim, d_hR = c->qk_rope_head_dim, n_q = c->n_heads * (d_h + d_hR);
+    float *row = cache_row(s, c, l, pos);
+    kv_compress(row, s->h, L, c);                                                // c_t^KV and W^KR h_t
     if (c->q_lora_rank) {
-        matmul(s->c_q, h, L->q_a_proj, c->dim, c->q_lora_rank);              // eq. (12) c_t^Q = W^DQ h_t
+        matmul(s->c_q, s->h, L->q_a_proj, c->dim, c->q_lora_rank);               // eq. (12) c_t^Q = W^DQ h_t
+        // not in the paper: q_a_layernorm, the same RMSNorm on the query latent (sec. 3.1.2)
         rmsnorm(s->c_q, s->c_q, L->q_a_layernorm, c->q_lora_rank, c->rms_norm_eps);
-        matmul(s->q, s->c_q, L->q_proj, c->q_lora_rank, c->n_heads * qk_head); // eq. (13) q_t^C = W^UQ c_t^Q (and W^QR c_t^Q)
-    } else {
-        matmul(s->q, h, L->q_proj, c->dim, c->n_heads * qk_head);           // eq. (13) without compression
+        matmul(s->q, s->c_q, L->q_b_proj, c->q_lora_rank, n_q);                  // eq. (13) q_t^C = W^UQ c_t^Q, and W^QR c_t^Q
+    } else {  // no query compression (V2-Lite): its q_proj maps h_t straight to every head
+        matmul(s->q, s->h, L->q_b_proj, c->dim, n_q);                            // eq. (13) with c_t^Q = h_t
     }
     for (int i = 0; i < c->n_heads; i++)
-        rope_apply(s->q + i * qk_head + nope, s, rope);                      // eq. (14) q_t^R = RoPE(W^QR c_t^Q)
-    if (tracing(s)) {
-        if (c->q_lora_rank) trace_vec(s, l, "eq.(12)", "c_t^Q", s->c_q, c->q_lora_rank, 1);
-        trace_vec(s, l, "eq.(13)", "q_t,1^C", s->q, nope, 1);
-        trace_vec(s, l, "eq.(14)", "q_t,1^R", s->q + nope, rope, 1);
-    }
+        rope_apply(s->q + i * (d_h + d_hR) + d_h, s, d_hR);                      // eq. (14) q_t,i^R = RoPE(W^QR c_t^Q)
+    rope_apply(row + c->kv_lora_rank, s, d_hR);                                  // eq. (15) k_t^R = RoPE(W^KR h_t)
+}
 
-    // the keys and values, compressed into the latent that is all the cache keeps
-    float *row = s->kv_cache + ((size_t)l * s->seq_len + pos) * width;      // this token's cache row
-    matmul(s->kv_a, h, L->kv_a_proj_with_mqa, c->dim, width);
-    rmsnorm(row, s->kv_a, L->kv_a_layernorm, d_c, c->rms_norm_eps);          // eq. (9)  c_t^KV = W^DKV h_t
-    memcpy(row + d_c, s->kv_a + d_c, rope * sizeof(float));
-    rope_apply(row + d_c, s, rope);                                          // eq. (15) k_t^R = RoPE(W^KR h_t)
-    if (tracing(s)) {  // (eqs. 10-11 for head 1 of this token: only traced, the absorbed form never builds them)
-        trace_vec(s, l, "eq.(9)", "c_t^KV", row, d_c, 1);
-        trace_vec(s, l, "eq.(15)", "k_t^R", row + d_c, rope, 1);
-        matmul_rows(s->kv_head, row, L->kv_b_proj, 0, d_c, nope);
-        matmul_rows(s->kv_head + nope, row, L->kv_b_proj, nope, d_c, vdim);
-        trace_vec(s, l, "eq.(10)", "k_t,1^C", s->kv_head, nope, 1);
-        trace_vec(s, l, "eq.(11)", "v_t,1^C", s->kv_head + nope, vdim, 1);
-        trace_text(s, l, "eq.(16)", "q_t,1 = [q_t,1^C; q_t,1^R]  [%d+%d]", nope, rope);
-        trace_text(s, l, "eq.(17)", "k_t,1 = [k_t,1^C; k_t^R]    [%d+%d]  (k_t^R shared by all heads)", nope, rope);
-    }
-
+// The naive form (eqs. 10-11, 16-18): every head rebuilds each cached token's key and value from
+// its latent, then attends as multi-head attention does. The cache rows 0..pos (d_c + d_h^R) and
+// q (n_h, d_h + d_h^R) -> att (n_h, seq_len) and o (n_h, d_v).
+static void mla_attend_naive(const Model *m, RunState *s, int l, int pos) {
+    const Config *c = &m->config;
+    const Layer *L = &m->layers[l];
+    int d_h = c->qk_nope_head_dim, d_hR = c->qk_rope_head_dim, d_v = c->v_head_dim, d_c = c->kv_lora_rank;
+    int width = kv_cache_width(c);
+    const float *cache = cache_row(s, c, l, 0);
     #pragma omp parallel for schedule(static) if ((long)c->n_heads * (pos + 1) * d_c >= (1L << 17))
     for (int i = 0; i < c->n_heads; i++) {
-        const float *q_c = s->q + i * qk_head, *q_r = q_c + nope;           // eq. (16) q_t,i = [q^C ; q^R]
-        float *att = s->att + (size_t)i * s->seq_len;
-        float *o = s->o + i * vdim;
-        size_t uk = (size_t)i * (nope + vdim), uv = uk + nope;              // rows of W^UK_i and W^UV_i
-        if (form == ATTN_NAIVE) {
-            // rebuild every past key and value of head i from its latent (eqs. 10-11, 17-18)
-            float *k_c = s->kv_head + (size_t)i * (nope + vdim), *v_c = k_c + nope;
-            for (int j = 0; j <= pos; j++) {
-                const float *cj = s->kv_cache + ((size_t)l * s->seq_len + j) * width;
-                matmul_rows(k_c, cj, L->kv_b_proj, uk, d_c, nope);          // eq. (10) k_j,i^C = W^UK_i c_j^KV
-                float score = 0.0f;                                          // eq. (17) k_j,i = [k^C ; k_j^R]
-                for (int k = 0; k < nope; k++) score += q_c[k] * k_c[k];
-                for (int k = 0; k < rope; k++) score += q_r[k] * cj[d_c + k];
-                att[j] = score * s->softmax_scale;
-            }
-            softmax(att, pos + 1);
-            memset(o, 0, vdim * sizeof(float));
-            for (int j = 0; j <= pos; j++) {
-                const float *cj = s->kv_cache + ((size_t)l * s->seq_len + j) * width;
-                matmul_rows(v_c, cj, L->kv_b_proj, uv, d_c, vdim);          // eq. (11) v_j,i^C = W^UV_i c_j^KV
-                for (int k = 0; k < vdim; k++) o[k] += att[j] * v_c[k];      // eq. (18) o_t,i = sum_j p_j v_j,i^C
-            }
-        } else {
-            // absorbed (Appendix C): score the query against the latent itself,
-            // q^C . (W^UK_i c_j) = (W^UK_i^T q^C) . c_j, so no per-head key is ever built
-            float *q_lat = s->q_absorbed + (size_t)i * d_c, *o_lat = s->o_latent + (size_t)i * d_c;
-            matmul_rows_t(q_lat, q_c, L->kv_b_proj, uk, d_c, nope);         // W^UK_i absorbed into the query
-            for (int j = 0; j <= pos; j++) {
-                const float *cj = s->kv_cache + ((size_t)l * s->seq_len + j) * width;
-                float score = 0.0f;
-                for (int k = 0; k < d_c; k++) score += q_lat[k] * cj[k];     // eqs. (10), (17) absorbed
-                for (int k = 0; k < rope; k++) score += q_r[k] * cj[d_c + k];
-                att[j] = score * s->softmax_scale;
-            }
-            softmax(att, pos + 1);
-            memset(o_lat, 0, d_c * sizeof(float));
-            for (int j = 0; j <= pos; j++) {
-                const float *cj = s->kv_cache + ((size_t)l * s->seq_len + j) * width;
-                for (int k = 0; k < d_c; k++) o_lat[k] += att[j] * cj[k];    // eq. (18) on the latent
-            }
-            matmul_rows(o, o_lat, L->kv_b_proj, uv, d_c, vdim);             // eq. (11) W^UV_i applied once, after the sum
+        const float *q_c = s->q + i * (d_h + d_hR), *q_r = q_c + d_h;
+        float *k_c = s->kv_rebuilt + (size_t)i * (d_h + d_v), *v_c = k_c + d_h;
+        float *p = s->att + (size_t)i * s->seq_len, *o = s->o + i * d_v;
+        for (int j = 0; j <= pos; j++) {
+            const float *c_kv = cache + (size_t)j * width, *k_r = c_kv + d_c;
+            key_up(k_c, c_kv, L, c, i);                                          // k_j,i^C
+            float score = 0.0f;  // q_t,i^T k_j,i, the concatenations dotted half by half:
+            for (int e = 0; e < d_h; e++) score += q_c[e] * k_c[e];              // eq. (16) q_t,i = [q_t,i^C ; q_t,i^R]
+            for (int e = 0; e < d_hR; e++) score += q_r[e] * k_r[e];             // eq. (17) k_j,i = [k_j,i^C ; k_j^R]
+            p[j] = score * s->softmax_scale;                                     // eq. (18) q^T k / sqrt(d_h + d_h^R)
         }
-    }
-    matmul(s->u, s->o, L->o_proj, c->n_heads * vdim, c->dim);              // eq. (19) u_t = W^O [o_t,1; ...; o_t,n_h]
-    if (tracing(s)) {
-        trace_vec(s, l, "eq.(18)", "p_t,1,j", s->att, pos + 1, 1);           // head 1's attention over j = 0..t
-        trace_vec(s, l, "eq.(18)", "o_t,i", s->o, c->n_heads * vdim, c->n_heads);
-        trace_vec(s, l, "eq.(19)", "u_t", s->u, c->dim, 1);
+        softmax(p, pos + 1);                                                     // eq. (18) softmax_j
+        memset(o, 0, d_v * sizeof(float));
+        for (int j = 0; j <= pos; j++) {
+            value_up(v_c, cache + (size_t)j * width, L, c, i);                   // v_j,i^C
+            for (int e = 0; e < d_v; e++) o[e] += p[j] * v_c[e];                 // eq. (18) o_t,i = sum_j p_t,i,j v_j,i^C
+        }
     }
 }
 
-// ---------------- DeepSeekMoE (eqs. 20-22)
+// The absorbed form (Appendix C): q_t,i^C . (W^UK_i c_j) = (W^UK_i^T q_t,i^C) . c_j and
+// sum_j p_j (W^UV_i c_j) = W^UV_i (sum_j p_j c_j), so each head scores and sums the cached
+// latents themselves and no key or value is ever built; the same numbers as mla_attend_naive.
+// The cache rows 0..pos and q (n_h, d_h + d_h^R) -> att (n_h, seq_len) and o (n_h, d_v).
+static void mla_attend_absorbed(const Model *m, RunState *s, int l, int pos) {
+    const Config *c = &m->config;
+    const Layer *L = &m->layers[l];
+    int d_h = c->qk_nope_head_dim, d_hR = c->qk_rope_head_dim, d_v = c->v_head_dim, d_c = c->kv_lora_rank;
+    int width = kv_cache_width(c);
+    const float *cache = cache_row(s, c, l, 0);
+    #pragma omp parallel for schedule(static) if ((long)c->n_heads * (pos + 1) * d_c >= (1L << 17))
+    for (int i = 0; i < c->n_heads; i++) {
+        const float *q_c = s->q + i * (d_h + d_hR), *q_r = q_c + d_h;
+        float *q_lat = s->q_latent + (size_t)i * d_c, *o_lat = s->o_latent + (size_t)i * d_c;
+        float *p = s->att + (size_t)i * s->seq_len, *o = s->o + i * d_v;
+        matmul_rows_t(q_lat, q_c, L->kv_b_proj, w_uk_row(c, i), d_c, d_h);    // W^UK_i^T q_t,i^C: W^UK_i absorbed
+        for (int j = 0; j <= pos; j++) {
+            const float *c_kv = cache + (size_t)j * width, *k_r = c_kv + d_c;
+            float score = 0.0f;
+            for (int e = 0; e < d_c; e++) score += q_lat[e] * c_kv[e];           // = q_t,i^C . k_j,i^C
+            for (int e = 0; e < d_hR; e++) score += q_r[e] * k_r[e];             //  + q_t,i^R . k_j^R
+            p[j] = score * s->softmax_scale;
+        }
+        softmax(p, pos + 1);
+        memset(o_lat, 0, d_c * sizeof(float));
+        for (int j = 0; j <= pos; j++) {
+            const float *c_kv = cache + (size_t)j * width;
+            for (int e = 0; e < d_c; e++) o_lat[e] += p[j] * c_kv[e];            // sum_j p_t,i,j c_j^KV
+        }
+        value_up(o, o_lat, L, c, i);                                             // W^UV_i once, after the sum: o_t,i
+    }
+}
 
-// SwiGLU FFN of width `width`: out = down(silu(gate x) * up x)
+// Multi-head Latent Attention of the token at pos in layer l: h (dim,) -> attn_out (dim,), and
+// the token's row of the latent cache written. form: which way to attend; both give the same logits.
+static void mla_attention(const Model *m, RunState *s, int l, int pos, AttnForm form) {
+    const Config *c = &m->config;
+    mla_project(m, s, l, pos);
+    if (form == ATTN_NAIVE) mla_attend_naive(m, s, l, pos);
+    else mla_attend_absorbed(m, s, l, pos);
+    int n_o = c->n_heads * c->v_head_dim;
+    matmul(s->attn_out, s->o, m->layers[l].o_proj, n_o, c->dim);             // eq. (19) u_t = W^O [o_t,1; ...; o_t,n_h]
+    if (s->trace) trace_mla(m, s, l, pos);
+}
+
+// ----------------------------------------------------------------------------
+// ---------------- The FFNs: dense SwiGLU and DeepSeekMoE (sec. 2.2, eqs. 20-22)
+//
+// The MoE code runs bottom-up, the reverse of the paper's order: the affinities s_i,t (eq. 22)
+// choose the gates g_i,t (eq. 21) that weight the routed experts in the output h'_t (eq. 20).
+
+// SwiGLU FFN of width `width`: x (dim,) -> out = down(silu(gate x) * up x) (dim,); hb, hb2 (width,)
 static void ffn(float *out, const float *x, const FFN *f, int dim, int width, float *hb, float *hb2) {
     matmul(hb, x, f->gate_proj, dim, width);
     matmul(hb2, x, f->up_proj, dim, width);
@@ -741,74 +739,235 @@ static void ffn(float *out, const float *x, const FFN *f, int dim, int width, fl
     matmul(out, hb, f->down_proj, width, dim);
 }
 
-// index of the largest of x[0..n) with keep[i] set (lowest index on ties), -1 if none
-static int argmax_masked(const float *x, const int *keep, int n) {
-    int best = -1;
-    for (int i = 0; i < n; i++)
-        if ((!keep || keep[i]) && (best < 0 || x[i] > x[best])) best = i;
-    return best;
+// The FFN of a dense layer (l < first_k_dense_replace): u (dim,) -> ffn_out (dim,), width intermediate_size
+static void dense_ffn(const Model *m, RunState *s, int l) {
+    const Config *c = &m->config;
+    ffn(s->ffn_out, s->u, &m->layers[l].dense, c->dim, c->intermediate_size, s->hb, s->hb2);
+    if (s->trace) trace_dense(c, s, l);
 }
 
-// Device-limited routing (sec. 2.2.2): a group's score is its best expert's affinity; sets
-// taken[g] for the topk_group best of the n_group groups (lowest index on ties), 0 for the rest.
-static void route_groups(const Config *c, const float *scores, int *taken) {
-    int per = c->n_routed_experts / c->n_group, group_keep[4096];
-    float group_score[4096];
+// Device-limited routing (sec. 2.2.2): the routed experts form n_group equal groups ("devices")
+// in index order; a group's score is its best affinity (V2; V3 sums its best two). scores
+// (n_routed_experts,) -> kept (n_group,): 1 for the topk_group best groups (lowest index on ties).
+static void route_groups(const Config *c, const float *scores, int *kept) {
+    int per_group = c->n_routed_experts / c->n_group;
+    float group_score[4096];  // check_config: n_group <= n_routed_experts <= 4096
     for (int g = 0; g < c->n_group; g++) {
-        taken[g] = 0;
-        group_score[g] = scores[g * per];
-        for (int e = 1; e < per; e++) if (scores[g * per + e] > group_score[g]) group_score[g] = scores[g * per + e];
+        kept[g] = 0;
+        group_score[g] = scores[g * per_group];
+        for (int i = g * per_group + 1; i < (g + 1) * per_group; i++) group_score[g] = fmaxf(group_score[g], scores[i]);
     }
     for (int k = 0; k < c->topk_group; k++) {
-        for (int g = 0; g < c->n_group; g++) group_keep[g] = !taken[g];
-        taken[argmax_masked(group_score, group_keep, c->n_group)] = 1;
+        int best = argmax(group_score, c->n_group);
+        kept[best] = 1;
+        group_score[best] = -INFINITY;
     }
 }
 
-// The router: affinities s_i,t over all routed experts, then the top K_r of them; with
-// group_limited_greedy (device-limited routing, sec. 2.2.2) only inside the topk_group groups
-// whose best affinity is highest. Fills topk_idx / topk_w with g_i,t of the chosen experts.
+// The router (eqs. 21-22): scores (n_routed_experts,) holds u_t^T e_i on entry and s_i,t on
+// return; topk_idx, topk_w (n_experts_per_tok,) get the chosen experts, best first (lowest index on
+// ties), and their g_i,t. An expert that may not be chosen is masked with -inf.
 static void moe_route(const Config *c, float *scores, int *topk_idx, float *topk_w) {
     int E = c->n_routed_experts, K = c->n_experts_per_tok;
     softmax(scores, E);                                                      // eq. (22) s_i,t = softmax_i(u_t^T e_i)
-    int kept[4096], chosen[4096];
-    for (int i = 0; i < E; i++) { kept[i] = 1; chosen[i] = 0; }
-    if (c->topk_method == 1) {  // group_limited_greedy
-        int taken[4096];
-        route_groups(c, scores, taken);
-        for (int i = 0; i < E; i++) kept[i] = taken[i / (E / c->n_group)];
+    float candidate[4096];  // s_i,t, or -inf (check_config: E <= 4096)
+    memcpy(candidate, scores, E * sizeof(float));
+    if (c->topk_method == 1) {  // group_limited_greedy: only the experts of the kept groups
+        int kept[4096];
+        route_groups(c, scores, kept);
+        for (int i = 0; i < E; i++) if (!kept[i / (E / c->n_group)]) candidate[i] = -INFINITY;
     }
-    // eq. (21): g_i,t = s_i,t for the top K_r (dropped groups count as 0, as in the reference)
-    float masked[4096];
-    for (int i = 0; i < E; i++) masked[i] = kept[i] ? scores[i] : 0.0f;
     float sum = 0.0f;
     for (int k = 0; k < K; k++) {
-        int avail[4096];
-        for (int i = 0; i < E; i++) avail[i] = !chosen[i];
-        int best = argmax_masked(masked, avail, E);
-        chosen[best] = 1;
+        int best = argmax(candidate, E);
         topk_idx[k] = best;
-        topk_w[k] = masked[best];
-        sum += masked[best];
+        topk_w[k] = scores[best];                                            // eq. (21) g_i,t = s_i,t for the top K_r
+        sum += scores[best];
+        candidate[best] = -INFINITY;
     }
     for (int k = 0; k < K; k++) {
-        if (c->norm_topk_prob && K > 1) topk_w[k] /= sum + 1e-20f;  // original hub code: renormalise...
-        else topk_w[k] *= c->routed_scaling_factor;                  // ...or scale by routed_scaling_factor
+        // not in the paper: norm_topk_prob (set by no released V2 config) makes the hub code renormalise
+        if (c->norm_topk_prob && K > 1) topk_w[k] /= sum + 1e-20f;
+        // not in the paper: routed_scaling_factor (V2 16, V2-Lite 1), likely sec. 3.1.2's stabilising "scaling factors"
+        else topk_w[k] *= c->routed_scaling_factor;
     }
 }
 
-// the routing decision of one token: affinities, groups kept, chosen experts (trace and CSV)
-static void trace_route(const RunState *s, const Config *c, int l) {
+// The DeepSeekMoE FFN (eq. 20; forward adds its "u_t +"): u (dim,) -> ffn_out (dim,), by way of
+// scores (n_routed_experts,), topk_idx and topk_w (n_experts_per_tok,), expert_out (dim,).
+static void moe_ffn(const Model *m, RunState *s, int l) {
+    const Config *c = &m->config;
+    const Layer *L = &m->layers[l];
+    matmul(s->scores, s->u, L->gate, c->dim, c->n_routed_experts);          // u_t^T e_i for every routed expert
+    moe_route(c, s->scores, s->topk_idx, s->topk_w);                         // s_i,t and g_i,t
+    int I = c->moe_intermediate_size, N_s = c->n_shared_experts;
+    // not in the paper: the N_s shared experts are ONE SwiGLU of width N_s x I (their gate and up rows and
+    // their down columns stacked): the same sum, as each hidden unit is independent of the others
+    if (N_s) ffn(s->ffn_out, s->u, &L->shared, c->dim, I * N_s, s->hb, s->hb2);    // eq. (20) sum_i FFN_i^(s)(u_t)
+    else memset(s->ffn_out, 0, c->dim * sizeof(float));
+    for (int k = 0; k < c->n_experts_per_tok; k++) {
+        ffn(s->expert_out, s->u, &L->experts[s->topk_idx[k]], c->dim, I, s->hb, s->hb2);
+        for (int i = 0; i < c->dim; i++) s->ffn_out[i] += s->topk_w[k] * s->expert_out[i];  // eq. (20) + sum_i g_i,t FFN_i^(r)
+    }
+    if (s->trace) trace_moe(c, s, l);
+}
+
+// ----------------------------------------------------------------------------
+// ---------------- The forward pass: one token at position pos -> logits (vocab_size,)
+//
+// x (dim,) is the residual stream. Each layer: x += MLA(RMSNorm(x)), x += FFN(RMSNorm(x)), the
+// FFN dense or DeepSeekMoE; then a final RMSNorm and lm_head (not tied to the embedding). The
+// paper's u_t + FFN(u_t) (eq. 20) adds to x here, of which u_t is the RMSNorm.
+
+// token at position pos -> logits (vocab_size,), and the token's cache row written in every layer
+static float *forward(const Model *m, RunState *s, int token, int pos, AttnForm form) {
+    const Config *c = &m->config;
+    for (int i = 0; i < c->dim; i++) s->x[i] = mat_at(m->embed_tokens, (size_t)token * c->dim + i);
+    rope_position(s, c, pos);
+    if (s->trace) trace_begin(s->trace, token, pos);
+    for (int l = 0; l < c->n_layers; l++) {
+        const Layer *L = &m->layers[l];
+        rmsnorm(s->h, s->x, L->input_layernorm, c->dim, c->rms_norm_eps);             // h_t
+        mla_attention(m, s, l, pos, form);
+        for (int i = 0; i < c->dim; i++) s->x[i] += s->attn_out[i];                   // residual around attention
+        rmsnorm(s->u, s->x, L->post_attention_layernorm, c->dim, c->rms_norm_eps);    // u_t
+        if (L->is_moe) moe_ffn(m, s, l);
+        else dense_ffn(m, s, l);
+        for (int i = 0; i < c->dim; i++) s->x[i] += s->ffn_out[i];                    // eq. (20)'s "u_t +": the residual
+    }
+    rmsnorm(s->x, s->x, m->norm, c->dim, c->rms_norm_eps);
+    matmul(s->logits, s->x, m->lm_head, c->dim, c->vocab_size);
+    if (s->trace) trace_cache(c, s, pos);
+    return s->logits;
+}
+
+// ----------------------------------------------------------------------------
+// ---------------- The teaching trace: each equation's tensor, after the block that computes it
+//
+// --trace and --routing-out (docs/WORKSHOP.md). Each block of the model ends with one hook (its
+// prototype is next to RunState); a hook only reads. Consumers: 80-column text lines
+// `L<layer> eq.(N) <paper name> [shape] first values ...` (layers from 0 as in the code; per-head
+// tensors show head 1, i = 1 in the paper, index 0 here), a routing CSV, and the tests, which get
+// every full vector through `record`.
+struct Trace {
+    FILE *out;              // --trace: one line per equation (NULL: no text)
+    FILE *routing_csv;      // --routing-out: pos,token,text,layer,rank,expert,weight rows (NULL: none)
+    const int *positions;   // --trace-pos: only these positions (n_positions 0: every position)
+    int n_positions;
+    void (*record)(void *ctx, int layer, const char *name, const float *v, int n);  // NULL: none
+    void *record_ctx;
+    int (*token_text)(void *ctx, int id, char *buf, int size);  // a token's text (tokenizer below)
+    void *token_ctx;
+    int active, pos, token; // set by forward(): is this position traced, and which it is
+    long first_index;       // -m ppl: index in the text of the window's first token (CSV column pos)
+};
+
+static int tracing(const RunState *s) { return s->trace && s->trace->active; }
+
+// copies token id's text into buf with newlines, tabs, quotes and control bytes escaped
+static void trace_token_text(const Trace *t, int id, char *buf, int size) {
+    char raw[64];
+    int n = t->token_text ? t->token_text(t->token_ctx, id, raw, sizeof(raw)) : 0, k = 0;
+    for (int i = 0; i < n && k < size - 5; i++) {
+        unsigned char ch = (unsigned char)raw[i];
+        if (ch == '\n') { buf[k++] = '\\'; buf[k++] = 'n'; }
+        else if (ch == '\t') { buf[k++] = '\\'; buf[k++] = 't'; }
+        else if (ch == '"' || ch == '\\') { buf[k++] = '\\'; buf[k++] = (char)ch; }
+        else if (ch < 0x20 || ch == 0x7f) k += snprintf(buf + k, size - k, "\\x%02x", ch);
+        else buf[k++] = (char)ch;
+    }
+    buf[k] = 0;
+}
+
+// forward() calls this first: is position pos traced? prints the token's header line
+static void trace_begin(Trace *t, int token, int pos) {
+    t->pos = pos;
+    t->token = token;
+    t->active = t->n_positions == 0;
+    for (int i = 0; i < t->n_positions; i++) if (t->positions[i] == pos) t->active = 1;
+    if (t->active && t->out) {
+        char text[160];
+        trace_token_text(t, token, text, sizeof(text));
+        fflush(stdout);  // the prompt echoed so far, when the trace goes to the terminal too
+        fprintf(t->out, "\n--- position %d, token %d \"%s\"\n", pos, token, text);
+    }
+}
+
+// one line: `L3 eq.(9)  c_t^KV  [64]  0.12 -0.53 ...`; rows > 1 shows the shape as [rows x n/rows]
+static void trace_vec(const RunState *s, int l, const char *eq, const char *name, const float *v, int n, int rows) {
+    Trace *t = s->trace;
+    if (t->record) t->record(t->record_ctx, l, name, v, n);
+    if (!t->out) return;
+    char line[128];
+    int k = rows > 1 ? snprintf(line, sizeof(line), "L%d %-9s %-9s [%dx%d]", l, eq, name, rows, n / rows)
+                     : snprintf(line, sizeof(line), "L%d %-9s %-9s [%d]", l, eq, name, n);
+    while (k < 34) line[k++] = ' ';
+    line[k] = 0;
+    for (int i = 0; i < n; i++) {
+        char val[32];
+        int w = snprintf(val, sizeof(val), " %.3g", v[i]);
+        if (k + w > (i + 1 < n ? 75 : 79)) { k += snprintf(line + k, sizeof(line) - k, " ..."); break; }
+        memcpy(line + k, val, w + 1);
+        k += w;
+    }
+    fprintf(t->out, "%s\n", line);
+}
+
+// a line of words: shapes of concatenations, routing decisions, the cache
+static void trace_text(const RunState *s, int l, const char *eq, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static void trace_text(const RunState *s, int l, const char *eq, const char *fmt, ...) {
+    if (!s->trace->out) return;
+    va_list ap; va_start(ap, fmt);
+    if (l >= 0) fprintf(s->trace->out, "L%d %-9s ", l, eq);
+    vfprintf(s->trace->out, fmt, ap);
+    fprintf(s->trace->out, "\n");
+    va_end(ap);
+}
+
+// mla_attention's tensors in the paper's order. Head 1's key and value of this token (eqs. 10-11),
+// which the absorbed form never builds, are computed here from the cached latent.
+static void trace_mla(const Model *m, const RunState *s, int l, int pos) {
+    if (!tracing(s)) return;
+    const Config *c = &m->config;
+    const Layer *L = &m->layers[l];
+    int d_h = c->qk_nope_head_dim, d_hR = c->qk_rope_head_dim, d_v = c->v_head_dim, d_c = c->kv_lora_rank;
+    const float *row = cache_row(s, c, l, pos);
+    float *k_c = (float *)xcalloc(d_h + d_v, sizeof(float)), *v_c = k_c + d_h;
+    key_up(k_c, row, L, c, 0);
+    value_up(v_c, row, L, c, 0);
+    trace_vec(s, l, "eq.(9)", "c_t^KV", row, d_c, 1);
+    trace_vec(s, l, "eq.(10)", "k_t,1^C", k_c, d_h, 1);
+    trace_vec(s, l, "eq.(11)", "v_t,1^C", v_c, d_v, 1);
+    if (c->q_lora_rank) trace_vec(s, l, "eq.(12)", "c_t^Q", s->c_q, c->q_lora_rank, 1);
+    trace_vec(s, l, "eq.(13)", "q_t,1^C", s->q, d_h, 1);
+    trace_vec(s, l, "eq.(14)", "q_t,1^R", s->q + d_h, d_hR, 1);
+    trace_vec(s, l, "eq.(15)", "k_t^R", row + d_c, d_hR, 1);
+    trace_text(s, l, "eq.(16)", "q_t,1 = [q_t,1^C; q_t,1^R]  [%d+%d]", d_h, d_hR);
+    trace_text(s, l, "eq.(17)", "k_t,1 = [k_t,1^C; k_t^R]    [%d+%d]  (k_t^R shared by all heads)", d_h, d_hR);
+    trace_vec(s, l, "eq.(18)", "p_t,1,j", s->att, pos + 1, 1);  // head 1's attention over j = 0..t
+    trace_vec(s, l, "eq.(18)", "o_t,i", s->o, c->n_heads * d_v, c->n_heads);
+    trace_vec(s, l, "eq.(19)", "u_t", s->attn_out, c->dim, 1);
+    free(k_c);
+}
+
+// dense_ffn's output
+static void trace_dense(const Config *c, const RunState *s, int l) {
+    if (tracing(s)) trace_vec(s, l, "dense", "FFN(u_t)", s->ffn_out, c->dim, 1);
+}
+
+// moe_ffn's routing decision (affinities, groups kept, chosen experts: trace and CSV) and output
+static void trace_moe(const Config *c, const RunState *s, int l) {
+    if (!tracing(s)) return;
     Trace *t = s->trace;
     int K = c->n_experts_per_tok;
     trace_vec(s, l, "eq.(22)", "s_i,t", s->scores, c->n_routed_experts, 1);
     if (c->topk_method == 1 && t->out) {
-        int taken[4096];
+        int kept[4096];
         char list[256];
-        int k = 0;
-        route_groups(c, s->scores, taken);
-        for (int g = 0; g < c->n_group && k < 200; g++) if (taken[g]) k += snprintf(list + k, sizeof(list) - k, " %d", g);
-        list[k] = 0;
+        int n = 0;
+        route_groups(c, s->scores, kept);
+        for (int g = 0; g < c->n_group && n < 200; g++) if (kept[g]) n += snprintf(list + n, sizeof(list) - n, " %d", g);
+        list[n] = 0;
         trace_text(s, l, "sec.2.2.2", "groups kept:%s (top %d of %d by best s_i,t; %d experts each)", list,
                    c->topk_group, c->n_group, c->n_routed_experts / c->n_group);
     }
@@ -835,52 +994,15 @@ static void trace_route(const RunState *s, const Config *c, int l) {
             fprintf(t->routing_csv, "\",%d,%d,%d,%.6g\n", l, k, s->topk_idx[k], s->topk_w[k]);
         }
     }
+    trace_vec(s, l, "eq.(20)", "h'_t-u_t", s->ffn_out, c->dim, 1);  // the FFN part of h'_t
 }
 
-static void moe_ffn(const Model *m, RunState *s, int l) {
-    const Config *c = &m->config;
-    const Layer *L = &m->layers[l];
-    float *u = s->xb;  // the FFN input u_t (after RMSNorm)
-    float *out = s->ffn_out;
-    matmul(s->scores, u, L->gate, c->dim, c->n_routed_experts);             // u_t^T e_i for every expert
-    moe_route(c, s->scores, s->topk_idx, s->topk_w);                         // eqs. (21)-(22)
-    if (tracing(s)) trace_route(s, c, l);
-    memset(out, 0, c->dim * sizeof(float));
-    if (c->n_shared_experts)                                                 // eq. (20) sum_i FFN_i^(s)(u_t)
-        ffn(out, u, &L->shared, c->dim, c->moe_intermediate_size * c->n_shared_experts, s->hb, s->hb2);
-    for (int k = 0; k < c->n_experts_per_tok; k++) {                        // eq. (20) + sum_i g_i,t FFN_i^(r)(u_t)
-        ffn(s->u, u, &L->experts[s->topk_idx[k]], c->dim, c->moe_intermediate_size, s->hb, s->hb2);
-        for (int i = 0; i < c->dim; i++) out[i] += s->topk_w[k] * s->u[i];
-    }
-    if (tracing(s)) trace_vec(s, l, "eq.(20)", "h'_t-u_t", out, c->dim, 1);  // the FFN part of h'_t
-}
-
-// ---------------- The forward pass: one token at position pos -> logits
-
-static float *forward(const Model *m, RunState *s, int token, int pos, AttnForm form) {
-    const Config *c = &m->config;
-    for (int i = 0; i < c->dim; i++) s->x[i] = mat_at(m->embed_tokens, (size_t)token * c->dim + i);
-    rope_position(s, c, pos);
-    if (s->trace) trace_begin(s->trace, token, pos);
-    for (int l = 0; l < c->n_layers; l++) {
-        const Layer *L = &m->layers[l];
-        rmsnorm(s->xb, s->x, L->input_layernorm, c->dim, c->rms_norm_eps);
-        mla_attention(m, s, l, pos, form);
-        for (int i = 0; i < c->dim; i++) s->x[i] += s->u[i];                 // residual around attention
-        rmsnorm(s->xb, s->x, L->post_attention_layernorm, c->dim, c->rms_norm_eps);
-        if (L->is_moe) moe_ffn(m, s, l);
-        else ffn(s->ffn_out, s->xb, &L->dense, c->dim, c->intermediate_size, s->hb, s->hb2);
-        if (!L->is_moe && tracing(s)) trace_vec(s, l, "dense", "FFN(u_t)", s->ffn_out, c->dim, 1);
-        for (int i = 0; i < c->dim; i++) s->x[i] += s->ffn_out[i];           // residual around the FFN (eq. 20's u_t +)
-    }
-    rmsnorm(s->x, s->x, m->norm, c->dim, c->rms_norm_eps);
-    matmul(s->logits, s->x, m->lm_head, c->dim, c->vocab_size);
-    if (tracing(s)) {
-        long floats = (long)c->n_layers * (pos + 1) * kv_cache_width(c);
-        trace_text(s, -1, "", "cache so far: %d layers x %d tokens x (d_c+d_h^R = %d) = %ld floats, %ld bytes",
-                   c->n_layers, pos + 1, kv_cache_width(c), floats, floats * 4);
-    }
-    return s->logits;
+// forward()'s last line: what the latent cache holds so far
+static void trace_cache(const Config *c, const RunState *s, int pos) {
+    if (!tracing(s)) return;
+    long floats = (long)c->n_layers * (pos + 1) * kv_cache_width(c);
+    trace_text(s, -1, "", "cache so far: %d layers x %d tokens x (d_c+d_h^R = %d) = %ld floats, %ld bytes",
+               c->n_layers, pos + 1, kv_cache_width(c), floats, floats * 4);
 }
 
 // ----------------------------------------------------------------------------
@@ -1428,8 +1550,6 @@ void tokenizer_cli(Tokenizer *t, const char *mode, const char *input) {
 }
 
 // ----------------------------------------------------------------------------
-
-// ----------------------------------------------------------------------------
 // ---------------- The sampler: greedy, temperature, top-p
 
 typedef struct {
@@ -1447,7 +1567,7 @@ static uint32_t random_u32(uint64_t *state) {  // xorshift*
 }
 static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; }
 
-static int sample_argmax(const float *p, int n) { return argmax_masked(p, NULL, n); }
+static int sample_argmax(const float *p, int n) { return argmax(p, n); }
 
 static int sample_mult(const float *p, int n, float coin) {
     float cdf = 0.0f;
@@ -1675,8 +1795,8 @@ static void chat(const Model *m, Tokenizer *tok, Sampler *sp, const char *prompt
 typedef struct {
     int topk;        // --topk K: routed experts per token, K_r (config n_experts_per_tok)
     int topk_group;  // --topk-group G: groups kept by device-limited routing (config topk_group)
-    int no_shared;   // --no-shared: drop the shared experts of eq. (20)
-    int no_routed;   // --no-routed: drop the routed experts of eq. (20) (the router still runs)
+    int no_shared;   // --no-shared: drop the shared experts of eq. 20
+    int no_routed;   // --no-routed: drop the routed experts of eq. 20 (the router still runs)
     int no_yarn;     // --no-yarn: plain RoPE and softmax scale, even beyond the trained context
 } Knobs;
 

@@ -321,7 +321,7 @@ static void gpu_init(const Model *m, int seq_len) {
             G->q_a_proj = upload_mat(L->q_a_proj, (size_t)c->q_lora_rank * dim, NULL);
             G->q_a_layernorm = upload_vec(L->q_a_layernorm, c->q_lora_rank);
         }
-        G->q_proj = upload_mat(L->q_proj, (size_t)H * g->qk_head * q_in, NULL);
+        G->q_proj = upload_mat(L->q_b_proj, (size_t)H * g->qk_head * q_in, NULL);
         G->kv_a_proj_with_mqa = upload_mat(L->kv_a_proj_with_mqa, (size_t)g->W * dim, NULL);
         G->kv_b_proj = upload_mat(L->kv_b_proj, (size_t)H * (c->qk_nope_head_dim + c->v_head_dim) * c->kv_lora_rank, NULL);
         G->o_proj = upload_mat(L->o_proj, (size_t)dim * H * c->v_head_dim, NULL);

@@ -5,6 +5,7 @@
 #pragma GCC diagnostic ignored "-Wunused-function"  // the CLI helpers of dsv2.c are not all used here
 #include "dsv2.c"
 #include <sys/wait.h>
+#include <ctype.h>
 
 static int n_passed = 0, n_failed = 0;
 static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -952,7 +953,7 @@ static int model_tensors(const Model *m, Mat *t, long *rows, long *cols, int *ma
             PUT(L->q_a_proj, c->q_lora_rank, c->dim);
             PUT(L->q_a_layernorm, 1, c->q_lora_rank);
         }
-        PUT(L->q_proj, c->n_heads * qk, c->q_lora_rank ? c->q_lora_rank : c->dim);
+        PUT(L->q_b_proj, c->n_heads * qk, c->q_lora_rank ? c->q_lora_rank : c->dim);
         PUT(L->kv_a_proj_with_mqa, c->kv_lora_rank + c->qk_rope_head_dim, c->dim);
         PUT(L->kv_a_layernorm, 1, c->kv_lora_rank);
         PUT(L->kv_b_proj, (long)c->n_heads * (c->qk_nope_head_dim + c->v_head_dim), c->kv_lora_rank);
@@ -1434,36 +1435,346 @@ static void test_teach_cli(void) {
                  "greedily");
     expect_error("--no-yarn on a plain-RoPE model", "./dsv2 build/fixtures/lite.fp32.bin -z build/fixtures/lite.tok.bin -n 1 --no-yarn",
                  "plain RoPE");
+    // a model file whose kept groups hold fewer experts than K_r (2 of 4 groups of 3 < 7): refused
+    size_t n;
+    char *v2 = tok_read_file("build/fixtures/v2.fp32.bin", &n);
+    if (v2 && n > HEADER_BYTES) {
+        ((int32_t *)(v2 + 8))[14] = 7;  // n_experts_per_tok
+        write_file("build/bad_groups.bin", v2, n);
+    }
+    free(v2);
+    expect_error("a config whose topk_group groups hold fewer than K_r experts",
+                 "./dsv2 build/bad_groups.bin -z build/fixtures/v2.tok.bin -n 1", "fewer than n_experts_per_tok 7");
 }
 
-// every ./dsv2 command of docs/WORKSHOP.md's ```sh blocks runs, exits 0 and prints something
-static void test_workshop(void) {
-    size_t len;
-    char *doc = tok_read_file("docs/WORKSHOP.md", &len);
-    if (!doc) { check(0, "cannot read docs/WORKSHOP.md"); return; }
-    int in_sh = 0, n = 0, ok = 0;
-    double slowest = 0;
-    for (char *line = strtok(doc, "\n"); line; line = strtok(NULL, "\n")) {
-        if (!strncmp(line, "```", 3)) { in_sh = !in_sh && !strcmp(line, "```sh"); continue; }
-        if (!in_sh || strncmp(line, "./dsv2 ", 7)) continue;
-        char cmd[256], out[64], script[64];
-        snprintf(out, sizeof(out), "build/workshop_%d.txt", n);
-        snprintf(script, sizeof(script), "build/workshop_%d.sh", n);
-        FILE *f = fopen(script, "w");
-        if (f) { fprintf(f, "%s\n", line); fclose(f); }
-        snprintf(cmd, sizeof(cmd), "bash -o pipefail %s >%s 2>&1", script, out);
+// ---------------- docs/WORKSHOP.md, guarded: its commands print what the page shows
+// The page's ```sh blocks hold the commands; their lines that start with "./dsv2 " are run (bash
+// -o pipefail; stdout line-buffered by stdbuf and stderr merged into it, as on a terminal). The
+// fenced block right after such an sh block (``` without a language) shows what they print, in
+// order, and is compared line by line, every character, after three normalisations: a line
+// rewritten with \r shows its last state, trailing blanks are dropped (and blank lines at the end
+// of a command's output), and a number right before "tok/s" is a speed, which is not compared.
+// One allowance: a number printed with a fraction may differ by one unit in its last printed digit
+// (another CPU sums in another order and may round the other way); such numbers are counted.
+// `./test_all --update-workshop` rewrites the output blocks from the commands (after the default
+// model changes); `make test` only compares. Code references on the page are checked too.
+#define WS_DOC "docs/WORKSHOP.md"
+
+typedef struct { char **line; int n, cap; } Lines;
+
+static void lines_add(Lines *l, const char *s, size_t n) {
+    if (l->n == l->cap) l->line = realloc(l->line, (l->cap = l->cap ? 2 * l->cap : 64) * sizeof(char *));
+    l->line[l->n] = xcalloc(n + 1, 1);
+    memcpy(l->line[l->n++], s, n);
+}
+
+static void lines_free(Lines *l) { for (int i = 0; i < l->n; i++) free(l->line[i]); free(l->line); memset(l, 0, sizeof *l); }
+
+// text -> lines (without their '\n'); no empty last line for a final '\n'
+static Lines lines_split(const char *text, size_t len) {
+    Lines l = {0};
+    for (size_t i = 0; i < len;) {
+        size_t e = i;
+        while (e < len && text[e] != '\n') e++;
+        lines_add(&l, text + i, e - i);
+        i = e + 1;
+    }
+    return l;
+}
+
+// an sh block with commands, and the output block after it (fence lines; -1: none)
+typedef struct { int sh_open, sh_close, n_cmds, out_open, out_close; const char *cmd[16]; } WsBlock;
+
+static int ws_parse(const Lines *d, WsBlock *b, int max) {
+    int n = 0;
+    for (int i = 0; i < d->n; i++) {
+        if (strncmp(d->line[i], "```", 3)) continue;
+        int close = i + 1;
+        while (close < d->n && strncmp(d->line[close], "```", 3)) close++;
+        WsBlock w = {i, close, 0, -1, -1, {0}};
+        if (!strcmp(d->line[i], "```sh"))
+            for (int k = i + 1; k < close; k++)
+                if (!strncmp(d->line[k], "./dsv2 ", 7) && w.n_cmds < 16) w.cmd[w.n_cmds++] = d->line[k];
+        if (w.n_cmds && n < max) {
+            int k = close + 1;
+            while (k < d->n && !d->line[k][0]) k++;
+            if (k < d->n && !strcmp(d->line[k], "```")) {
+                w.out_open = k;
+                for (w.out_close = k + 1; w.out_close < d->n && strncmp(d->line[w.out_close], "```", 3);) w.out_close++;
+            }
+            b[n++] = w;
+        }
+        i = close;
+    }
+    return n;
+}
+
+// what a terminal shows of raw output, appended to out: each line's text after its last \r,
+// without trailing blanks; blank lines at the end dropped
+static void ws_normalize(const char *raw, size_t len, Lines *out) {
+    Lines l = lines_split(raw, len);
+    int n = l.n;
+    for (int i = 0; i < n; i++) {
+        char *s = strrchr(l.line[i], '\r');
+        s = s ? s + 1 : l.line[i];
+        size_t k = strlen(s);
+        while (k > 0 && (s[k - 1] == ' ' || s[k - 1] == '\t')) k--;
+        s[k] = 0;
+        memmove(l.line[i], s, k + 1);
+    }
+    while (n > 0 && !l.line[n - 1][0]) n--;
+    for (int i = 0; i < n; i++) lines_add(out, l.line[i], strlen(l.line[i]));
+    lines_free(&l);
+}
+
+// line with every number right before " tok/s" (a speed) replaced by '#'
+static void ws_mask_speeds(const char *line, char *out, size_t size) {
+    snprintf(out, size, "%s", line);
+    for (char *p = out; (p = strstr(p, " tok/s"));) {
+        char *q = p;
+        while (q > out && (isdigit((unsigned char)q[-1]) || q[-1] == '.')) q--;
+        if (q < p) { *q = '#'; memmove(q + 1, p, strlen(p) + 1); p = q + 1; }
+        p += 6;
+    }
+}
+
+// the number at s (as printed: -12, 0.0806, 1.2e-05): its value, length, and the unit of its last
+// digit (0 when it has neither a fraction nor an exponent); 0 length when s holds none
+static int ws_number(const char *s, double *value, double *unit) {
+    int i = s[0] == '-', frac = -1, exp10 = 0;
+    if (!isdigit((unsigned char)s[i])) return 0;
+    while (isdigit((unsigned char)s[i])) i++;
+    if (s[i] == '.' && isdigit((unsigned char)s[i + 1])) for (frac = 0, i++; isdigit((unsigned char)s[i]); i++) frac++;
+    if (s[i] == 'e' && (s[i + 1] == '-' || s[i + 1] == '+') && isdigit((unsigned char)s[i + 2])) {
+        char *end;
+        exp10 = (int)strtol(s + i + 1, &end, 10);
+        if (frac < 0) frac = 0;
+        i = (int)(end - s);
+    }
+    *value = strtod(s, NULL);
+    *unit = frac < 0 ? 0 : pow(10.0, exp10 - frac);
+    return i;
+}
+
+// want and have the same line? Text must be identical, numbers too, except that a number with a
+// fraction may be one unit of its last printed digit away (*near counts those)
+static int ws_same_line(const char *want, const char *have, int *near) {
+    const char *a = want, *b = have;
+    int n_near = 0;
+    while (*a && *b) {
+        double va, vb, ua, ub;
+        int start = a == want || !(isalnum((unsigned char)a[-1]) || a[-1] == '.');  // not inside a word
+        int la = start ? ws_number(a, &va, &ua) : 0, lb = start ? ws_number(b, &vb, &ub) : 0;
+        if (la && lb) {
+            if (la != lb || strncmp(a, b, la)) {
+                double unit = fmin(ua, ub);
+                if (!(ua > 0 && ub > 0 && fabs(va - vb) <= 1.0001 * unit)) return 0;
+                n_near++;
+            }
+            a += la; b += lb;
+        } else if (*a++ != *b++) {
+            return 0;
+        }
+    }
+    if (*a || *b) return 0;
+    *near += n_near;
+    return 1;
+}
+
+// runs block b's commands; their normalised output goes to out. Returns how many exited 0.
+static int ws_run(const WsBlock *b, int index, Lines *out, double *slowest) {
+    int ok = 0;
+    for (int c = 0; c < b->n_cmds; c++) {
+        char script[64], path[64], cmd[256];
+        snprintf(script, sizeof script, "build/workshop_%d_%d.sh", index, c);
+        snprintf(path, sizeof path, "build/workshop_%d_%d.txt", index, c);
+        write_file(script, b->cmd[c], strlen(b->cmd[c]));
+        snprintf(cmd, sizeof cmd, "stdbuf -oL bash -o pipefail %s >%s 2>&1", script, path);
         double t0 = tok_now();
         int rc = system(cmd);
-        double secs = tok_now() - t0;
-        slowest = fmax(slowest, secs);
-        int longest, lines = count_lines(out, &longest);
-        int good = rc == 0 && lines > 0;
-        if (!good) printf("   workshop command %d failed (exit %d, %d lines of output): %s\n", n, rc, lines, line);
-        ok += good;
-        n++;
+        *slowest = fmax(*slowest, tok_now() - t0);
+        if (rc == 0) ok++;
+        else printf("   workshop command failed (exit status %d): %s\n", rc, b->cmd[c]);
+        size_t len;
+        char *raw = tok_read_file(path, &len);
+        if (raw) ws_normalize(raw, len, out);
+        free(raw);
     }
-    check(n >= 6 && ok == n, "docs/WORKSHOP.md: %d/%d commands run, exit 0 and print output (slowest %.1f s)", ok, n, slowest);
-    free(doc);
+    return ok;
+}
+
+// is `name` defined as a function in the C source (a line at column 0 with "name(" not ending in ';')?
+static int c_defines(const Lines *src, const char *name) {
+    size_t k = strlen(name);
+    for (int i = 0; i < src->n; i++) {
+        const char *s = src->line[i], *p = s;
+        if (!isalpha((unsigned char)s[0]) || s[strlen(s) - 1] == ';') continue;
+        while ((p = strstr(p, name)))
+            if (p > s && (p[-1] == ' ' || p[-1] == '*') && p[k] == '(') return 1;
+            else p += k;
+    }
+    return 0;
+}
+
+// has struct `type` (typedef struct {...} type; or struct type {...};) a field `field`?
+static int c_has_field(const Lines *src, const char *type, const char *field) {
+    char close_typedef[96], open_struct[96];
+    snprintf(close_typedef, sizeof close_typedef, "} %s;", type);
+    snprintf(open_struct, sizeof open_struct, "struct %s {", type);
+    size_t k = strlen(field);
+    for (int i = 0, start = -1; i < src->n; i++) {
+        const char *s = src->line[i];
+        if (!strncmp(s, "typedef struct", 14) || !strcmp(s, open_struct)) { start = i; continue; }
+        int end = !strcmp(s, close_typedef) || (start >= 0 && !strcmp(s, "};") && !strcmp(src->line[start], open_struct));
+        if (!end || start < 0) continue;
+        for (int j = start + 1; j < i; j++)
+            for (const char *p = src->line[j]; (p = strstr(p, field)); p += k)
+                if (p > src->line[j] && strchr(" *,", p[-1]) && p[k] && strchr(";,[", p[k])) return 1;
+        return 0;
+    }
+    return 0;
+}
+
+static int c_has_word(const char *src, const char *word) {
+    size_t k = strlen(word);
+    for (const char *p = src; (p = strstr(p, word)); p += k)
+        if ((p == src || !(isalnum((unsigned char)p[-1]) || p[-1] == '_')) && !(isalnum((unsigned char)p[k]) || p[k] == '_'))
+            return 1;
+    return 0;
+}
+
+static int is_ident(const char *s, size_t n) {
+    if (!n || !(isalpha((unsigned char)s[0]) || s[0] == '_')) return 0;
+    for (size_t i = 0; i < n; i++) if (!(isalnum((unsigned char)s[i]) || s[i] == '_')) return 0;
+    return 1;
+}
+
+// every `code` span outside the fenced blocks that names code: `name()` a function of dsv2.c,
+// `Type.field` a field of its struct, another `identifier_with_underscore` a word of dsv2.c,
+// `dir/file.ext` a file; and no line numbers (other edits move them)
+static void test_workshop_refs(const Lines *doc) {
+    size_t src_len;
+    char *src_text = tok_read_file("dsv2.c", &src_len);
+    if (!src_text) { check(0, "cannot read dsv2.c"); return; }
+    Lines src = lines_split(src_text, src_len);
+    int n_fn = 0, n_field = 0, n_word = 0, n_file = 0, bad = 0, fenced = 0;
+    for (int i = 0; i < doc->n; i++) {
+        const char *s = doc->line[i];
+        if (!strncmp(s, "```", 3)) { fenced = !fenced; continue; }
+        if (fenced) continue;
+        for (const char *p = s; *p; p++) {  // "line 42", "lines ~546-575", "dsv2.c:120"
+            int is_line = !strncmp(p, "line", 4) && (p == s || !isalpha((unsigned char)p[-1]));
+            const char *q = p + 4 + (is_line && p[4] == 's');
+            while (is_line && (*q == ' ' || *q == '~')) q++;
+            if ((is_line && isdigit((unsigned char)*q)) || (!strncmp(p, ".c:", 3) && isdigit((unsigned char)p[3]))) {
+                printf("   docs/WORKSHOP.md:%d refers to a line number: %s\n", i + 1, s);
+                bad++;
+                break;
+            }
+        }
+        for (const char *p = strchr(s, '`'), *e; p && (e = strchr(p + 1, '`')); p = strchr(e + 1, '`')) {
+            char tok[128];
+            size_t n = (size_t)(e - p - 1);
+            if (n == 0 || n >= sizeof tok) continue;
+            memcpy(tok, p + 1, n); tok[n] = 0;
+            const char *dot = strchr(tok, '.'), *slash = strchr(tok, '/');
+            int ok = 1;
+            if (n > 2 && !strcmp(tok + n - 2, "()") && is_ident(tok, n - 2)) {
+                tok[n - 2] = 0;
+                ok = c_defines(&src, tok);
+                n_fn++;
+            } else if (dot && isupper((unsigned char)tok[0]) && is_ident(tok, dot - tok) && is_ident(dot + 1, strlen(dot + 1))) {
+                char type[64];
+                snprintf(type, sizeof type, "%.*s", (int)(dot - tok), tok);
+                ok = c_has_field(&src, type, dot + 1);
+                n_field++;
+            } else if (is_ident(tok, n) && strchr(tok, '_')) {
+                ok = c_has_word(src_text, tok);
+                n_word++;
+            } else if (slash && !strchr(tok, ' ') && strrchr(tok, '.') > slash) {
+                char in_docs[256];
+                snprintf(in_docs, sizeof in_docs, "docs/%s", tok);
+                ok = access(tok, R_OK) == 0 || access(in_docs, R_OK) == 0;
+                n_file++;
+            }
+            if (!ok) { printf("   docs/WORKSHOP.md:%d: `%s` not found\n", i + 1, tok); bad++; }
+        }
+    }
+    check(bad == 0 && n_fn >= 10, "docs/WORKSHOP.md: its code references exist (%d functions of dsv2.c, %d struct fields, "
+          "%d names, %d files) and none is a line number", n_fn, n_field, n_word, n_file);
+    lines_free(&src);
+    free(src_text);
+}
+
+// make test: each output block against what its commands print now
+static void test_workshop(void) {
+    size_t len;
+    char *text = tok_read_file(WS_DOC, &len);
+    if (!text) { check(0, "cannot read " WS_DOC); return; }
+    Lines doc = lines_split(text, len);
+    WsBlock b[64];
+    int nb = ws_parse(&doc, b, 64), n_cmds = 0, blocks_ok = 0, near = 0;
+    double slowest = 0;
+    for (int i = 0; i < nb; i++) {
+        Lines got = {0};
+        int ran = ws_run(&b[i], i, &got, &slowest), first_diff = -1;
+        n_cmds += b[i].n_cmds;
+        int n_page = b[i].out_open < 0 ? -1 : b[i].out_close - b[i].out_open - 1;
+        for (int k = 0; first_diff < 0 && n_page >= 0 && (k < n_page || k < got.n); k++) {
+            char want[1024], have[1024];
+            ws_mask_speeds(k < n_page ? doc.line[b[i].out_open + 1 + k] : "(end of the block)", want, sizeof want);
+            ws_mask_speeds(k < got.n ? got.line[k] : "(end of the output)", have, sizeof have);
+            if (!ws_same_line(want, have, &near)) {
+                first_diff = k;
+                printf("   %s:%d, output line %d:\n     page: %s\n     now:  %s\n", WS_DOC, b[i].out_open + 2 + k, k + 1, want, have);
+            }
+        }
+        int ok = ran == b[i].n_cmds && n_page >= 0 && first_diff < 0;
+        blocks_ok += ok;
+        if (n_page < 0) printf("   %s:%d: the commands have no output block after them\n", WS_DOC, b[i].sh_open + 1);
+        lines_free(&got);
+    }
+    check(nb >= 9 && blocks_ok == nb, "%s: %d/%d output blocks as the page shows them, %d commands, %d number(s) one unit "
+          "off in the last digit (slowest %.1f s); after a model change: ./test_all --update-workshop", WS_DOC, blocks_ok, nb,
+          n_cmds, near, slowest);
+    test_workshop_refs(&doc);
+    lines_free(&doc);
+    free(text);
+}
+
+// ./test_all --update-workshop: the output blocks rewritten from what the commands print now
+static int update_workshop(void) {
+    size_t len;
+    char *text = tok_read_file(WS_DOC, &len);
+    if (!text) { fprintf(stderr, "test_all: cannot read %s\n", WS_DOC); return 1; }
+    Lines doc = lines_split(text, len);
+    WsBlock b[64];
+    int nb = ws_parse(&doc, b, 64), failed = 0, changed = 0;
+    double slowest = 0;
+    FILE *f = fopen(WS_DOC ".new", "w");
+    if (!f) { fprintf(stderr, "test_all: cannot write %s.new\n", WS_DOC); return 1; }
+    for (int i = 0, k = 0; i < doc.n; i++) {
+        fprintf(f, "%s\n", doc.line[i]);
+        if (k >= nb || i != b[k].sh_close) continue;
+        Lines got = {0};
+        failed += b[k].n_cmds - ws_run(&b[k], k, &got, &slowest);
+        int n_page = b[k].out_open < 0 ? -1 : b[k].out_close - b[k].out_open - 1, same = n_page == got.n;
+        for (int j = 0; same && j < got.n; j++) same = !strcmp(got.line[j], doc.line[b[k].out_open + 1 + j]);
+        changed += !same;
+        fprintf(f, "\n```\n");
+        for (int j = 0; j < got.n; j++) fprintf(f, "%s\n", got.line[j]);
+        fprintf(f, "```\n");
+        if (b[k].out_open >= 0) i = b[k].out_close;  // the old block is replaced
+        lines_free(&got);
+        k++;
+    }
+    fclose(f);
+    if (failed) { fprintf(stderr, "test_all: %d workshop command(s) failed; %s left unchanged\n", failed, WS_DOC); return 1; }
+    if (rename(WS_DOC ".new", WS_DOC)) { fprintf(stderr, "test_all: cannot replace %s\n", WS_DOC); return 1; }
+    printf("%s: %d output blocks written, %d changed (slowest command %.1f s)\n", WS_DOC, nb, changed, slowest);
+    lines_free(&doc);
+    free(text);
+    return 0;
 }
 
 static void test_teach(void) {
@@ -1581,6 +1892,12 @@ static void test_gpu(void) {
 }
 
 int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "--update-workshop")) return update_workshop();  // docs/WORKSHOP.md's outputs
+    if (argc > 1 && !strcmp(argv[1], "--workshop")) {  // only the docs/WORKSHOP.md checks
+        test_workshop();
+        printf("%d passed, %d failed\n", n_passed, n_failed);
+        return n_failed ? 1 : 0;
+    }
     if (argc > 1 && !strcmp(argv[1], "--gpu-only")) {  // the GPU machine: only the CUDA-vs-CPU checks
         test_gpu();
         printf("%d passed, %d failed\n", n_passed, n_failed);
