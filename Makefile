@@ -44,7 +44,7 @@ build/fixtures/%.tok.bin: tests/fixtures/%/tokenizer.json export.py
 include tests/tokenizer.mk
 
 test: dsv2 test_all $(CUDA_TARGETS) $(FIXTURE_MODELS) $(FIXTURE_TOKS) $(TOK_TEST_DEPS)
-	./test_all
+	V2_TOKENIZER=$(V2_TOKENIZER) FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_PAIRS="$(FUZZ_PAIRS)" ./test_all
 
 clean:
 	rm -rf dsv2 dsv2cu test_all build
