@@ -1479,8 +1479,8 @@ typedef struct {
 } GenStats;
 
 static void put_token(Tokenizer *tok, DecodeState *ds, int id) {
-    if (id >= 0 && id < tok->vocab_size) tokenizer_put(tok, ds, id, 1, stdout);
-    else printf("[%d]", id);  // the model's vocabulary can be larger than the tokenizer's
+    if (id >= 0 && id < tok->vocab_size && (tok->token_flags[id] & TOK_EXISTS)) tokenizer_put(tok, ds, id, 1, stdout);
+    else printf("[%d]", id);  // the model's vocabulary can be larger than the tokenizer's, or have holes
     fflush(stdout);
 }
 
@@ -1696,7 +1696,7 @@ static void chat(const Model *m, Tokenizer *tok, Sampler *sp, const char *prompt
         if (!turns) die("out of memory");
         ChatTurn *t = &turns[n_turns++];
         t->user = strdup(user);
-        t->answer = (int *)xcalloc((size_t)opt->n_new + 1, sizeof(int));
+        t->answer = (int *)xcalloc((size_t)(opt->n_new < ctx ? opt->n_new : ctx) + 1, sizeof(int));
         if (!t->user) die("out of memory");
         printf("Assistant:");
         fflush(stdout);
@@ -1891,7 +1891,7 @@ typedef struct {
     int positions[64], n_positions;  // --trace-pos
     int kv_table;             // --kv-table
     double mem_gib;           // --mem GiB for --kv-table
-    int ctx;                  // --ctx N: -m ppl's window (default: max_position_embeddings)
+    int ctx;                  // --ctx N: -m ppl's window, -m chat's context (0: the model's)
 } TeachOptions;
 
 static long parse_int(const char *flag, const char *v, long lo, long hi);
@@ -2057,7 +2057,7 @@ int main(int argc, char **argv) {
         int k = option_index(flag);
         if (k < 0) usage_error("unknown option %s", flag);
         given[k] = 1;
-        if (teach_switch(&teach, flag)) continue;
+        if (!options[k].takes_value) { teach_switch(&teach, flag); continue; }
         if (i + 1 >= argc) usage_error("%s needs a value", flag);
         const char *v = argv[++i];
         if (teach_flag(&teach, flag, v)) continue;
