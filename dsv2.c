@@ -1260,7 +1260,7 @@ static void split_added(const Tokenizer *t, Encoder *e, const char *text, size_t
 int *tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add_bos, int *n_ids) {
     long bad = utf8_invalid_offset(text, len);
     if (bad >= 0) die("invalid UTF-8 in the text to encode at byte offset %ld (byte 0x%02x)", bad, (unsigned char)text[bad]);
-    if (len > (1u << 30)) die("text to encode is too long (%zu bytes)", len);
+    if (len >= (1u << 30)) die("text to encode is too long (%zu bytes; at most 2^30 - 1)", len);  // ids stay below 2^30
     Encoder e = {0};
     e.cps = (uint32_t *)malloc((len + 1) * sizeof(uint32_t));
     e.byte_at = (int *)malloc((len + 1) * sizeof(int));

@@ -8,8 +8,8 @@
 // one of the tokenizer's tables, a truncation or an extension, NaN / inf weights, random bytes.
 // Then dsv2's own main() runs on it: a few tokens of generate, a scripted chat, ppl, a trace,
 // encode or decode. A case passes when main returns or ends with one "dsv2: ..." line on stderr;
-// a sanitizer report, a crash or a case that runs over 20 s (a hang) stops the fuzzer, which
-// saves the case's files as build/fuzz_fail.* and prints the case number.
+// a sanitizer report, a crash or a case that takes over 10 s of CPU time or 300 s in all (a hang)
+// stops the fuzzer, which saves the changed file as build/fuzz_fail.bin and prints the case number.
 #define _GNU_SOURCE  // memfd_create
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,6 +22,7 @@
 #include <time.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sanitizer/common_interface_defs.h>
 
 // ---------------- What dsv2.c calls, redirected
@@ -344,9 +345,9 @@ static void save_failure(void) {
     for (int i = 0; i < case_argc; i++) fprintf(stderr, " '%s'", case_argv[i]);
     fprintf(stderr, "\nfuzz_load: the changed file is build/fuzz_fail.bin; re-run with --case %ld\n", case_number);
 }
+// a hang: a case over 10 s of CPU time (SIGPROF), or 300 s of wall time when that is all it waits (SIGALRM)
 static void on_alarm(int sig) {
-    (void)sig;
-    fail_reason = "a hang: over 20 s";
+    fail_reason = sig == SIGPROF ? "a hang: over 10 s of CPU time" : "a hang: over 300 s";
     save_failure();
     _exit(1);
 }
@@ -401,9 +402,12 @@ static int run_case(Pair *pairs, int n_pairs, long number, int verbose) {
     jmp_buf jb;
     fz_jump = &jb;
     fz_status = 0;
-    alarm(20);
+    struct itimerval cpu_limit = {{0, 0}, {10, 0}}, off = {{0, 0}, {0, 0}};
+    setitimer(ITIMER_PROF, &cpu_limit, NULL);
+    alarm(300);
     if (!setjmp(jb)) fz_status = dsv2_main(case_argc, case_argv);
     alarm(0);
+    setitimer(ITIMER_PROF, &off, NULL);
     fclose(fz_stdin);
     release_all();
     // the case ends cleanly, or with one line that says why: read back the end of its stderr
@@ -452,6 +456,7 @@ int main(int argc, char **argv) {
         snprintf(scratch_path[i], sizeof scratch_path[i], "/proc/self/fd/%d", scratch_fd[i]);
     }
     signal(SIGALRM, on_alarm);
+    signal(SIGPROF, on_alarm);
     __sanitizer_set_death_callback(save_failure);
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
