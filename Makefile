@@ -60,7 +60,7 @@ build/dsv2_tiny.q8.bin: dsv2_tiny.bin tools/convert_model.py export.py
 
 test: dsv2 test_all $(CUDA_TARGETS) $(FIXTURE_MODELS) $(FIXTURE_TOKS) build/dsv2_tiny.q8.bin $(TOK_TEST_DEPS) \
       build/malformed/cases.txt $(WORDLIST)
-	./test_all
+	V2_TOKENIZER=$(V2_TOKENIZER) FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_PAIRS="$(FUZZ_PAIRS)" ./test_all
 
 clean:
 	rm -rf dsv2 dsv2cu test_all build

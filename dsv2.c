@@ -186,23 +186,24 @@ static uint64_t tensor_bytes(int dtype, uint64_t rows, uint64_t cols) {
     return rows * cols * (dtype == DTYPE_BF16 ? 2 : 4);
 }
 
-// Points every weight of the model at its place in the file, walking the tensors in file
-// order. Returns the bytes the file must have: the caller checks that against the file size
-// before any weight is read, so a truncated or padded file is refused.
+// Walks the tensors in file order and returns the bytes the file must have. With base NULL it
+// only counts, so model_load can compare that with the file size before allocating anything;
+// with base set it also points every weight at its place in the file. The sizes fit easily in
+// 64 bits: check_config bounds every dimension first.
 static uint64_t map_weights(Model *m, const char *base) {
     const Config *c = &m->config;
     uint64_t off = HEADER_BYTES;
     uint64_t qk_head = (uint64_t)c->qk_nope_head_dim + c->qk_rope_head_dim;
 #define TAKE_AS(dst, rows, cols, matrix) do { \
         off = (off + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN; \
-        (dst).data = base + off; (dst).dtype = tensor_dtype(c, matrix, cols); \
-        off += tensor_bytes((dst).dtype, rows, cols); \
+        if (base) { (dst).data = base + off; (dst).dtype = tensor_dtype(c, matrix, cols); } \
+        off += tensor_bytes(tensor_dtype(c, matrix, cols), rows, cols); \
     } while (0)
 #define TAKE(dst, rows, cols) TAKE_AS(dst, rows, cols, 1)
 #define TAKE_VECTOR(dst, n) TAKE_AS(dst, 1, n, 0)
     TAKE(m->embed_tokens, c->vocab_size, c->dim);
     for (int l = 0; l < c->n_layers; l++) {
-        Layer *L = &m->layers[l];
+        Layer *L = base ? &m->layers[l] : NULL;
         TAKE_VECTOR(L->input_layernorm, c->dim);
         if (c->q_lora_rank) {
             TAKE(L->q_a_proj, c->q_lora_rank, c->dim);
@@ -216,8 +217,8 @@ static uint64_t map_weights(Model *m, const char *base) {
         TAKE(L->kv_b_proj, (uint64_t)c->n_heads * (c->qk_nope_head_dim + c->v_head_dim), c->kv_lora_rank);
         TAKE(L->o_proj, c->dim, (uint64_t)c->n_heads * c->v_head_dim);
         TAKE_VECTOR(L->post_attention_layernorm, c->dim);
-        L->is_moe = is_moe_layer(c, l);
-        if (L->is_moe) {
+        if (base) L->is_moe = is_moe_layer(c, l);
+        if (is_moe_layer(c, l)) {
             uint64_t mi = c->moe_intermediate_size, si = mi * c->n_shared_experts;
             TAKE_AS(L->gate, c->n_routed_experts, c->dim, 0);  // the router stays fp32 in a q8 file
             for (int e = 0; e < c->n_routed_experts; e++) {
@@ -244,7 +245,10 @@ static uint64_t map_weights(Model *m, const char *base) {
     return off;
 }
 
-// Every field a corrupt header could set to something that would crash the forward pass.
+// Every field a corrupt header could set to something the code cannot run: dimensions within
+// bounds that keep every product below 2^31 where the code counts in int (n_heads * (d_h + d_h^R),
+// N_s * moe_intermediate_size, ...) and every file offset below 2^63; the router's choices
+// within its arrays; floats finite and in their domain.
 static void check_config(const Config *c, const char *path) {
 #define RANGE(field, lo, hi) do { if (c->field < (lo) || c->field > (hi)) \
         die("%s: unsupported or corrupt config: " #field " = %d (expected %d..%d)", path, \
@@ -261,7 +265,7 @@ static void check_config(const Config *c, const char *path) {
     RANGE(v_head_dim, 1, 4096);
     RANGE(intermediate_size, 1, 1 << 20);
     RANGE(moe_intermediate_size, 1, 1 << 20);
-    RANGE(n_routed_experts, 1, 4096);
+    RANGE(n_routed_experts, 1, 4096);     // moe_route's arrays hold 4096
     RANGE(n_shared_experts, 0, 64);
     RANGE(n_experts_per_tok, 1, c->n_routed_experts);
     RANGE(first_k_dense_replace, 0, c->n_layers);
@@ -272,16 +276,31 @@ static void check_config(const Config *c, const char *path) {
     RANGE(norm_topk_prob, 0, 1);
     RANGE(max_position_embeddings, 1, 1 << 24);
     RANGE(rope_yarn, 0, 1);
+    if (c->rope_yarn) RANGE(original_max_position_embeddings, 1, 1 << 24);
+    RANGE(bos_token_id, -1, c->vocab_size - 1);
+    RANGE(eos_token_id, -1, c->vocab_size - 1);
 #undef RANGE
-    if (c->qk_rope_head_dim % 2) die("%s: qk_rope_head_dim must be even", path);
-    if (c->n_routed_experts % c->n_group) die("%s: n_routed_experts is not a multiple of n_group", path);
+    if (c->qk_rope_head_dim % 2) die("%s: unsupported or corrupt config: qk_rope_head_dim = %d is odd", path, c->qk_rope_head_dim);
+    if (c->n_routed_experts % c->n_group)
+        die("%s: unsupported or corrupt config: n_routed_experts = %d is not a multiple of n_group = %d", path,
+            c->n_routed_experts, c->n_group);
     if (c->topk_method == 1 && c->topk_group * (c->n_routed_experts / c->n_group) < c->n_experts_per_tok)
         die("%s: unsupported config: topk_group %d groups of %d experts hold fewer than n_experts_per_tok %d", path,
             c->topk_group, c->n_routed_experts / c->n_group, c->n_experts_per_tok);
-    if (!(c->rms_norm_eps > 0 && c->rms_norm_eps < 1) || !(c->rope_theta > 1) ||
-        !isfinite(c->routed_scaling_factor) || (c->rope_yarn && !(c->rope_factor >= 1)) ||
-        (c->rope_yarn && c->original_max_position_embeddings < 1))
-        die("%s: unsupported or corrupt config: a float field is out of range", path);
+#define FLOAT(field, ok, want) do { if (!isfinite(c->field) || !(ok)) \
+        die("%s: unsupported or corrupt config: " #field " = %g (expected " want ")", path, (double)c->field); } while (0)
+    FLOAT(rms_norm_eps, c->rms_norm_eps > 0 && c->rms_norm_eps < 1, "in (0, 1)");
+    FLOAT(rope_theta, c->rope_theta > 1, "above 1");
+    FLOAT(routed_scaling_factor, 1, "a finite number");
+    if (c->rope_yarn) {
+        FLOAT(rope_factor, c->rope_factor >= 1, "at least 1");
+        FLOAT(beta_fast, c->beta_fast > 0, "above 0");
+        FLOAT(beta_slow, c->beta_slow > 0, "above 0");
+        FLOAT(mscale, 1, "a finite number");
+        FLOAT(mscale_all_dim, 1, "a finite number");
+        FLOAT(attention_factor, c->attention_factor >= 0, "at least 0");
+    }
+#undef FLOAT
 }
 
 static void model_load(Model *m, const char *path) {
@@ -289,25 +308,27 @@ static void model_load(Model *m, const char *path) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) die("cannot open model file %s: %s", path, strerror(errno));
     struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("model file %s is not a regular file", path);
     m->file_size = (size_t)st.st_size;
     if (m->file_size < HEADER_BYTES) die("%s: too short for a dsv2 model file (%zu bytes)", path, m->file_size);
     m->map = mmap(NULL, m->file_size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
-    if (m->map == MAP_FAILED) die("%s: mmap failed: %s", path, strerror(errno));
+    if (m->map == MAP_FAILED) { m->map = NULL; die("%s: mmap failed: %s", path, strerror(errno)); }
     const uint32_t *head = (const uint32_t *)m->map;
+    if (memcmp(m->map, "DSV2TOK", 8) == 0) die("%s is a tokenizer file; pass it with -z (the model file comes first)", path);
     if (head[0] != DSV2_MAGIC) die("%s: not a dsv2 model file (bad magic); convert with export.py", path);
     if (head[1] != DSV2_VERSION)
         die("%s: model file version %u, this dsv2 reads version %d; re-export with export.py", path, head[1], DSV2_VERSION);
     memcpy(&m->config, (const char *)m->map + 8, sizeof(Config));
     check_config(&m->config, path);
-    m->layers = (Layer *)xcalloc(m->config.n_layers, sizeof(Layer));
-    for (int l = 0; l < m->config.n_layers; l++)
-        if (is_moe_layer(&m->config, l)) m->layers[l].experts = (FFN *)xcalloc(m->config.n_routed_experts, sizeof(FFN));
-    uint64_t need = map_weights(m, (const char *)m->map);
+    uint64_t need = map_weights(m, NULL);
     if (need != m->file_size)
         die("%s: file is %zu bytes but its config needs %llu (truncated or corrupt)", path, m->file_size,
             (unsigned long long)need);
+    m->layers = (Layer *)xcalloc(m->config.n_layers, sizeof(Layer));
+    for (int l = 0; l < m->config.n_layers; l++)
+        if (is_moe_layer(&m->config, l)) m->layers[l].experts = (FFN *)xcalloc(m->config.n_routed_experts, sizeof(FFN));
+    map_weights(m, (const char *)m->map);
 }
 
 static void model_free(Model *m) {
@@ -364,7 +385,18 @@ static float *cache_row(const RunState *s, const Config *c, int l, int pos) {
 
 static void rope_init(RunState *s, const Config *c);
 
+// A context whose cache would not fit in this machine's memory is refused before anything is
+// allocated (the weights are memory-mapped and not counted).
+static void check_context_fits(const Config *c, int seq_len) {
+    double cache = 4.0 * c->n_layers * seq_len * kv_cache_width(c) + 4.0 * c->n_heads * seq_len;
+    double ram = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    if (seq_len < 1 || (ram > 0 && cache > ram))
+        die("a context of %d tokens needs %.1f GiB for the KV cache (%d layers x %d values per token), "
+            "more than this machine's %.1f GiB", seq_len, cache / (1 << 30), c->n_layers, kv_cache_width(c), ram / (1 << 30));
+}
+
 static void runstate_init(RunState *s, const Config *c, int seq_len) {
+    check_context_fits(c, seq_len);
     int qk_head = c->qk_nope_head_dim + c->qk_rope_head_dim;
     int ffn_width = c->intermediate_size;
     if (c->moe_intermediate_size * (c->n_shared_experts > 1 ? c->n_shared_experts : 1) > ffn_width)
@@ -1182,13 +1214,17 @@ void tokenizer_load(Tokenizer *t, const char *path) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) die("cannot open tokenizer file %s", path);
     struct stat st;
-    if (fstat(fd, &st) != 0 || st.st_size < 8) die("tokenizer file %s is truncated or corrupt", path);
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("tokenizer file %s is not a regular file", path);
+    if (st.st_size < 8) die("tokenizer file %s is truncated or corrupt", path);
     t->map_size = st.st_size;
     t->map = mmap(NULL, t->map_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);  // prefault: one pass, not 700 faults
     close(fd);
     if (t->map == MAP_FAILED) die("cannot mmap tokenizer file %s", path);
     Reader r = {path, (const uint8_t *)t->map, (const uint8_t *)t->map + t->map_size};
-    if (memcmp(take(&r, 8, 1), "DSV2TOK\0", 8) != 0) die("%s is not a dsv2 tokenizer file (bad magic)", path);
+    const char *magic = (const char *)take(&r, 8, 1);
+    if (memcmp(magic, "DSV2", 4) == 0 && memcmp(magic, "DSV2TOK\0", 8) != 0)
+        die("%s is a dsv2 model file, not a tokenizer; the model comes first, the tokenizer after -z", path);
+    if (memcmp(magic, "DSV2TOK\0", 8) != 0) die("%s is not a dsv2 tokenizer file (bad magic)", path);
     int version = take_int(&r);  // 2: character classes from export.py's Unicode table (1: from Python's unicodedata)
     if (version != 2) die("tokenizer file %s has version %d, this dsv2 reads version 2 (re-export it with export.py)", path, version);
     t->vocab_size = take_int(&r); t->n_merges = take_int(&r); t->n_added = take_int(&r);
@@ -1202,16 +1238,16 @@ void tokenizer_load(Tokenizer *t, const char *path) {
     if (t->vocab_size <= 0 || t->n_merges < 0 || t->n_added < 0 || t->n_classes < 0 || n_ranges < 0 ||
         t->n_steps < 0 || n_alts < 0 || n_atoms < 0 || blob_bytes < 0)
         die("tokenizer file %s is corrupt (negative sizes)", path);
-    t->token_off = (const int32_t *)take(&r, t->vocab_size + 1, 4);
+    t->token_off = (const int32_t *)take(&r, (size_t)t->vocab_size + 1, 4);
     t->token_flags = (const uint8_t *)take(&r, t->vocab_size, 1);
     t->token_blob = (const char *)take(&r, blob_bytes, 1);
     t->merges = (const int32_t *)take(&r, 3 * (size_t)t->n_merges, 4);
     t->byte_ids = (const int32_t *)take(&r, 256, 4);
     t->added = (const int32_t *)take(&r, 2 * (size_t)t->n_added, 4);
-    t->class_off = (const int32_t *)take(&r, t->n_classes + 1, 4);
+    t->class_off = (const int32_t *)take(&r, (size_t)t->n_classes + 1, 4);
     t->ranges = (const uint32_t *)take(&r, 2 * (size_t)n_ranges, 4);
-    t->step_off = (const int32_t *)take(&r, t->n_steps + 1, 4);
-    t->alt_off = (const int32_t *)take(&r, n_alts + 1, 4);
+    t->step_off = (const int32_t *)take(&r, (size_t)t->n_steps + 1, 4);
+    t->alt_off = (const int32_t *)take(&r, (size_t)n_alts + 1, 4);
     t->atoms = (const int32_t *)take(&r, 4 * (size_t)n_atoms, 4);
     for (int i = 0; i < CHAT_PIECES; i++) {
         t->chat_len[i] = take_int(&r);
@@ -1234,7 +1270,8 @@ void tokenizer_load(Tokenizer *t, const char *path) {
             at[2] < 0 || (at[3] >= 0 && at[3] < at[2]) || at[3] < -1)
             die("tokenizer file %s is corrupt (pre-tokenizer atom %d)", path, a);
     }
-    if (t->bos_id >= t->vocab_size || t->eos_id >= t->vocab_size) die("tokenizer file %s is corrupt (BOS/EOS id)", path);
+    if (t->bos_id < -1 || t->bos_id >= t->vocab_size || t->eos_id < -1 || t->eos_id >= t->vocab_size)
+        die("tokenizer file %s is corrupt (BOS id %d, EOS id %d; expected -1..%d)", path, t->bos_id, t->eos_id, t->vocab_size - 1);
     if (t->add_bos && t->bos_id < 0) die("tokenizer file %s adds BOS but has no BOS token", path);
     build_merge_table(t);
     build_class_ascii(t);
@@ -1441,7 +1478,7 @@ static void split_added(const Tokenizer *t, Encoder *e, const char *text, size_t
 int *tokenizer_encode(Tokenizer *t, const char *text, size_t len, int add_bos, int *n_ids) {
     long bad = utf8_invalid_offset(text, len);
     if (bad >= 0) die("invalid UTF-8 in the text to encode at byte offset %ld (byte 0x%02x)", bad, (unsigned char)text[bad]);
-    if (len > (1u << 30)) die("text to encode is too long (%zu bytes)", len);
+    if (len >= (1u << 30)) die("text to encode is too long (%zu bytes; at most 2^30 - 1)", len);  // ids stay below 2^30
     Encoder e = {0};
     e.cps = (uint32_t *)malloc((len + 1) * sizeof(uint32_t));
     e.byte_at = (int *)malloc((len + 1) * sizeof(int));
@@ -1586,6 +1623,7 @@ static int sample_topp(const float *p, int n, float topp, int *order, float coin
     int m = 0;
     float cutoff = (1.0f - topp) / (n - 1 > 0 ? n - 1 : 1);  // tokens below this can't be in the set
     for (int i = 0; i < n; i++) if (p[i] >= cutoff) order[m++] = i;
+    if (m == 0) return sample_argmax(p, n);  // only when p is not a distribution (NaN): never index order[-1]
     topp_probs = p;
     qsort(order, m, sizeof(int), topp_cmp);
     float cum = 0.0f;
@@ -1596,10 +1634,14 @@ static int sample_topp(const float *p, int n, float topp, int *order, float coin
     return order[last];
 }
 
+// softmax(logits / T), taken as exp((logit - max) / T): every exponent is <= 0 and the largest is
+// exactly 0, so no temperature, however small, overflows it (-t 1e-38 is greedy, not NaN)
 static int sample(Sampler *sp, float *logits, int n) {
-    if (sp->temperature == 0.0f) return sample_argmax(logits, n);
-    for (int i = 0; i < n; i++) logits[i] /= sp->temperature;
-    softmax(logits, n);
+    int best = sample_argmax(logits, n);
+    if (sp->temperature == 0.0f) return best;
+    float max = logits[best], sum = 0.0f;
+    for (int i = 0; i < n; i++) { logits[i] = expf((logits[i] - max) / sp->temperature); sum += logits[i]; }
+    for (int i = 0; i < n; i++) logits[i] /= sum;
     float coin = random_f32(&sp->rng_state);
     if (sp->topp <= 0.0f || sp->topp >= 1.0f) return sample_mult(logits, n, coin);
     return sample_topp(logits, n, sp->topp, sp->order, coin);
@@ -1660,36 +1702,56 @@ static int prefill_gpu(const Model *m, RunState *s, const int *ids, int n, int p
 typedef struct {
     const char *dump_logits;  // write every position's logits here (float32, [pos][vocab])
     AttnForm form;
-    int n_new;                // new tokens to generate (-n)
+    int n_new;                // new tokens to generate, per answer in chat (-n)
+    int ctx;                  // -m chat: the context in tokens (--ctx; 0: the model's, at most 4096)
     Trace *trace;             // --trace / --routing-out, NULL when off
 } GenOptions;
 
+// what one call of generate_ids did; the caller prints it after the text (print_speed)
+typedef struct {
+    int pos;                  // the next free position
+    int n_prompt, n_gen;      // tokens read, tokens generated (an EOS included)
+    double prompt_s, gen_s;   // seconds spent on each
+    int eos;                  // the answer ended with EOS (counted in n_gen)
+    int full;                 // generation stopped because the context was full
+} GenStats;
+
 static void put_token(Tokenizer *tok, DecodeState *ds, int id) {
-    if (id >= 0 && id < tok->vocab_size) tokenizer_put(tok, ds, id, 1, stdout);
-    else printf("[%d]", id);  // the model's vocabulary can be larger than the tokenizer's
+    if (id >= 0 && id < tok->vocab_size && (tok->token_flags[id] & TOK_EXISTS)) tokenizer_put(tok, ds, id, 1, stdout);
+    else printf("[%d]", id);  // the model's vocabulary can be larger than the tokenizer's, or have holes
     fflush(stdout);
 }
 
-// Runs the prompt ids through the model and generates up to n_new tokens after them.
+// logits that are NaN or infinite come from corrupt weights (or an overflow): nothing sensible
+// can be sampled or scored from them, so stop and say where
+static void check_logits(const float *logits, int n, int pos) {
+    for (int i = 0; i < n; i++)
+        if (!isfinite(logits[i]))
+            die("the logits at position %d are not finite (token %d: %g): the model's weights are corrupt", pos, i, logits[i]);
+}
+
+// Runs the prompt ids through the model and generates up to n_new tokens after them, printing
+// them as they come; the ids of the answer (without its EOS) go to answer (NULL: not kept).
 // Positions start at pos0 (chat continues a conversation in the same cache).
-// Returns the next free position.
-static int generate_ids(const Model *m, RunState *s, Tokenizer *tok, Sampler *sp, const int *ids, int n_ids,
-                        int pos0, const GenOptions *opt, FILE *dump) {
+static GenStats generate_ids(const Model *m, RunState *s, Tokenizer *tok, Sampler *sp, const int *ids, int n_ids,
+                             int pos0, const GenOptions *opt, FILE *dump, int *answer) {
     const Config *c = &m->config;
-    if (pos0 + n_ids > s->seq_len)
+    if (n_ids < 1 || pos0 + n_ids > s->seq_len)
         die("the prompt is %d tokens but the context holds %d (max_position_embeddings %d)",
             pos0 + n_ids, s->seq_len, c->max_position_embeddings);
+    GenStats st = {pos0, n_ids, 0, 0.0, 0.0, 0, 0};
     DecodeState ds;
     memset(&ds, 0, sizeof(ds));
     double t0 = now_s(), t1 = t0;
-    int pos = pos0, token = ids[0], n_gen = 0;
+    int pos = pos0, token = ids[0], done = 0;
     if (!dump && n_ids > 1) {  // --dump-logits needs every position's logits: no prefill then
-        int done = DSV2_PREFILL(m, s, ids, n_ids - 1, pos0, opt->form);
-        pos += done;
-        token = ids[done];
+        int taken = DSV2_PREFILL(m, s, ids, n_ids - 1, pos0, opt->form);
+        pos += taken;
+        token = ids[taken];
     }
     while (pos < s->seq_len) {
         float *logits = DSV2_FORWARD(m, s, token, pos, opt->form);
+        check_logits(logits, c->vocab_size, pos);
         if (dump && fwrite(logits, sizeof(float), c->vocab_size, dump) != (size_t)c->vocab_size)
             die("--dump-logits: write failed");
         pos++;
@@ -1698,21 +1760,29 @@ static int generate_ids(const Model *m, RunState *s, Tokenizer *tok, Sampler *sp
         if (i < n_ids) next = ids[i];
         else {
             if (i == n_ids) t1 = now_s();
-            if (n_gen >= opt->n_new) break;
+            if (st.n_gen >= opt->n_new) { done = 1; break; }
             next = sample(sp, logits, c->vocab_size);
-            n_gen++;
-            if (next == tok->eos_id) break;
+            st.n_gen++;
+            if (next == tok->eos_id) { done = st.eos = 1; break; }
+            if (answer) answer[st.n_gen - 1] = next;
             put_token(tok, &ds, next);
         }
         token = next;
     }
     tokenizer_flush(tok, &ds, stdout);
-    double t2 = now_s();
-    if (n_ids + n_gen > 0 && pos - pos0 >= n_ids) {
-        fprintf(stderr, "\nprompt: %d tokens, %.1f tok/s; generated: %d tokens, %.1f tok/s\n", n_ids,
-                n_ids / (t1 - t0 > 0 ? t1 - t0 : 1e-9), n_gen, n_gen / (t2 - t1 > 0 ? t2 - t1 : 1e-9));
-    }
-    return pos;
+    if (pos - pos0 < n_ids || (!done && st.n_gen == 0)) t1 = now_s();
+    st.pos = pos;
+    st.full = !done;
+    st.prompt_s = t1 - t0;
+    st.gen_s = now_s() - t1;
+    return st;
+}
+
+// the lines after an answer (stderr): a stop at the context, then the speeds
+static void print_speed(const GenStats *st, int seq_len) {
+    if (st->full) fprintf(stderr, "dsv2: stopped at the end of the context (%d tokens)\n", seq_len);
+    fprintf(stderr, "prompt: %d tokens, %.1f tok/s; generated: %d tokens, %.1f tok/s\n", st->n_prompt,
+            st->n_prompt / (st->prompt_s > 0 ? st->prompt_s : 1e-9), st->n_gen, st->n_gen / (st->gen_s > 0 ? st->gen_s : 1e-9));
 }
 
 static int context_for(const Config *c, int n_prompt, int n_new) {
@@ -1733,8 +1803,10 @@ static void generate(const Model *m, Tokenizer *tok, Sampler *sp, const char *pr
     if (opt->dump_logits && !(dump = fopen(opt->dump_logits, "wb"))) die("--dump-logits: cannot write %s", opt->dump_logits);
     printf("%s", prompt);
     fflush(stdout);
-    generate_ids(m, &s, tok, sp, ids, n_ids, 0, opt, dump);
+    GenStats st = generate_ids(m, &s, tok, sp, ids, n_ids, 0, opt, dump, NULL);
     printf("\n");
+    fflush(stdout);
+    print_speed(&st, s.seq_len);
     if (dump) fclose(dump);
     print_kv_cache_size(&m->config);
     print_memory_summary(m);
@@ -1742,45 +1814,143 @@ static void generate(const Model *m, Tokenizer *tok, Sampler *sp, const char *pr
     free(ids);
 }
 
-// Chat: the model's template around each user turn; with -i one turn, else turns from stdin.
+// ---------------- Chat
+// The conversation is [BOS] system + turn 1, answer 1, EOS, turn 2, answer 2, EOS, ... in the
+// model's template. When the next turn does not fit in the context (with room for an answer),
+// the oldest turns are dropped, as llama.cpp does, and what is left is read again from position
+// 0: the system prompt and the first kept turn rendered together, exactly as if the conversation
+// had started there, then the later turns and the answers given. A turn that does not fit even
+// alone is refused, and the conversation goes on.
+
+typedef struct {
+    char *user;          // the user's text
+    int *answer;         // the answer's ids, without its EOS
+    int n_answer;
+} ChatTurn;
+
+// the ids of one user turn: first (with BOS and the system prompt) or after an answer (EOS first)
+static int *chat_turn_ids(Tokenizer *tok, const char *system, const char *user, int first, int *n_ids) {
+    char *text = tokenizer_chat_prompt(tok, first ? system : NULL, user);
+    int n, *ids = tokenizer_encode(tok, text, strlen(text), first && tok->add_bos, &n);
+    free(text);
+    int *out = (int *)xcalloc((size_t)n + 1, sizeof(int));
+    if (!first) out[0] = tok->eos_id;
+    memcpy(out + !first, ids, n * sizeof(int));
+    free(ids);
+    *n_ids = n + !first;
+    return out;
+}
+
+// appends n ids to the growing array *all (length *n_all)
+static void append_ids(int **all, int *n_all, const int *ids, int n) {
+    *all = (int *)realloc(*all, ((size_t)*n_all + n + 1) * sizeof(int));
+    if (!*all) die("out of memory");
+    memcpy(*all + *n_all, ids, (size_t)n * sizeof(int));
+    *n_all += n;
+}
+
+// the whole conversation from turn `from` on, as it is read again after the turns before it are dropped
+static int *chat_history_ids(Tokenizer *tok, const char *system, const ChatTurn *turns, int from, int n_turns, int *n_all) {
+    int *all = NULL, n;
+    *n_all = 0;
+    for (int k = from; k < n_turns; k++) {
+        int *ids = chat_turn_ids(tok, system, turns[k].user, k == from, &n);
+        append_ids(&all, n_all, ids, n);
+        append_ids(&all, n_all, turns[k].answer, turns[k].n_answer);
+        free(ids);
+    }
+    return all;
+}
+
+// Chat: the model's template around each user turn; with -i one turn, else turns from stdin
+// (lines of any length) until end of input.
 static void chat(const Model *m, Tokenizer *tok, Sampler *sp, const char *prompt, const char *system,
                  const GenOptions *opt) {
-    int ctx = m->config.max_position_embeddings < 4096 ? m->config.max_position_embeddings : 4096;
+    if (!tok->has_chat) die("-m chat: this tokenizer has no chat template that dsv2 understands (export.py stored none)");
+    if (tok->eos_id < 0) die("-m chat: this tokenizer has no EOS token, so an answer could not end");
+    int max_ctx = m->config.max_position_embeddings < 4096 ? m->config.max_position_embeddings : 4096;
+    int ctx = opt->ctx ? opt->ctx : max_ctx;
+    if (ctx > m->config.max_position_embeddings)
+        die("--ctx %d is longer than the model's context of %d", ctx, m->config.max_position_embeddings);
+    int room = opt->n_new < ctx / 2 ? opt->n_new : ctx / 2;  // kept free for each answer
     RunState s;
     runstate_init(&s, &m->config, ctx);
     s.trace = opt->trace;
     FILE *dump = NULL;
     if (opt->dump_logits && !(dump = fopen(opt->dump_logits, "wb"))) die("--dump-logits: cannot write %s", opt->dump_logits);
-    char line[4096];
-    int pos = 0;
-    for (int turn = 0;; turn++) {
+    ChatTurn *turns = NULL;
+    int n_turns = 0, pos = 0;
+    char *line = NULL;
+    size_t line_cap = 0;
+    for (;;) {
         const char *user = prompt;
         if (!prompt) {
             printf("User: ");
             fflush(stdout);
-            if (!fgets(line, sizeof(line), stdin)) break;
-            line[strcspn(line, "\n")] = 0;
+            ssize_t len = getline(&line, &line_cap, stdin);
+            if (len < 0) { printf("\n"); fflush(stdout); break; }  // end of input (Ctrl-D): end the prompt's line
+            if (len > 0 && line[len - 1] == '\n') line[--len] = '\0';
+            if (len > 0 && line[len - 1] == '\r') line[--len] = '\0';
+            long bad = utf8_invalid_offset(line, len);
+            if (memchr(line, 0, len) || bad >= 0) {
+                fprintf(stderr, "dsv2: this line is not UTF-8 text (at byte %ld): skipped\n", bad >= 0 ? bad : (long)strlen(line));
+                continue;
+            }
             user = line;
         }
-        char *text = tokenizer_chat_prompt(tok, turn == 0 ? system : NULL, user);
-        int n_ids;
-        int *ids = tokenizer_encode(tok, text, strlen(text), turn == 0 && tok->add_bos, &n_ids);
-        if (turn > 0) {  // the previous answer ended with EOS: feed it before the next turn
-            int *with_eos = (int *)xcalloc(n_ids + 1, sizeof(int));
-            with_eos[0] = tok->eos_id;
-            memcpy(with_eos + 1, ids, n_ids * sizeof(int));
-            free(ids);
-            ids = with_eos;
-            n_ids++;
+        int n_alone, n_ids;
+        int *alone = chat_turn_ids(tok, system, user, 1, &n_alone);  // this turn as the first one
+        int *ids = n_turns ? chat_turn_ids(tok, system, user, 0, &n_ids) : NULL;
+        if (n_alone + room > ctx) {
+            free(alone); free(ids);
+            if (prompt)
+                die("-m chat: the turn is %d tokens (with the template and system prompt); the context of %d holds %d "
+                    "with %d kept for the answer", n_alone, ctx, ctx - room, room);
+            fprintf(stderr, "dsv2: this turn is %d tokens (with the template and system prompt); the context of %d holds %d "
+                    "with %d kept for the answer: skipped\n", n_alone, ctx, ctx - room, room);
+            continue;
         }
+        if (n_turns && pos + n_ids + room > ctx) {  // drop the oldest turns until this one fits
+            int from = 1, n_kept = 0, *kept = NULL;
+            for (; from < n_turns; from++) {
+                kept = chat_history_ids(tok, system, turns, from, n_turns, &n_kept);
+                if (n_kept + n_ids + room <= ctx) break;
+                free(kept);
+                kept = NULL;
+            }
+            if (kept) { append_ids(&kept, &n_kept, ids, n_ids); free(ids); ids = kept; n_ids = n_kept; }
+            else { free(ids); ids = alone; n_ids = n_alone; alone = NULL; }
+            fprintf(stderr, "dsv2: the conversation outgrew the context of %d tokens: dropped the oldest %d turn(s), "
+                    "kept the system prompt, reading %d tokens again\n", ctx, from, n_ids);
+            for (int k = 0; k < from; k++) { free(turns[k].user); free(turns[k].answer); }
+            memmove(turns, turns + from, (n_turns - from) * sizeof(ChatTurn));
+            n_turns -= from;
+            pos = 0;
+        } else if (!n_turns) {
+            ids = alone; n_ids = n_alone; alone = NULL;
+            pos = 0;
+        }
+        free(alone);
+        turns = (ChatTurn *)realloc(turns, (n_turns + 1) * sizeof(ChatTurn));
+        if (!turns) die("out of memory");
+        ChatTurn *t = &turns[n_turns++];
+        t->user = strdup(user);
+        t->answer = (int *)xcalloc((size_t)(opt->n_new < ctx ? opt->n_new : ctx) + 1, sizeof(int));
+        if (!t->user) die("out of memory");
         printf("Assistant:");
         fflush(stdout);
-        pos = generate_ids(m, &s, tok, sp, ids, n_ids, pos, opt, dump);
+        GenStats st = generate_ids(m, &s, tok, sp, ids, n_ids, pos, opt, dump, t->answer);
+        t->n_answer = st.n_gen - st.eos;
         printf("\n");
+        fflush(stdout);
+        print_speed(&st, ctx);
+        pos = st.pos;
         free(ids);
-        free(text);
-        if (prompt || pos >= s.seq_len) break;
+        if (prompt) break;
     }
+    for (int k = 0; k < n_turns; k++) { free(turns[k].user); free(turns[k].answer); }
+    free(turns);
+    free(line);
     if (dump) fclose(dump);
     print_kv_cache_size(&m->config);
     print_memory_summary(m);
@@ -1876,6 +2046,7 @@ static Perplexity perplexity(const Model *m, const int *ids, int n, int window, 
         if (trace) trace->first_index = start;
         for (int pos = 0; pos + 1 < len; pos++) {
             const float *logits = forward(m, &s, ids[start + pos], pos, form);
+            check_logits(logits, c->vocab_size, (int)(start + pos));
             double max = logits[0], sum = 0.0;                          // log-softmax in double
             for (int v = 1; v < c->vocab_size; v++) if (logits[v] > max) max = logits[v];
             for (int v = 0; v < c->vocab_size; v++) sum += exp(logits[v] - max);
@@ -1901,19 +2072,25 @@ static int token_text(void *tok, int id, char *buf, int size) {
     return n;
 }
 
+// -f FILE: the whole file (a regular file or a pipe), which must be UTF-8 text
 static char *read_text_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
-    if (!f) die("cannot open text file %s: %s", path, strerror(errno));
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = (char *)xcalloc(n + 1, 1);
-    if (n < 0 || fread(buf, 1, n, f) != (size_t)n) die("cannot read text file %s", path);
+    if (!f) die("-f: cannot open text file %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) die("-f %s is a directory; expected a text file", path);
+    size_t n = 0, cap = 1 << 16;
+    char *buf = (char *)xcalloc(cap, 1);
+    for (size_t got; (got = fread(buf + n, 1, cap - 1 - n, f)) > 0;) {
+        n += got;
+        if (n + 1 == cap && !(buf = (char *)realloc(buf, cap *= 2))) die("-f %s: out of memory reading it", path);
+    }
+    if (ferror(f)) die("-f: cannot read text file %s: %s", path, strerror(errno));
     fclose(f);
-    *len = (size_t)n;
-    if (memchr(buf, 0, n)) die("%s: not a text file (it holds a zero byte)", path);
+    buf[n] = '\0';
+    *len = n;
+    if (memchr(buf, 0, n)) die("-f %s is not a text file (it holds a zero byte)", path);
     long bad = utf8_invalid_offset(buf, n);
-    if (bad >= 0) die("%s: invalid UTF-8 at byte %ld", path, bad);
+    if (bad >= 0) die("-f %s: invalid UTF-8 at byte %ld", path, bad);
     return buf;
 }
 
@@ -1954,7 +2131,7 @@ typedef struct {
     int positions[64], n_positions;  // --trace-pos
     int kv_table;             // --kv-table
     double mem_gib;           // --mem GiB for --kv-table
-    int ctx;                  // --ctx N: -m ppl's window (default: max_position_embeddings)
+    int ctx;                  // --ctx N: -m ppl's window, -m chat's context (0: the model's)
 } TeachOptions;
 
 static long parse_int(const char *flag, const char *v, long lo, long hi);
@@ -2002,37 +2179,61 @@ static Trace *teach_trace(Trace *tr, const TeachOptions *t, Tokenizer *tok) {
 // ----------------------------------------------------------------------------
 // ---------------- The command line
 
-static void error_usage(void) {
-    fprintf(stderr,
-        "usage: ./dsv2 MODEL [options]          generate from a dsv2 model file (export.py makes one)\n"
-        "       ./dsv2 -m encode|decode -z TOK -i TEXT   tokenizer only, no model file needed\n"
-        "options:\n"
+#ifdef DSV2_GPU
+#define PROGRAM "./dsv2cu"
+#else
+#define PROGRAM "./dsv2"
+#endif
+
+static void error_usage(FILE *out, int status) {
+    fprintf(out,
+        "usage: " PROGRAM " MODEL [options]          generate from a dsv2 model file (export.py makes one)\n"
+        "       " PROGRAM " -m encode|decode -i TEXT [-z TOK]   tokenizer only, no model file\n"
+        "options ([modes] where an option has an effect; elsewhere it is refused):\n"
         "  -z TOK        tokenizer file (default: tokenizer.bin)\n"
-        "  -i PROMPT     the prompt (default: \"%s\")\n"
-        "  -t TEMP       temperature, 0 = greedy (default 1.0)\n"
-        "  -p TOPP       top-p (nucleus) threshold in (0,1], 1 = off (default 0.9)\n"
-        "  -s SEED       random seed (default: the time)\n"
-        "  -n N          new tokens to generate, 0 = only run the prompt (default 256)\n"
+        "  -i TEXT       the prompt, the text or the ids (default prompt: \"%s\")\n"
+        "  -f FILE       read the input text from FILE instead\n"
         "  -m MODE       generate | chat | ppl | encode | decode (default generate)\n"
-        "  -y SYSTEM     system prompt for chat\n"
-        "  -a FORM       attention form: absorbed (paper Appendix C, default) | naive (eqs. 10-11)\n"
-        "  --dump-logits FILE   write every position's logits as float32 [positions][vocab]\n"
-        "  --threads N   OpenMP threads (default: all cores, or OMP_NUM_THREADS)\n"
+        "  -n N          [generate, chat] new tokens, per answer in chat, 0..16777216;\n"
+        "                0 = only read the prompt (default 256)\n"
+        "  -t TEMP       [generate, chat] temperature in [0, 100], 0 = greedy (default 1.0)\n"
+        "  -p TOPP       [generate, chat; -t > 0] top-p threshold in (0, 1], 1 = off (default 0.9)\n"
+        "  -s SEED       [generate, chat; -t > 0] random seed >= 1 (default: the time)\n"
+        "  -y SYSTEM     [chat] system prompt\n"
+        "  --ctx N       [chat, ppl] context of N >= 2 tokens (default: the model's; chat\n"
+        "                at most 4096); ppl reads the text in windows of N\n"
+        "  -a FORM       [generate, chat, ppl] attention form: absorbed (paper Appendix C,\n"
+        "                default) | naive (eqs. 10-11)\n"
+        "  --dump-logits FILE   [generate, chat] every position's logits, float32 [pos][vocab]\n"
+        "  --threads N   [generate, chat, ppl] OpenMP threads (default: all cores, or\n"
+        "                OMP_NUM_THREADS)\n"
         "teaching (docs/WORKSHOP.md):\n"
-        "  -f FILE       read the input text (prompt, or -m ppl's text) from FILE\n"
         "  -m ppl        perplexity and bits per byte of the text (-f FILE or -i TEXT)\n"
-        "  --ctx N       -m ppl: window of N tokens (default: the model's context)\n"
-        "  --trace FILE  each equation's tensor per layer and position (- = stderr)\n"
-        "  --trace-pos P,Q    trace only these positions (default: all)\n"
-        "  --routing-out FILE.csv  chosen experts and gate values per token and layer\n"
-        "  --kv-table    the paper's Table 1 for this model (KV cache of MHA/GQA/MQA/MLA)\n"
-        "  --mem GIB     --kv-table: tokens that fit in GIB GiB (default 1)\n"
-        "ablation knobs (change the model; the defaults are its config):\n"
-        "  --topk K      routed experts per token, K_r\n"
-        "  --topk-group G     groups kept by device-limited routing\n"
+        "  --trace FILE  [generate, chat, ppl] each equation's tensor per layer and position\n"
+        "                (- = stderr)\n"
+        "  --trace-pos P,Q    with --trace or --routing-out: only these positions (default all)\n"
+        "  --routing-out FILE.csv  [generate, chat, ppl] chosen experts and gate values\n"
+        "  --kv-table    the paper's Table 1 for this model (KV cache of MHA/GQA/MQA/MLA); alone\n"
+        "  --mem GIB     [--kv-table] tokens that fit in GIB GiB, > 0 (default 1)\n"
+        "ablation knobs [generate, chat, ppl] (change the model; the defaults are its config):\n"
+        "  --topk K      routed experts per token, K_r, 1..n_routed_experts\n"
+        "  --topk-group G     groups kept by device-limited routing, 1..n_group\n"
         "  --no-shared   drop the shared experts;  --no-routed: drop the routed experts\n"
-        "  --no-yarn     plain RoPE and softmax scale, even beyond the trained context\n",
+        "  --no-yarn     plain RoPE and softmax scale, even beyond the trained context\n"
+        "./dsv2cu, the GPU build, refuses what it cannot do: -m ppl, -a naive, --trace,\n"
+        "--trace-pos, --routing-out and the knobs (use ./dsv2 for those).\n",
         "Once upon a time");
+    exit(status);
+}
+
+// a command line dsv2 cannot make sense of: one line that says why, and where the usage is
+static void usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void usage_error(const char *fmt, ...) {
+    va_list ap; va_start(ap, fmt);
+    fprintf(stderr, "dsv2: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "; see " PROGRAM " -h\n");
+    va_end(ap);
     exit(1);
 }
 
@@ -2053,30 +2254,63 @@ static long parse_int(const char *flag, const char *v, long lo, long hi) {
     return x;
 }
 
+// Every option, whether a value follows it, the modes in which it has an effect (given in any
+// other it is refused: it would be silently ignored) and whether ./dsv2cu implements it.
+enum { GENERATE = 1, CHAT = 2, PPL = 4, TOKENIZER = 8, KV_TABLE = 16 };
+typedef struct { const char *name; int takes_value, modes, on_gpu; } Option;
+static const Option options[] = {
+    {"-z", 1, GENERATE | CHAT | PPL | TOKENIZER, 1},  {"-i", 1, GENERATE | CHAT | PPL | TOKENIZER, 1},
+    {"-f", 1, GENERATE | CHAT | PPL | TOKENIZER, 1},  {"-m", 1, GENERATE | CHAT | PPL | TOKENIZER, 1},
+    {"-n", 1, GENERATE | CHAT, 1},  {"-t", 1, GENERATE | CHAT, 1},  {"-p", 1, GENERATE | CHAT, 1},
+    {"-s", 1, GENERATE | CHAT, 1},  {"-y", 1, CHAT, 1},  {"--ctx", 1, CHAT | PPL, 1},
+    {"-a", 1, GENERATE | CHAT | PPL, 1},  {"--dump-logits", 1, GENERATE | CHAT, 1},
+    {"--trace", 1, GENERATE | CHAT | PPL, 0},  {"--trace-pos", 1, GENERATE | CHAT | PPL, 0},
+    {"--routing-out", 1, GENERATE | CHAT | PPL, 0},  {"--kv-table", 0, KV_TABLE, 1},  {"--mem", 1, KV_TABLE, 1},
+    {"--topk", 1, GENERATE | CHAT | PPL, 0},  {"--topk-group", 1, GENERATE | CHAT | PPL, 0},
+    {"--no-shared", 0, GENERATE | CHAT | PPL, 0},  {"--no-routed", 0, GENERATE | CHAT | PPL, 0},
+    {"--no-yarn", 0, GENERATE | CHAT | PPL, 0},  {"--threads", 1, GENERATE | CHAT | PPL, 0},
+};
+#define N_OPTIONS (int)(sizeof(options) / sizeof(options[0]))
+
+static int option_index(const char *name) {
+    for (int k = 0; k < N_OPTIONS; k++) if (!strcmp(options[k].name, name)) return k;
+    return -1;
+}
+
 #ifndef DSV2_NO_MAIN
 int main(int argc, char **argv) {
     const char *model_path = NULL, *tok_path = "tokenizer.bin", *prompt = NULL, *system = NULL, *mode = "generate";
     float temperature = 1.0f, topp = 0.9f;
     long seed = 0;
-    GenOptions opt = {NULL, ATTN_ABSORBED, 256, NULL};
+    GenOptions opt = {NULL, ATTN_ABSORBED, 256, 0, NULL};
     TeachOptions teach;
     memset(&teach, 0, sizeof(teach));
     teach.mem_gib = 1.0;
-    if (argc < 2) error_usage();
-    int i = 1;
-    if (argv[1][0] != '-') model_path = argv[i++];
-    for (; i < argc; i++) {
+    if (argc < 2) error_usage(stderr, 1);
+    int given[N_OPTIONS] = {0};
+    for (int i = 1; i < argc; i++) {
         const char *flag = argv[i];
-        if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) error_usage();
-        if (teach_switch(&teach, flag)) continue;
-        if (i + 1 >= argc) { fprintf(stderr, "dsv2: error: %s needs a value\n", flag); error_usage(); }
+        if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) error_usage(stdout, 0);
+        if (flag[0] != '-') {  // the model file, once
+            if (model_path) usage_error("unexpected argument '%s' (the model file is %s)", flag, model_path);
+            model_path = flag;
+            continue;
+        }
+        int k = option_index(flag);
+        if (k < 0) usage_error("unknown option %s", flag);
+        given[k] = 1;
+        if (!options[k].takes_value) { teach_switch(&teach, flag); continue; }
+        if (i + 1 >= argc) usage_error("%s needs a value", flag);
         const char *v = argv[++i];
         if (teach_flag(&teach, flag, v)) continue;
         if (!strcmp(flag, "-z")) tok_path = v;
         else if (!strcmp(flag, "-i")) prompt = v;
         else if (!strcmp(flag, "-t")) temperature = parse_float("-t", v, 0.0f, 100.0f);
-        else if (!strcmp(flag, "-p")) topp = parse_float("-p", v, 0.0f, 1.0f);
-        else if (!strcmp(flag, "-s")) seed = parse_int("-s", v, 0, 0x7fffffffffffffffL);
+        else if (!strcmp(flag, "-p")) {
+            topp = parse_float("-p", v, 0.0f, 1.0f);
+            if (topp == 0.0f) die("-p expects a number in (0, 1], got '%s'", v);
+        }
+        else if (!strcmp(flag, "-s")) seed = parse_int("-s", v, 1, 0x7fffffffffffffffL);
         else if (!strcmp(flag, "-n")) opt.n_new = (int)parse_int("-n", v, 0, 1 << 24);
         else if (!strcmp(flag, "-m")) mode = v;
         else if (!strcmp(flag, "-y")) system = v;
@@ -2093,25 +2327,47 @@ int main(int argc, char **argv) {
             if (!strcmp(v, "absorbed")) opt.form = ATTN_ABSORBED;
             else if (!strcmp(v, "naive")) opt.form = ATTN_NAIVE;
             else die("-a expects absorbed or naive, got '%s'", v);
-        } else { fprintf(stderr, "dsv2: error: unknown flag %s\n", flag); error_usage(); }
+        }
     }
     int is_gen = !strcmp(mode, "generate"), is_chat = !strcmp(mode, "chat"), is_ppl = !strcmp(mode, "ppl");
     if (!is_gen && !is_chat && !is_ppl && strcmp(mode, "encode") && strcmp(mode, "decode"))
         die("-m expects generate, chat, ppl, encode or decode, got '%s'", mode);
+
+    // what each mode reads, and the options that would have no effect in it
+    int mode_bit = teach.kv_table ? KV_TABLE : is_gen ? GENERATE : is_chat ? CHAT : is_ppl ? PPL : TOKENIZER;
+    char mode_text[32];
+    if (teach.kv_table) snprintf(mode_text, sizeof(mode_text), "--kv-table");
+    else snprintf(mode_text, sizeof(mode_text), "-m %s", mode);
+    for (int k = 0; k < N_OPTIONS; k++)
+        if (given[k] && !(options[k].modes & mode_bit)) usage_error("%s has no effect with %s", options[k].name, mode_text);
+    if (mode_bit == TOKENIZER && model_path) usage_error("%s reads no model file (got %s)", mode_text, model_path);
+    if (mode_bit != TOKENIZER && !model_path) usage_error("no model file given (it comes first: " PROGRAM " MODEL ...)");
+    if (temperature == 0.0f && given[option_index("-p")]) usage_error("-p has no effect with -t 0 (greedy)");
+    if (temperature == 0.0f && given[option_index("-s")]) usage_error("-s has no effect with -t 0 (greedy)");
+    if (given[option_index("--trace-pos")] && !teach.trace_path && !teach.routing_out)
+        usage_error("--trace-pos has no effect without --trace or --routing-out");
+#ifdef DSV2_GPU
+    // what the GPU path does not implement is refused, never ignored or run on the CPU instead
+    for (int k = 0; k < N_OPTIONS; k++)
+        if (given[k] && !options[k].on_gpu) die("%s is not implemented by ./dsv2cu (the GPU build): run ./dsv2 for it", options[k].name);
+    if (is_ppl) die("-m ppl is not implemented by ./dsv2cu (the GPU build): run ./dsv2 for it");
+    if (opt.form == ATTN_NAIVE) die("-a naive is not implemented by ./dsv2cu, which runs the absorbed form: run ./dsv2 for it");
+#endif
+
     size_t text_len = 0;
     char *text = teach.text_file ? read_text_file(teach.text_file, &text_len) : NULL;
     if (text && prompt) die("-f %s and -i: give the input text one way", teach.text_file);
     if (text) prompt = text;
     else if (prompt) text_len = strlen(prompt);
     Tokenizer tok;
-    if (!is_gen && !is_chat && !is_ppl) {
+    if (mode_bit == TOKENIZER) {
         if (!prompt) die("-m %s needs -i TEXT", mode);
         tokenizer_load(&tok, tok_path);
         tokenizer_cli(&tok, mode, prompt);
         tokenizer_free(&tok);
+        free(text);
         return 0;
     }
-    if (!model_path) { fprintf(stderr, "dsv2: error: no model file given\n"); error_usage(); }
     Model model;
     model_load(&model, model_path);
     knobs_apply(&model.config, &teach.knobs);
@@ -2121,8 +2377,12 @@ int main(int argc, char **argv) {
         return 0;
     }
     tokenizer_load(&tok, tok_path);
+    if (tok.vocab_size > model.config.vocab_size)
+        die("tokenizer %s has %d tokens, model %s only %d: they do not belong together", tok_path, tok.vocab_size,
+            model_path, model.config.vocab_size);
     Trace trace;
     opt.trace = teach_trace(&trace, &teach, &tok);
+    opt.ctx = teach.ctx;
     if (is_ppl) {
         if (!prompt) die("-m ppl needs the text: -f FILE or -i TEXT");
         int window = teach.ctx ? teach.ctx : model.config.max_position_embeddings;

@@ -6,6 +6,7 @@
 #include "dsv2.c"
 #include <sys/wait.h>
 #include <ctype.h>
+#include <stddef.h>
 
 static int n_passed = 0, n_failed = 0;
 static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -25,7 +26,11 @@ static void check(int ok, const char *fmt, ...) {
 #include <sys/wait.h>
 #define TOK_V2 "build/tok/v2.bin"
 #define TOK_V3 "build/tok/v3.bin"
-#define TOK_SHARED "../shared/data/deepseek-v2-tokenizer/"
+// DeepSeek-V2's tokenizer.json and llama.cpp's cases: make test passes V2_TOKENIZER (the shared data by default)
+static const char *v2_tokenizer_dir(void) {
+    const char *dir = getenv("V2_TOKENIZER");
+    return dir && *dir ? dir : "../shared/data/deepseek-v2-tokenizer";
+}
 #define TOK_CORPUS "tests/tok/corpus.txt"
 #define TOK_CORPUS_UNICODE "tests/tok/corpus_unicode.txt"  // characters of Unicode 14.0-17.0 in context
 #define TOK_SEP "__dsv2_tok_case__"
@@ -357,20 +362,28 @@ static void test_tokenizer_vocab(const char *name, const char *bin, int want_bos
 }
 
 static void test_tokenizer(void) {
-    if (access(TOK_V2, R_OK) != 0) { check(0, "%s missing: run make test (it exports it)", TOK_V2); return; }
-    Tokenizer v2;
-    tokenizer_load(&v2, TOK_V2);
-    TokCases cases;
-    if (tok_read_cases(&cases, TOK_SHARED "cases.inp", "__ggml_vocab_test__")) {
-        tok_compare(&v2, "v2 llama.cpp cases", &cases, TOK_SHARED "cases.out");
-        free(cases.buf);
+    char inp[1024], out[1024];
+    snprintf(inp, sizeof inp, "%s/cases.inp", v2_tokenizer_dir());
+    snprintf(out, sizeof out, "%s/cases.out", v2_tokenizer_dir());
+    if (access(TOK_V2, R_OK) == 0) {
+        Tokenizer v2;
+        tokenizer_load(&v2, TOK_V2);
+        TokCases cases;
+        if (tok_read_cases(&cases, inp, "__ggml_vocab_test__")) {
+            tok_compare(&v2, "v2 llama.cpp cases", &cases, out);
+            free(cases.buf);
+        } else {
+            printf("SKIPPED (not counted): v2 llama.cpp cases: %s missing\n", inp);
+        }
+        tokenizer_free(&v2);
+        test_tokenizer_files();
+        test_tokenizer_vocab("v2", TOK_V2, 100000, "User: Hi\n\nAssistant:", "Be brief.\n\nUser: Hi\n\nAssistant:");
     } else {
-        check(0, "cannot read %scases.inp", TOK_SHARED);
+        printf("SKIPPED (not counted): DeepSeek-V2 tokenizer tests (llama.cpp cases, corpus vs Rust tokenizers and "
+               "@lenml, round trips, corrupt files): no tokenizer.json in %s; run make test V2_TOKENIZER=DIR "
+               "(README.md, \"The tokenizer\", says where to get it)\n", v2_tokenizer_dir());
     }
-    tokenizer_free(&v2);
     test_unicode_table();
-    test_tokenizer_files();
-    test_tokenizer_vocab("v2", TOK_V2, 100000, "User: Hi\n\nAssistant:", "Be brief.\n\nUser: Hi\n\nAssistant:");
     if (access(TOK_V3, R_OK) == 0)
         test_tokenizer_vocab("v3", TOK_V3, 0, "<｜User｜>Hi<｜Assistant｜>", "Be brief.<｜User｜>Hi<｜Assistant｜>");
     else
@@ -747,9 +760,6 @@ static void test_bad_input(void) {
     expect_error("prompt longer than the context (256)", longcmd, "longer than the model's context");
     free(longp);
     free(longcmd);
-    // unknown flags print the usage (several lines) after the error and exit 1
-    snprintf(cmd, sizeof(cmd), "./dsv2 %s --frobnicate 1 2>&1 | head -1 | grep -q 'unknown flag --frobnicate' && ./dsv2 %s --frobnicate 1 2>/dev/null; test $? -eq 1", good, good);
-    check(system(cmd) == 0, "bad input, unknown flag: 'unknown flag --frobnicate' then usage, exit 1");
     check(system("./dsv2 >/dev/null 2>&1; test $? -eq 1") == 0 && system("./dsv2 2>&1 | grep -q usage") == 0,
           "./dsv2 without arguments prints usage and exits 1");
     // export.py refuses what dsv2 does not implement, in one sentence
@@ -1409,7 +1419,7 @@ static void test_teach_cli(void) {
     rc = p ? pclose(p) : -1;
     check(rc == 0 && mla && mha, "--kv-table: MLA 480 values = 1920 bytes per token, MHA 1536");
     // bad values: one error line, exit 1
-    const char *tiny = "./dsv2 dsv2_tiny.bin -n 1";
+    const char *tiny = "./dsv2 dsv2_tiny.bin";
     char cmd[1024];
     struct { const char *what, *args, *needle; } bad[] = {
         {"--topk above the expert count", "--topk 17", "--topk 17"},
@@ -1808,6 +1818,280 @@ static void test_model(void) {
 }
 
 
+// ---------------- untrusted input: corrupt files, a chat longer than its context, the CLI, fuzzing
+// Each class of bad input gets one clear error line and exit status 1 (expect_error), never a
+// crash, a hang or garbage; tests/fuzz_load.c then tries the loaders with random corruptions.
+
+// a copy of src with the 4 bytes at `at` replaced by value
+static void write_patched(const char *src, const char *dst, long at, const void *value) {
+    size_t n;
+    char *buf = tok_read_file(src, &n);
+    if (!buf) { check(0, "cannot read %s", src); return; }
+    if (at < 0) at += (long)n;
+    memcpy(buf + at, value, 4);
+    write_file(dst, buf, n);
+    free(buf);
+}
+
+// runs `cmd < in`, stdout and stderr into build/cli_out.txt and build/cli_err.txt; returns the exit status
+static int run_io(const char *cmd, const char *in, char **out, char **err) {
+    char full[8192];
+    snprintf(full, sizeof full, "%s < %s > build/cli_out.txt 2> build/cli_err.txt", cmd, in ? in : "/dev/null");
+    int status = system(full);
+    size_t n;
+    *out = tok_read_file("build/cli_out.txt", &n);
+    *err = tok_read_file("build/cli_err.txt", &n);
+    if (!*out) *out = calloc(1, 1);
+    if (!*err) *err = calloc(1, 1);
+    return status != -1 && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static int count_of(const char *text, const char *needle) {
+    int n = 0;
+    for (const char *p = text; (p = strstr(p, needle)); p += strlen(needle)) n++;
+    return n;
+}
+
+static Config dies_config;
+static void dies_context_fits(const void *seq_len) { check_context_fits(&dies_config, *(const int *)seq_len); }
+
+static void test_corrupt_files(void) {
+    const char *lite = "build/fixtures/lite.fp32.bin", *lite_tok = "-z build/fixtures/lite.tok.bin";
+    char cmd[1024];
+    struct { const char *what; long at; int32_t value; const char *needle; } ints[] = {
+        {"config dim 0", offsetof(Config, dim), 0, "dim = 0"},
+        {"config vocab_size INT_MAX", offsetof(Config, vocab_size), INT32_MAX, "vocab_size = 2147483647"},
+        {"config n_layers -1", offsetof(Config, n_layers), -1, "n_layers = -1"},
+        {"config n_group 3 for 8 experts", offsetof(Config, n_group), 3, "not a multiple of n_group"},
+        {"config top-k 9 of 8 experts", offsetof(Config, n_experts_per_tok), 9, "n_experts_per_tok = 9"},
+        {"config max_position_embeddings INT_MAX", offsetof(Config, max_position_embeddings), INT32_MAX, "max_position_embeddings"},
+        {"config eos_token_id beyond the vocabulary", offsetof(Config, eos_token_id), 400, "eos_token_id = 400"},
+        {"config n_layers 4 (the file holds 3)", offsetof(Config, n_layers), 4, "truncated or corrupt"},
+    };
+    for (size_t i = 0; i < sizeof ints / sizeof *ints; i++) {
+        write_patched(lite, "build/bad_model.bin", 8 + ints[i].at, &ints[i].value);
+        snprintf(cmd, sizeof cmd, "./dsv2 build/bad_model.bin %s -n 1", lite_tok);
+        expect_error(ints[i].what, cmd, ints[i].needle);
+    }
+    float nan = NAN, inf = INFINITY;
+    write_patched(lite, "build/bad_model.bin", 8 + offsetof(Config, rms_norm_eps), &nan);
+    snprintf(cmd, sizeof cmd, "./dsv2 build/bad_model.bin %s -n 1", lite_tok);
+    expect_error("config rms_norm_eps NaN", cmd, "rms_norm_eps = nan");
+    write_patched(lite, "build/bad_model.bin", 8 + offsetof(Config, routed_scaling_factor), &inf);
+    expect_error("config routed_scaling_factor inf", cmd, "routed_scaling_factor = inf");
+    // a context larger than this machine's memory is refused before it is allocated
+    memset(&dies_config, 0, sizeof dies_config);
+    dies_config.n_layers = 1024; dies_config.n_heads = 128; dies_config.kv_lora_rank = 1 << 16; dies_config.qk_rope_head_dim = 64;
+    int huge = 1 << 24;
+    char msg[1024];
+    int ok = tok_dies_with_one_line(dies_context_fits, &huge, msg, sizeof msg);
+    check(ok && strstr(msg, "more than this machine's"), "a context of 2^24 tokens x 1024 layers x 65600 values is refused: %s", msg);
+
+    // the last weight of lm_head (token 399's logit) NaN: every mode stops at position 0 with one line
+    write_patched(lite, "build/nan_model.bin", -4, &nan);
+    const char *modes[] = {"-n 3", "-m ppl -i 'one two three'", "-m chat -i hi -t 0", "-n 2 --trace /dev/null"};
+    for (int i = 0; i < 4; i++) {
+        snprintf(cmd, sizeof cmd, "./dsv2 build/nan_model.bin %s %s", lite_tok, modes[i]);
+        char what[128];
+        snprintf(what, sizeof what, "a NaN weight, %s", modes[i]);
+        expect_error(what, cmd, "the logits at position 0 are not finite (token 399: nan)");
+    }
+
+    // model and tokenizer files told apart; a tokenizer that does not belong to the model
+    expect_error("the tokenizer given as the model", "./dsv2 tokenizer.bin -n 1", "tokenizer.bin is a tokenizer file; pass it with -z");
+    expect_error("the model given as the tokenizer", "./dsv2 dsv2_tiny.bin -z dsv2_tiny.bin -n 1", "is a dsv2 model file, not a tokenizer");
+    snprintf(cmd, sizeof cmd, "./dsv2 %s -z tokenizer.bin -n 1", lite);
+    expect_error("a tokenizer larger than the model's vocabulary", cmd,
+                 "tokenizer tokenizer.bin has 4096 tokens, model build/fixtures/lite.fp32.bin only 400: they do not belong together");
+
+    // tokenizer.bin's header: magic 8 bytes, then version, vocab_size, n_merges, n_added, bos_id,
+    // eos_id, add_bos, n_classes, n_ranges, n_steps, n_alts, n_atoms, ... as int32
+    struct { const char *what; long at; int32_t value; const char *needle; } tok_ints[] = {
+        {"tokenizer vocab_size INT_MAX", 12, INT32_MAX, "truncated or corrupt"},
+        {"tokenizer n_classes INT_MAX", 36, INT32_MAX, "truncated or corrupt"},
+        {"tokenizer n_steps INT_MAX", 44, INT32_MAX, "truncated or corrupt"},
+        {"tokenizer n_alts INT_MAX", 48, INT32_MAX, "truncated or corrupt"},
+        {"tokenizer EOS id -2", 28, -2, "EOS id -2"},
+        {"tokenizer BOS id = vocab_size", 24, 4096, "BOS id 4096"},
+    };
+    for (size_t i = 0; i < sizeof tok_ints / sizeof *tok_ints; i++) {
+        write_patched("tokenizer.bin", "build/bad_tok.bin", tok_ints[i].at, &tok_ints[i].value);
+        expect_error(tok_ints[i].what, "./dsv2 -m encode -z build/bad_tok.bin -i hello", tok_ints[i].needle);
+    }
+    int32_t none = -1;  // no EOS: generation runs (it just never meets one), chat refuses
+    write_patched("tokenizer.bin", "build/noeos_tok.bin", 28, &none);
+    char *out, *err;
+    int rc = run_io("./dsv2 dsv2_tiny.bin -z build/noeos_tok.bin -n 4 -t 0", NULL, &out, &err);
+    check(rc == 0 && strstr(err, "generated: 4 tokens"), "a tokenizer without EOS: generate runs 4 tokens (exit %d)", rc);
+    free(out); free(err);
+    expect_error("a tokenizer without EOS, -m chat", "./dsv2 dsv2_tiny.bin -z build/noeos_tok.bin -m chat -i hi", "no EOS token");
+    expect_error("-f on a directory", "./dsv2 dsv2_tiny.bin -m ppl -f build", "-f build is a directory");
+}
+
+static void test_sampler_robust(void) {
+    float nan_logits[5], probs[5] = {0.1f, 0.2f, 0.3f, 0.4f, 0.0f};
+    int order[5], in_range = 1;
+    for (int t = 0; t < 3; t++) {
+        Sampler sp = {t == 0 ? 1.0f : t == 1 ? 0.9f : 3e-38f, t == 1 ? 1.0f : 0.9f, 7, order};
+        for (int rep = 0; rep < 50; rep++) {
+            for (int i = 0; i < 5; i++) nan_logits[i] = NAN;
+            int id = sample(&sp, nan_logits, 5);
+            in_range &= id >= 0 && id < 5;
+        }
+    }
+    check(in_range, "sampler: all-NaN logits give an id in range (top-p, plain, tiny temperature)");
+    int id = sample_topp(probs, 5, 1e-6f, order, 0.99f);
+    check(id == 3, "sampler: top-p 1e-6 keeps the most likely token (got %d)", id);
+    float logits[4] = {1.0f, 3.0f, 2.0f, -1.0f};
+    Sampler cold = {3e-38f, 0.9f, 7, order};
+    id = sample(&cold, logits, 4);
+    check(id == 1, "sampler: -t 3e-38 is greedy, not NaN (got %d)", id);
+    char *greedy_out, *greedy_err, *cold_out, *cold_err;
+    int rc1 = run_io("./dsv2 dsv2_tiny.bin -n 20 -t 0", NULL, &greedy_out, &greedy_err);
+    int rc2 = run_io("./dsv2 dsv2_tiny.bin -n 20 -t 3e-38 -s 5", NULL, &cold_out, &cold_err);
+    check(rc1 == 0 && rc2 == 0 && strlen(greedy_out) > 20 && !strcmp(greedy_out, cold_out),
+          "./dsv2 -t 3e-38 prints what -t 0 prints (exit %d, %d)", rc1, rc2);
+    free(greedy_out); free(greedy_err); free(cold_out); free(cold_err);
+}
+
+// chat from a script on stdin: turns beyond the context drop the oldest ones, a turn too large is
+// skipped, answers are limited by -n, speeds go to stderr
+static void test_chat(void) {
+    const char *chat = "./dsv2 dsv2_tiny.bin -m chat -t 0 -y 'Be brief.'";
+    char cmd[1024], *out, *err;
+    FILE *f = fopen("build/chat_long.txt", "w");
+    const char *topics[] = {"the jury", "the city", "the river", "the tower", "the sea", "the keeper", "the road", "the law"};
+    for (int i = 0; i < 40; i++) fprintf(f, "Tell me about %s and %s, number %d.\n", topics[i % 8], topics[(i * 3 + 1) % 8], i);
+    fclose(f);
+    snprintf(cmd, sizeof cmd, "%s --ctx 64 -n 8", chat);
+    int rc = run_io(cmd, "build/chat_long.txt", &out, &err);
+    int answers = count_of(out, "Assistant:"), drops = count_of(err, "dropped the oldest"), read = 0, longest = 0;
+    for (const char *p = err; (p = strstr(p, "prompt: ")); p++) {
+        int n_prompt, n_gen;
+        if (sscanf(p, "prompt: %d tokens, %*f tok/s; generated: %d", &n_prompt, &n_gen) == 2) {
+            read += n_prompt + n_gen;
+            if (n_gen > longest) longest = n_gen;
+        }
+    }
+    check(rc == 0 && answers == 40 && drops >= 10 && read >= 640 && longest <= 8 && !strstr(out, "tok/s") &&
+          count_of(err, "prompt: ") == 40 && !strstr(err, "error"),
+          "chat: 40 turns, %d tokens read and written in a context of 64 (> 10x): %d answers of <= %d tokens, "
+          "%d drops of old turns, speeds on stderr only (exit %d)", read, answers, longest, drops, rc);
+    size_t n = strlen(out);
+    check(n >= 7 && !strcmp(out + n - 7, "User: \n"), "chat: end of input (Ctrl-D) ends the output with a newline");
+    free(out); free(err);
+
+    // when a turn drops all earlier ones, its answer is the answer of a fresh conversation
+    f = fopen("build/chat_three.txt", "w");
+    fprintf(f, "%s\n%s\n%s\n", "What did the jury say about the city and its people?",
+            "Where does the river go after the old stone bridge?", "Who keeps the light in the tower by the sea?");
+    fclose(f);
+    snprintf(cmd, sizeof cmd, "%s --ctx 48 -n 8", chat);
+    run_io(cmd, "build/chat_three.txt", &out, &err);
+    int same = 0, full_drops = count_of(err, "dropped the oldest 1 turn(s)");
+    const char *lines[] = {"What did the jury say about the city and its people?", "Where does the river go after the old stone bridge?",
+                           "Who keeps the light in the tower by the sea?"};
+    const char *p = out;
+    for (int i = 0; i < 3; i++) {
+        char *alone_out, *alone_err;
+        snprintf(cmd, sizeof cmd, "%s --ctx 48 -n 8 -i '%s'", chat, lines[i]);
+        run_io(cmd, NULL, &alone_out, &alone_err);
+        const char *a = strstr(alone_out, "Assistant:"), *b = (p = strstr(p, "Assistant:")) ? p : NULL;
+        size_t len_a = a ? strcspn(a, "\n") : 0;
+        if (a && b && strncmp(a, b, len_a) == 0 && b[len_a] == '\n') same++;
+        if (p) p++;
+        free(alone_out); free(alone_err);
+    }
+    check(same == 3 && full_drops == 2, "chat: after dropping every earlier turn (%d times), %d/3 answers equal a fresh chat's",
+          full_drops, same);
+    free(out); free(err);
+
+    // a turn larger than the context is skipped, the conversation goes on; a 5,500-byte line is one turn
+    f = fopen("build/chat_big.txt", "w");
+    fprintf(f, "hi\n");
+    for (int i = 0; i < 3000; i++) fprintf(f, "word ");
+    fprintf(f, "\nhello\n");
+    for (int i = 0; i < 500; i++) fprintf(f, "%sgovernment", i ? " " : "");
+    fprintf(f, "\n");
+    fclose(f);
+    snprintf(cmd, sizeof cmd, "%s -n 8", chat);
+    rc = run_io(cmd, "build/chat_big.txt", &out, &err);
+    check(rc == 0 && count_of(out, "Assistant:") == 3 && count_of(err, ": skipped") == 1,
+          "chat: a 3000-word turn is skipped with one line, the 3 other turns (one of 5,500 bytes) are answered (exit %d)", rc);
+    free(out); free(err);
+    snprintf(cmd, sizeof cmd, "%s --ctx 16 -i 'a question far too long for a context of sixteen tokens, surely'", chat);
+    expect_error("chat -i with a turn larger than the context", cmd, "the context of 16");
+}
+
+static void test_cli(void) {
+    const char *m = "./dsv2 dsv2_tiny.bin";
+    char cmd[1024];
+    struct { const char *what, *args, *needle; } bad[] = {
+        {"unknown option", "--x", "dsv2: unknown option --x; see ./dsv2 -h"},
+        {"a stray argument", "-n 3 extra", "dsv2: unexpected argument 'extra'"},
+        {"a flag without its value", "-n", "dsv2: -n needs a value; see ./dsv2 -h"},
+        {"-p 0 (outside (0, 1])", "-p 0", "-p expects a number in (0, 1]"},
+        {"-s 0 (seeds are >= 1)", "-s 0", "-s expects"},
+        {"-y without chat", "-y 'Be brief.'", "-y has no effect with -m generate"},
+        {"--ctx with generate", "--ctx 64", "--ctx has no effect with -m generate"},
+        {"-n with ppl", "-m ppl -i 'a b c' -n 5", "-n has no effect with -m ppl"},
+        {"--mem without --kv-table", "--mem 2", "--mem has no effect"},
+        {"-m with --kv-table", "--kv-table -m chat", "-m has no effect with --kv-table"},
+        {"-p with -t 0", "-t 0 -p 0.5", "-p has no effect with -t 0"},
+        {"--trace-pos alone", "--trace-pos 1", "--trace-pos has no effect without --trace"},
+        {"a model file with -m encode", "-m encode -i hi", "-m encode reads no model file"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        snprintf(cmd, sizeof cmd, "%s %s", m, bad[i].args);
+        expect_error(bad[i].what, cmd, bad[i].needle);
+    }
+    char *out, *err;
+    int rc = run_io("./dsv2 -h", NULL, &out, &err);
+    check(rc == 0 && !strncmp(out, "usage:", 6) && !*err, "./dsv2 -h: usage on stdout, nothing on stderr, exit 0");
+    free(out); free(err);
+    rc = run_io("./dsv2 build/fixtures/lite.bf16.bin -z build/fixtures/lite.tok.bin -n 300 -t 0", NULL, &out, &err);
+    check(rc == 0 && strstr(err, "dsv2: stopped at the end of the context (256 tokens)\n"),
+          "-n past the context: one stderr line says generation stopped at the end of the context (exit %d)", rc);
+    free(out); free(err);
+    // ./dsv2cu refuses what the GPU path does not implement (the check runs before any CUDA call)
+    if (access("./dsv2cu", X_OK) != 0) {
+        printf("SKIPPED (not counted): ./dsv2cu refuses CPU-only options: ./dsv2cu not built (no nvcc)\n");
+        return;
+    }
+    const char *gpu_only_not[] = {"--trace -", "--trace-pos 1 --routing-out build/r.csv", "--routing-out build/r.csv",
+                                  "--topk 2", "--topk-group 1", "--no-shared", "--no-routed", "--no-yarn",
+                                  "-m ppl -i 'a b c'", "-a naive"};
+    for (size_t i = 0; i < sizeof gpu_only_not / sizeof *gpu_only_not; i++) {
+        char what[128];
+        snprintf(cmd, sizeof cmd, "./dsv2cu dsv2_tiny.bin %s", gpu_only_not[i]);
+        snprintf(what, sizeof what, "./dsv2cu %s", gpu_only_not[i]);
+        expect_error(what, cmd, "not implemented by ./dsv2cu");
+    }
+}
+
+// tests/fuzz_load.c for FUZZ_SECONDS (make test: a few seconds; make fuzz runs it longer)
+static void test_fuzz_load(void) {
+    const char *seconds = getenv("FUZZ_SECONDS"), *pairs = getenv("FUZZ_PAIRS");
+    if (access("build/fuzz_load", X_OK) != 0) { check(0, "build/fuzz_load missing: run make test (it builds it)"); return; }
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "./build/fuzz_load %s %s", seconds && *seconds ? seconds : "3",
+             pairs && *pairs ? pairs : "build/fixtures/lite.bf16.bin build/fixtures/lite.tok.bin build/fixtures/v2.fp32.bin "
+                                       "build/fixtures/v2.tok.bin build/fixtures/lite.fp32.bin tokenizer.bin");
+    char *out, *err;
+    int rc = run_io(cmd, NULL, &out, &err);
+    out[strcspn(out, "\n")] = 0;
+    check(rc == 0 && strstr(out, " 0 failures"), "loader fuzzer (ASan + UBSan): %s%s", out, rc ? err : "");
+    free(out); free(err);
+}
+
+static void test_untrusted(void) {
+    test_corrupt_files();
+    test_sampler_robust();
+    test_chat();
+    test_cli();
+    test_fuzz_load();
+}
+
 // ---------------- the CUDA path (dsv2cu) against the CPU path, when a GPU is present
 // Both binaries run the same greedy generation with --dump-logits (every position's logits,
 // decode step by step); the dumps are compared position by position: the argmax (the greedy
@@ -1905,6 +2189,7 @@ int main(int argc, char **argv) {
     }
     test_tokenizer();
     test_model();
+    test_untrusted();
     test_gpu();
     printf("%d passed, %d failed\n", n_passed, n_failed);
     return n_failed ? 1 : 0;
