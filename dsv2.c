@@ -1692,6 +1692,7 @@ static void print_memory_summary(const Model *m) {
 #ifdef DSV2_GPU
 static float *forward_gpu(const Model *m, RunState *s, int token, int pos, AttnForm form);
 static int prefill_gpu(const Model *m, RunState *s, const int *ids, int n, int pos0, AttnForm form);
+static void gpu_check_model(const Model *m);  // refuses, before any output, a model the GPU cannot run
 #define DSV2_FORWARD forward_gpu
 #define DSV2_PREFILL prefill_gpu
 #else
@@ -2370,6 +2371,9 @@ int main(int argc, char **argv) {
     }
     Model model;
     model_load(&model, model_path);
+#ifdef DSV2_GPU
+    gpu_check_model(&model);
+#endif
     knobs_apply(&model.config, &teach.knobs);
     if (teach.kv_table) {
         print_kv_table(&model.config, teach.mem_gib);

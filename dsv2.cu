@@ -283,6 +283,12 @@ static void matvec_forward(float *out1, const bf16 *W1, int d1, float *out2, con
 // ----------------------------------------------------------------------------
 // ---------------- Setup: upload the model, allocate the cache and activations
 
+// what this GPU path cannot run is refused in one line: dsv2.c's CLI calls this right after loading
+static void gpu_check_model(const Model *m) {
+    if (m->config.dtype == DTYPE_Q8)
+        die("dsv2cu runs fp32 and bf16 model files; q8 runs on the CPU (./dsv2), or export with --dtype bf16");
+}
+
 static void gpu_init(const Model *m, int seq_len) {
     const Config *c = &m->config;
     Gpu *g = &gpu;
@@ -290,7 +296,7 @@ static void gpu_init(const Model *m, int seq_len) {
         if (seq_len != g->seq_len) die("dsv2cu: one context length per process (%d, then %d)", g->seq_len, seq_len);
         return;
     }
-    if (c->dtype == DTYPE_Q8) die("dsv2cu: q8 model files run on the CPU only (./dsv2); export with --dtype bf16 for the GPU");
+    gpu_check_model(m);
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) die("dsv2cu: no CUDA GPU found");
     mla_config_check(c);
