@@ -2154,7 +2154,16 @@ static void test_gpu_case(const char *name, const char *model, const char *tok, 
     free(c); free(g); free(text[0]); free(text[1]);
 }
 
+// dev/cuda's last MLA version must stay the kernel dsv2.cu runs (no GPU needed: a text comparison)
+static void test_dev_cuda_copy(void) {
+    char *out = run_capture("python3 dev/cuda/same_as_dsv2.py 2>&1; echo \"exit $?\"");
+    check(out && strstr(out, "exit 0") && strstr(out, "verbatim blocks found"), "dev/cuda/mla_attention.cu version 5 is "
+          "dsv2_mla.cuh's kernel, verbatim (dev/cuda/same_as_dsv2.py: %.*s)", out ? (int)strcspn(out, "\n") : 0, out ? out : "");
+    free(out);
+}
+
 static void test_gpu(void) {
+    test_dev_cuda_copy();
     if (access("./dsv2cu", X_OK) != 0 || system("./dsv2cu --gpu-check >/dev/null 2>&1") != 0) {
         printf("SKIPPED: no GPU here: CUDA path not run (CPU tests only)\n");
         return;
