@@ -507,20 +507,79 @@ static void row_axpy(float *y, float a, Mat w, size_t i, int n) {
             #pragma omp simd
             for (int j = 0; j < Q8_BLOCK; j++) y[b * Q8_BLOCK + j] += ad * row[b].q[j];
         }
+    } else if (w.dtype == DTYPE_BF16) {
+        const uint16_t *row = (const uint16_t *)w.data + i * n;
+        #pragma omp simd
+        for (int j = 0; j < n; j++) y[j] += a * bf16_to_float(row[j]);
     } else {
-        for (int j = 0; j < n; j++) y[j] += a * mat_at(w, i * n + j);
+        const float *row = (const float *)w.data + i * n;
+        #pragma omp simd
+        for (int j = 0; j < n; j++) y[j] += a * row[j];
     }
 }
 
-// W (d,n) @ x (T,n) -> xout (T,d), each of T inputs by every row of W. The loop over W's rows is
-// outside, so a row is read from memory once and stays in L1 while the T inputs stream by: a
-// chunk of the prompt reads each weight once. OpenMP over (row, token) pairs, in contiguous
-// blocks of rows, when there is enough work to pay for waking the threads (small matrices run
-// faster on one core). T = 1 is the matrix-vector product of generation.
+// row i of W (., n) in float32: wrow (n,)
+static void row_to_float(float *wrow, Mat w, size_t i, int n) {
+    if (w.dtype == DTYPE_Q8) {
+        const BlockQ8 *row = (const BlockQ8 *)w.data + i * (n / Q8_BLOCK);
+        for (int b = 0; b < n / Q8_BLOCK; b++) {
+            float d = fp16_to_float(row[b].d);
+            for (int j = 0; j < Q8_BLOCK; j++) wrow[b * Q8_BLOCK + j] = d * row[b].q[j];
+        }
+    } else {
+        for (int j = 0; j < n; j++) wrow[j] = mat_at(w, i * (size_t)n + j);
+    }
+}
+
+// W (d,n) @ x (T,n) -> xout (T,d), each of T inputs by every row of W; OpenMP over the rows,
+// when there is enough work to pay for waking the threads (small matrices run faster on one core).
+// T = 1 is generation's matrix-vector product, row by row: each weight is read once anyway.
+// For T > 1 (a chunk of the prompt) the product is blocked: 4 rows of W, widened to float32 once
+// into wrows (4, n), meet 4 inputs at a time, 16 sums in registers, so each value loaded serves 4
+// products and each weight is read from memory once per chunk. Remainder rows and inputs go one
+// by one.
 static void matmul(float *xout, const float *x, Mat w, int n, int d, int T) {
-    #pragma omp parallel for collapse(2) schedule(static) if ((long)n * d * T >= (1L << 17))
-    for (int i = 0; i < d; i++)
-        for (int t = 0; t < T; t++) xout[(size_t)t * d + i] = row_dot(w, i, x + (size_t)t * n, n);
+    if (T == 1) {
+        #pragma omp parallel for schedule(static) if ((long)n * d >= (1L << 17))
+        for (int i = 0; i < d; i++) xout[i] = row_dot(w, i, x, n);
+        return;
+    }
+    #pragma omp parallel if ((long)n * d * T >= (1L << 17))
+    {
+        float *wrows = (float *)xcalloc((size_t)4 * n, sizeof(float));
+        #pragma omp for schedule(static)
+        for (int i0 = 0; i0 < d; i0 += 4) {
+            int rows = d - i0 < 4 ? d - i0 : 4, t = 0;
+            for (int r = 0; r < rows; r++) row_to_float(wrows + (size_t)r * n, w, i0 + r, n);
+            const float *w0 = wrows, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+            for (; rows == 4 && t + 4 <= T; t += 4) {  // the 4 x 4 block
+                const float *x0 = x + (size_t)t * n, *x1 = x0 + n, *x2 = x1 + n, *x3 = x2 + n;
+                float s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+                float s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
+                #pragma omp simd reduction(+:s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
+                for (int j = 0; j < n; j++) {
+                    s00 += w0[j] * x0[j]; s01 += w0[j] * x1[j]; s02 += w0[j] * x2[j]; s03 += w0[j] * x3[j];
+                    s10 += w1[j] * x0[j]; s11 += w1[j] * x1[j]; s12 += w1[j] * x2[j]; s13 += w1[j] * x3[j];
+                    s20 += w2[j] * x0[j]; s21 += w2[j] * x1[j]; s22 += w2[j] * x2[j]; s23 += w2[j] * x3[j];
+                    s30 += w3[j] * x0[j]; s31 += w3[j] * x1[j]; s32 += w3[j] * x2[j]; s33 += w3[j] * x3[j];
+                }
+                float *o = xout + (size_t)t * d + i0;  // xout[t + k][i0 + r] = s_rk
+                o[0] = s00; o[1] = s10; o[2] = s20; o[3] = s30; o += d;
+                o[0] = s01; o[1] = s11; o[2] = s21; o[3] = s31; o += d;
+                o[0] = s02; o[1] = s12; o[2] = s22; o[3] = s32; o += d;
+                o[0] = s03; o[1] = s13; o[2] = s23; o[3] = s33;
+            }
+            for (; t < T; t++)  // the inputs left over, by each of the rows
+                for (int r = 0; r < rows; r++) {
+                    const float *wr = wrows + (size_t)r * n, *xt = x + (size_t)t * n;
+                    float val = 0.0f;
+                    #pragma omp simd reduction(+:val)
+                    for (int j = 0; j < n; j++) val += wr[j] * xt[j];
+                    xout[(size_t)t * d + i0 + r] = val;
+                }
+        }
+        free(wrows);
+    }
 }
 
 // rows [r0, r0+d) of W (., n) @ x (n,) -> xout (d,); single-threaded, for per-head work

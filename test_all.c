@@ -1790,11 +1790,13 @@ static void test_teach(void) {
 // ---------------- the prompt in chunks: forward() over T tokens against one token at a time
 // Every position's logits from chunks of T = 1, 3, 7 and the largest chunk (max_T: the whole
 // prompt when it fits, else PROMPT_CHUNK, and a remainder), which split the prompt unevenly, must
-// equal the token-by-token logits. Each logit is computed by the same float32 operations in the
-// same order either way (a matmul row's dot product with one token's input, one (head, token)'s
-// attention loop, the routed experts summed in rank order), so the expected difference is 0; the
-// tolerance, 1e-6 of the largest logit, allows a few float32 roundings and no more. The measured
-// maximum is printed. Also: the last-row-only logits (generation's) equal the all-rows ones.
+// equal the token-by-token logits to float32 rounding. Same float32 math, but a chunk's matmul
+// widens each weight row to float32 once and sums in another order than row_dot (for q8 it also
+// rounds d * q before the product), so each dot product may differ by a few float32 roundings
+// (~1e-7 of its size); through the layers that comes to ~1e-6 of the largest logit (measured:
+// 1.0e-6 at most; fp32 files: 0). The tolerance is 1e-5 of the largest logit, 10x that; a
+// causal-mask error gives O(1) differences (9.6 when a token saw its whole chunk). Also: the
+// last-row-only logits (generation's) equal the last row of the all-rows ones, within the same.
 static void test_chunked_forward(const char *label, const char *path, int n) {
     Model m;
     model_load(&m, path);
@@ -1823,12 +1825,13 @@ static void test_chunked_forward(const char *label, const char *path, int n) {
             // generation's form: only the last row, for the chunk that ends the prompt
             int T = n < chunks[k] ? n : chunks[k];
             float *last = forward(&m, &sc, ids + n - T, T, n - T, form, 0);
-            for (int i = 0; i < vocab; i++) if (last[i] != ref[(size_t)(n - 1) * vocab + i]) last_ok = 0;
+            for (int i = 0; i < vocab; i++)
+                if (!(fabs((double)last[i] - ref[(size_t)(n - 1) * vocab + i]) <= 1e-5 * scale)) last_ok = 0;
             runstate_free(&sc);
         }
-        check(worst <= 1e-6 * scale && last_ok,
-              "%s %s: %d positions in chunks of 1, 3, 7, %d tokens = one token at a time: max|diff| %.2e (tolerance 1e-6 x max|logit| %.3g)%s",
-              label, form == ATTN_NAIVE ? "naive" : "absorbed", n, s.max_T, worst, scale, last_ok ? "" : "; last-row logits DIFFER");
+        check(worst <= 1e-5 * scale && last_ok,
+              "%s %s: %d positions in chunks of 1, 3, 7, %d = one at a time: max|diff| %.2e = %.1e x max|logit| %.3g (tolerance 1e-5 x)%s",
+              label, form == ATTN_NAIVE ? "naive" : "absorbed", n, s.max_T, worst, worst / scale, scale, last_ok ? "" : "; last-row logits DIFFER");
         free(ref);
         runstate_free(&s);
     }
