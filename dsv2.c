@@ -348,31 +348,40 @@ typedef enum { ATTN_ABSORBED, ATTN_NAIVE } AttnForm;
 
 typedef struct Trace Trace;  // the teaching trace (--trace, --routing-out): its section follows forward()
 
+// A chunk of T consecutive tokens runs through forward() at once (T = 1 when generating, up to
+// max_T for a prompt): each matrix is then read once per chunk instead of once per token. Tensors
+// with a T are (T, ...), row t being the token at position pos + t.
+#define PROMPT_CHUNK 64  // max_T: the prompt's tokens per forward() (at most the context)
+
 typedef struct {
-    float *x;          // the residual stream (dim)
-    float *h;          // h_t = RMSNorm(x), the attention's input (dim)
-    float *c_q;        // c_t^Q, the compressed query (d_c')
-    float *q;          // every head's query [q_t,i^C ; q_t,i^R] (n_h, d_h + d_h^R)
+    float *x;          // the residual stream (T, dim)
+    float *h;          // h_t = RMSNorm(x), the attention's input (T, dim)
+    float *c_q;        // c_t^Q, the compressed query (T, d_c')
+    float *q;          // every head's query [q_t,i^C ; q_t,i^R] (T, n_h, d_h + d_h^R)
     float *kv_rebuilt; // naive form: k_j,i^C then v_j,i^C of one cached token j, per head (n_h, d_h + d_v)
-    float *q_latent;   // absorbed form: W^UK_i^T q_t,i^C per head (n_h, d_c)
-    float *o_latent;   // absorbed form: sum_j p_t,i,j c_j^KV per head (n_h, d_c)
-    float *att;        // p_t,i,j, the attention probabilities of every head (n_h, seq_len)
-    float *o;          // o_t,i of every head (n_h, d_v)
-    float *attn_out;   // the attention's output, u_t of eq. 19 (dim)
-    float *u;          // the FFN's input, u_t of eq. 20: RMSNorm of x after the attention's residual (dim)
-    float *scores;     // u_t^T e_i of every routed expert, turned into s_i,t by moe_route (n_routed_experts)
-    int *topk_idx;     // the chosen routed experts, best first (n_experts_per_tok)
-    float *topk_w;     // their g_i,t (n_experts_per_tok)
-    float *expert_out; // one routed expert's FFN_i^(r)(u_t) (dim)
-    float *hb, *hb2;   // an FFN's hidden layer: silu(gate u) * up u, and up u (the widest FFN's width)
-    float *ffn_out;    // the FFN's output: eq. 20's sums, without its "u_t +" (dim)
-    float *rope_cos, *rope_sin;  // this position's rotation (d_h^R / 2)
+    float *q_latent;   // absorbed form: W^UK_i^T q_t,i^C per head, one token at a time (n_h, d_c)
+    float *o_latent;   // absorbed form: sum_j p_t,i,j c_j^KV per head, one token at a time (n_h, d_c)
+    float *att;        // p_t,i,j, the attention probabilities of every head, one token at a time (n_h, seq_len)
+    float *o;          // o_t,i of every head (T, n_h, d_v)
+    float *attn_out;   // the attention's output, u_t of eq. 19 (T, dim)
+    float *u;          // the FFN's input, u_t of eq. 20: RMSNorm of x after the attention's residual (T, dim)
+    float *scores;     // u_t^T e_i of every routed expert, turned into s_i,t by moe_route (T, n_routed_experts)
+    int *topk_idx;     // the chosen routed experts, best first (T, n_experts_per_tok)
+    float *topk_w;     // their g_i,t (T, n_experts_per_tok)
+    float *expert_in;  // the u_t of the tokens that chose one routed expert, gathered (T, dim)
+    int *expert_slot;  // where each gathered token's output goes: t * n_experts_per_tok + k (T)
+    float *expert_y;   // that expert's FFN_i^(r)(u_t) of those tokens (T, dim)
+    float *expert_out; // each token's k-th routed expert's FFN_i^(r)(u_t) (T, n_experts_per_tok, dim)
+    float *hb, *hb2;   // an FFN's hidden layer: silu(gate u) * up u, and up u (T, the widest FFN's width)
+    float *ffn_out;    // the FFN's output: eq. 20's sums, without its "u_t +" (T, dim)
+    float *rope_cos, *rope_sin;  // each position's rotation (T, d_h^R / 2)
     float *inv_freq;   // RoPE / YaRN inverse frequencies (d_h^R / 2)
     float rope_mscale;     // YaRN's factor on cos/sin (1 without YaRN)
     float softmax_scale;   // 1/sqrt(d_h + d_h^R), times YaRN's mscale^2
-    float *logits;     // (vocab_size)
+    float *logits;     // (T, vocab_size): every token's, or the last token's in row 0 (forward's all_logits)
     float *kv_cache;   // THE cache: (n_layers, seq_len, d_c + d_h^R), each row [c_j^KV ; k_j^R]
     int seq_len;
+    int max_T;         // the most tokens one forward() takes: PROMPT_CHUNK, or seq_len when shorter
     Trace *trace;      // the teaching trace, NULL when off
 } RunState;
 
@@ -401,40 +410,47 @@ static void runstate_init(RunState *s, const Config *c, int seq_len) {
     int ffn_width = c->intermediate_size;
     if (c->moe_intermediate_size * (c->n_shared_experts > 1 ? c->n_shared_experts : 1) > ffn_width)
         ffn_width = c->moe_intermediate_size * (c->n_shared_experts > 1 ? c->n_shared_experts : 1);
+    int T = seq_len < PROMPT_CHUNK ? seq_len : PROMPT_CHUNK;
+    if (T < 1) T = 1;
     s->seq_len = seq_len;
+    s->max_T = T;
     s->trace = NULL;
-    s->x = (float *)xcalloc(c->dim, sizeof(float));
-    s->h = (float *)xcalloc(c->dim, sizeof(float));
-    s->c_q = (float *)xcalloc(c->q_lora_rank, sizeof(float));
-    s->q = (float *)xcalloc((size_t)c->n_heads * qk_head, sizeof(float));
+    s->x = (float *)xcalloc((size_t)T * c->dim, sizeof(float));
+    s->h = (float *)xcalloc((size_t)T * c->dim, sizeof(float));
+    s->c_q = (float *)xcalloc((size_t)T * c->q_lora_rank, sizeof(float));
+    s->q = (float *)xcalloc((size_t)T * c->n_heads * qk_head, sizeof(float));
     s->kv_rebuilt = (float *)xcalloc((size_t)c->n_heads * (c->qk_nope_head_dim + c->v_head_dim), sizeof(float));
     s->q_latent = (float *)xcalloc((size_t)c->n_heads * c->kv_lora_rank, sizeof(float));
     s->o_latent = (float *)xcalloc((size_t)c->n_heads * c->kv_lora_rank, sizeof(float));
     s->att = (float *)xcalloc((size_t)c->n_heads * seq_len, sizeof(float));
-    s->o = (float *)xcalloc((size_t)c->n_heads * c->v_head_dim, sizeof(float));
-    s->attn_out = (float *)xcalloc(c->dim, sizeof(float));
-    s->u = (float *)xcalloc(c->dim, sizeof(float));
-    s->scores = (float *)xcalloc(c->n_routed_experts, sizeof(float));
-    s->topk_idx = (int *)xcalloc(c->n_experts_per_tok, sizeof(int));
-    s->topk_w = (float *)xcalloc(c->n_experts_per_tok, sizeof(float));
-    s->expert_out = (float *)xcalloc(c->dim, sizeof(float));
-    s->hb = (float *)xcalloc(ffn_width, sizeof(float));
-    s->hb2 = (float *)xcalloc(ffn_width, sizeof(float));
-    s->ffn_out = (float *)xcalloc(c->dim, sizeof(float));
-    s->rope_cos = (float *)xcalloc(c->qk_rope_head_dim / 2, sizeof(float));
-    s->rope_sin = (float *)xcalloc(c->qk_rope_head_dim / 2, sizeof(float));
+    s->o = (float *)xcalloc((size_t)T * c->n_heads * c->v_head_dim, sizeof(float));
+    s->attn_out = (float *)xcalloc((size_t)T * c->dim, sizeof(float));
+    s->u = (float *)xcalloc((size_t)T * c->dim, sizeof(float));
+    s->scores = (float *)xcalloc((size_t)T * c->n_routed_experts, sizeof(float));
+    s->topk_idx = (int *)xcalloc((size_t)T * c->n_experts_per_tok, sizeof(int));
+    s->topk_w = (float *)xcalloc((size_t)T * c->n_experts_per_tok, sizeof(float));
+    s->expert_in = (float *)xcalloc((size_t)T * c->dim, sizeof(float));
+    s->expert_slot = (int *)xcalloc(T, sizeof(int));
+    s->expert_y = (float *)xcalloc((size_t)T * c->dim, sizeof(float));
+    s->expert_out = (float *)xcalloc((size_t)T * c->n_experts_per_tok * c->dim, sizeof(float));
+    s->hb = (float *)xcalloc((size_t)T * ffn_width, sizeof(float));
+    s->hb2 = (float *)xcalloc((size_t)T * ffn_width, sizeof(float));
+    s->ffn_out = (float *)xcalloc((size_t)T * c->dim, sizeof(float));
+    s->rope_cos = (float *)xcalloc((size_t)T * (c->qk_rope_head_dim / 2), sizeof(float));
+    s->rope_sin = (float *)xcalloc((size_t)T * (c->qk_rope_head_dim / 2), sizeof(float));
     s->inv_freq = (float *)xcalloc(c->qk_rope_head_dim / 2, sizeof(float));
-    s->logits = (float *)xcalloc(c->vocab_size, sizeof(float));
+    s->logits = (float *)xcalloc((size_t)T * c->vocab_size, sizeof(float));
     s->kv_cache = (float *)xcalloc((size_t)c->n_layers * seq_len * kv_cache_width(c), sizeof(float));
     rope_init(s, c);
 }
 
 static void runstate_free(RunState *s) {
     float *all[] = {s->x, s->h, s->c_q, s->q, s->kv_rebuilt, s->q_latent, s->o_latent, s->att, s->o, s->attn_out,
-                    s->u, s->scores, s->topk_w, s->expert_out, s->hb, s->hb2, s->ffn_out, s->rope_cos, s->rope_sin,
-                    s->inv_freq, s->logits, s->kv_cache};
+                    s->u, s->scores, s->topk_w, s->expert_in, s->expert_y, s->expert_out, s->hb, s->hb2, s->ffn_out,
+                    s->rope_cos, s->rope_sin, s->inv_freq, s->logits, s->kv_cache};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]);
     free(s->topk_idx);
+    free(s->expert_slot);
 }
 
 // The teaching trace's hooks, when RunState.trace is set: forward() first asks trace_begin whether
@@ -523,16 +539,79 @@ static void row_axpy(float *y, float a, Mat w, size_t i, int n) {
             #pragma omp simd
             for (int j = 0; j < Q8_BLOCK; j++) y[b * Q8_BLOCK + j] += ad * row[b].q[j];
         }
+    } else if (w.dtype == DTYPE_BF16) {
+        const uint16_t *row = (const uint16_t *)w.data + i * n;
+        #pragma omp simd
+        for (int j = 0; j < n; j++) y[j] += a * bf16_to_float(row[j]);
     } else {
-        for (int j = 0; j < n; j++) y[j] += a * mat_at(w, i * n + j);
+        const float *row = (const float *)w.data + i * n;
+        #pragma omp simd
+        for (int j = 0; j < n; j++) y[j] += a * row[j];
     }
 }
 
-// W (d,n) @ x (n,) -> xout (d,); OpenMP over the output rows, when there is enough work to
-// pay for waking the threads (small matrices run faster on one core)
-static void matmul(float *xout, const float *x, Mat w, int n, int d) {
-    #pragma omp parallel for schedule(static) if ((long)n * d >= (1L << 17))
-    for (int i = 0; i < d; i++) xout[i] = row_dot(w, i, x, n);
+// row i of W (., n) in float32: wrow (n,)
+static void row_to_float(float *wrow, Mat w, size_t i, int n) {
+    if (w.dtype == DTYPE_Q8) {
+        const BlockQ8 *row = (const BlockQ8 *)w.data + i * (n / Q8_BLOCK);
+        for (int b = 0; b < n / Q8_BLOCK; b++) {
+            float d = fp16_to_float(row[b].d);
+            for (int j = 0; j < Q8_BLOCK; j++) wrow[b * Q8_BLOCK + j] = d * row[b].q[j];
+        }
+    } else {
+        for (int j = 0; j < n; j++) wrow[j] = mat_at(w, i * (size_t)n + j);
+    }
+}
+
+// W (d,n) @ x (T,n) -> xout (T,d), each of T inputs by every row of W; OpenMP over the rows,
+// when there is enough work to pay for waking the threads (small matrices run faster on one core).
+// T = 1 is generation's matrix-vector product, row by row: each weight is read once anyway.
+// For T > 1 (a chunk of the prompt) the product is blocked: 4 rows of W, widened to float32 once
+// into wrows (4, n), meet 4 inputs at a time, 16 sums in registers, so each value loaded serves 4
+// products and each weight is read from memory once per chunk. Remainder rows and inputs go one
+// by one.
+static void matmul(float *xout, const float *x, Mat w, int n, int d, int T) {
+    if (T == 1) {
+        #pragma omp parallel for schedule(static) if ((long)n * d >= (1L << 17))
+        for (int i = 0; i < d; i++) xout[i] = row_dot(w, i, x, n);
+        return;
+    }
+    #pragma omp parallel if ((long)n * d * T >= (1L << 17))
+    {
+        float *wrows = (float *)xcalloc((size_t)4 * n, sizeof(float));
+        #pragma omp for schedule(static)
+        for (int i0 = 0; i0 < d; i0 += 4) {
+            int rows = d - i0 < 4 ? d - i0 : 4, t = 0;
+            for (int r = 0; r < rows; r++) row_to_float(wrows + (size_t)r * n, w, i0 + r, n);
+            const float *w0 = wrows, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+            for (; rows == 4 && t + 4 <= T; t += 4) {  // the 4 x 4 block
+                const float *x0 = x + (size_t)t * n, *x1 = x0 + n, *x2 = x1 + n, *x3 = x2 + n;
+                float s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+                float s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
+                #pragma omp simd reduction(+:s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
+                for (int j = 0; j < n; j++) {
+                    s00 += w0[j] * x0[j]; s01 += w0[j] * x1[j]; s02 += w0[j] * x2[j]; s03 += w0[j] * x3[j];
+                    s10 += w1[j] * x0[j]; s11 += w1[j] * x1[j]; s12 += w1[j] * x2[j]; s13 += w1[j] * x3[j];
+                    s20 += w2[j] * x0[j]; s21 += w2[j] * x1[j]; s22 += w2[j] * x2[j]; s23 += w2[j] * x3[j];
+                    s30 += w3[j] * x0[j]; s31 += w3[j] * x1[j]; s32 += w3[j] * x2[j]; s33 += w3[j] * x3[j];
+                }
+                float *o = xout + (size_t)t * d + i0;  // xout[t + k][i0 + r] = s_rk
+                o[0] = s00; o[1] = s10; o[2] = s20; o[3] = s30; o += d;
+                o[0] = s01; o[1] = s11; o[2] = s21; o[3] = s31; o += d;
+                o[0] = s02; o[1] = s12; o[2] = s22; o[3] = s32; o += d;
+                o[0] = s03; o[1] = s13; o[2] = s23; o[3] = s33;
+            }
+            for (; t < T; t++)  // the inputs left over, by each of the rows
+                for (int r = 0; r < rows; r++) {
+                    const float *wr = wrows + (size_t)r * n, *xt = x + (size_t)t * n;
+                    float val = 0.0f;
+                    #pragma omp simd reduction(+:val)
+                    for (int j = 0; j < n; j++) val += wr[j] * xt[j];
+                    xout[(size_t)t * d + i0 + r] = val;
+                }
+        }
+        free(wrows);
+    }
 }
 
 // rows [r0, r0+d) of W (., n) @ x (n,) -> xout (d,); single-threaded, for per-head work
@@ -603,22 +682,26 @@ static void rope_init(RunState *s, const Config *c) {
     }
 }
 
-// rope_cos, rope_sin (d_h^R / 2): cos and sin of this position's angles pos * inv_freq[i], in
-// float32, times YaRN's mscale
-static void rope_position(RunState *s, const Config *c, int pos) {
-    for (int i = 0; i < c->qk_rope_head_dim / 2; i++) {
-        float angle = (float)pos * s->inv_freq[i];
-        s->rope_cos[i] = (float)cos(angle) * s->rope_mscale;
-        s->rope_sin[i] = (float)sin(angle) * s->rope_mscale;
-    }
+// rope_cos, rope_sin (T, d_h^R / 2): cos and sin of positions pos..pos+T-1's angles
+// (pos + t) * inv_freq[i], in float32, times YaRN's mscale
+static void rope_position(RunState *s, const Config *c, int pos, int T) {
+    int half = c->qk_rope_head_dim / 2;
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < half; i++) {
+            float angle = (float)(pos + t) * s->inv_freq[i];
+            s->rope_cos[t * half + i] = (float)cos(angle) * s->rope_mscale;
+            s->rope_sin[t * half + i] = (float)sin(angle) * s->rope_mscale;
+        }
 }
 
-// v (rope_dim,) rotated in place: the INTERLEAVED pairs (2i, 2i+1) turn together, as the checkpoints expect
-static void rope_apply(float *v, const RunState *s, int rope_dim) {
+// v (rope_dim,) rotated in place by row t of rope_cos, rope_sin: the INTERLEAVED pairs (2i, 2i+1)
+// turn together, as the checkpoints expect
+static void rope_apply(float *v, const RunState *s, int t, int rope_dim) {
+    const float *cos_t = s->rope_cos + t * (rope_dim / 2), *sin_t = s->rope_sin + t * (rope_dim / 2);
     for (int i = 0; i < rope_dim / 2; i++) {
         float a = v[2 * i], b = v[2 * i + 1];
-        v[2 * i] = a * s->rope_cos[i] - b * s->rope_sin[i];
-        v[2 * i + 1] = a * s->rope_sin[i] + b * s->rope_cos[i];
+        v[2 * i] = a * cos_t[i] - b * sin_t[i];
+        v[2 * i + 1] = a * sin_t[i] + b * cos_t[i];
     }
 }
 
@@ -635,12 +718,15 @@ static void rope_apply(float *v, const RunState *s, int rope_dim) {
 // and the output projection (eq. 19). The pieces of eqs. 9-11 come first, so that the equations
 // read in the paper's order.
 
-// The joint KV compression (eq. 9): h (dim,) -> this token's cache row [c_t^KV (d_c) ; W^KR h_t
-// (d_h^R)], one product since kv_a_proj_with_mqa is [W^DKV ; W^KR]; mla_project ropes the tail.
-static void kv_compress(float *row, const float *h, const Layer *L, const Config *c) {
-    matmul(row, h, L->kv_a_proj_with_mqa, c->dim, kv_cache_width(c));  // eq. (9) c_t^KV = W^DKV h_t (+ W^KR h_t)
+// The joint KV compression (eq. 9): h (T, dim) -> the T tokens' cache rows [c_t^KV (d_c) ; W^KR h_t
+// (d_h^R)], consecutive in the cache; one product since kv_a_proj_with_mqa is [W^DKV ; W^KR];
+// mla_project ropes the tails.
+static void kv_compress(float *rows, const float *h, const Layer *L, const Config *c, int T) {
+    int width = kv_cache_width(c);
+    matmul(rows, h, L->kv_a_proj_with_mqa, c->dim, width, T);  // eq. (9) c_t^KV = W^DKV h_t (+ W^KR h_t)
     // not in the paper: kv_a_layernorm, RMSNorm of the latent (sec. 3.1.2 adds it "to ensure stable training")
-    rmsnorm(row, row, L->kv_a_layernorm, c->kv_lora_rank, c->rms_norm_eps);
+    for (int t = 0; t < T; t++)
+        rmsnorm(rows + (size_t)t * width, rows + (size_t)t * width, L->kv_a_layernorm, c->kv_lora_rank, c->rms_norm_eps);
 }
 
 // kv_b_proj holds, for each head i, W^UK_i (d_h rows) then W^UV_i (d_v rows), each row (d_c,)
@@ -660,42 +746,46 @@ static void value_up(float *v_c, const float *c_kv, const Layer *L, const Config
     matmul_rows(v_c, c_kv, L->kv_b_proj, w_uv_row(c, i), d_c, d_v);      // eq. (11) v_j,i^C = W^UV_i c_j^KV
 }
 
-// The projections and the cache write (eqs. 9, 12-15): h (dim,) -> the cache row of (l, pos) and
-// q (n_h, d_h + d_h^R), each head's [q_t,i^C ; q_t,i^R] (q_b_proj's rows per head: no-RoPE, then RoPE).
-static void mla_project(const Model *m, RunState *s, int l, int pos) {
+// The projections and the cache writes (eqs. 9, 12-15): h (T, dim) -> the cache rows of (l, pos..pos+T-1)
+// and q (T, n_h, d_h + d_h^R), each head's [q_t,i^C ; q_t,i^R] (q_b_proj's rows per head: no-RoPE, then RoPE).
+static void mla_project(const Model *m, RunState *s, int l, int pos, int T) {
     const Config *c = &m->config;
     const Layer *L = &m->layers[l];
-    int d_h = c->qk_nope_head_dim, d_hR = c->qk_rope_head_dim, n_q = c->n_heads * (d_h + d_hR);
-    float *row = cache_row(s, c, l, pos);
-    kv_compress(row, s->h, L, c);                                                // c_t^KV and W^KR h_t
-    if (c->q_lora_rank) {
-        matmul(s->c_q, s->h, L->q_a_proj, c->dim, c->q_lora_rank);               // eq. (12) c_t^Q = W^DQ h_t
+    int d_h = c->qk_nope_head_dim, d_hR = c->qk_rope_head_dim, n_q = c->n_heads * (d_h + d_hR), d_cq = c->q_lora_rank;
+    float *rows = cache_row(s, c, l, pos);
+    kv_compress(rows, s->h, L, c, T);                                            // c_t^KV and W^KR h_t
+    if (d_cq) {
+        matmul(s->c_q, s->h, L->q_a_proj, c->dim, d_cq, T);                      // eq. (12) c_t^Q = W^DQ h_t
         // not in the paper: q_a_layernorm, the same RMSNorm on the query latent (sec. 3.1.2)
-        rmsnorm(s->c_q, s->c_q, L->q_a_layernorm, c->q_lora_rank, c->rms_norm_eps);
-        matmul(s->q, s->c_q, L->q_b_proj, c->q_lora_rank, n_q);                  // eq. (13) q_t^C = W^UQ c_t^Q, and W^QR c_t^Q
+        for (int t = 0; t < T; t++) rmsnorm(s->c_q + t * d_cq, s->c_q + t * d_cq, L->q_a_layernorm, d_cq, c->rms_norm_eps);
+        matmul(s->q, s->c_q, L->q_b_proj, d_cq, n_q, T);                         // eq. (13) q_t^C = W^UQ c_t^Q, and W^QR c_t^Q
     } else {  // no query compression (V2-Lite): its q_proj maps h_t straight to every head
-        matmul(s->q, s->h, L->q_b_proj, c->dim, n_q);                            // eq. (13) with c_t^Q = h_t
+        matmul(s->q, s->h, L->q_b_proj, c->dim, n_q, T);                         // eq. (13) with c_t^Q = h_t
     }
-    for (int i = 0; i < c->n_heads; i++)
-        rope_apply(s->q + i * (d_h + d_hR) + d_h, s, d_hR);                      // eq. (14) q_t,i^R = RoPE(W^QR c_t^Q)
-    rope_apply(row + c->kv_lora_rank, s, d_hR);                                  // eq. (15) k_t^R = RoPE(W^KR h_t)
+    for (int t = 0; t < T; t++) {
+        for (int i = 0; i < c->n_heads; i++)
+            rope_apply(s->q + (size_t)t * n_q + i * (d_h + d_hR) + d_h, s, t, d_hR);  // eq. (14) q_t,i^R = RoPE(W^QR c_t^Q)
+        rope_apply(rows + (size_t)t * kv_cache_width(c) + c->kv_lora_rank, s, t, d_hR);  // eq. (15) k_t^R = RoPE(W^KR h_t)
+    }
 }
 
 // The naive form (eqs. 10-11, 16-18): every head rebuilds each cached token's key and value from
-// its latent, then attends as multi-head attention does. The cache rows 0..pos (d_c + d_h^R) and
-// q (n_h, d_h + d_h^R) -> att (n_h, seq_len) and o (n_h, d_v).
-static void mla_attend_naive(const Model *m, RunState *s, int l, int pos) {
+// its latent, then attends as multi-head attention does. Causal: token t of the chunk (position
+// pos + t) reads the cache rows 0..pos+t (d_c + d_h^R), all written by mla_project already.
+// q (T, n_h, d_h + d_h^R) -> o (T, n_h, d_v); att (n_h, seq_len) keeps the last token's p.
+static void mla_attend_naive(const Model *m, RunState *s, int l, int pos, int T) {
     const Config *c = &m->config;
     const Layer *L = &m->layers[l];
     int d_h = c->qk_nope_head_dim, d_hR = c->qk_rope_head_dim, d_v = c->v_head_dim, d_c = c->kv_lora_rank;
     int width = kv_cache_width(c);
     const float *cache = cache_row(s, c, l, 0);
-    #pragma omp parallel for schedule(static) if ((long)c->n_heads * (pos + 1) * d_c >= (1L << 17))
-    for (int i = 0; i < c->n_heads; i++) {
-        const float *q_c = s->q + i * (d_h + d_hR), *q_r = q_c + d_h;
+    #pragma omp parallel for schedule(static) if ((long)c->n_heads * T * (pos + T) * d_c >= (1L << 17))
+    for (int i = 0; i < c->n_heads; i++) for (int t = 0; t < T; t++) {
+        int last = pos + t;  // the causal mask: token t sees positions 0..pos+t
+        const float *q_c = s->q + ((size_t)t * c->n_heads + i) * (d_h + d_hR), *q_r = q_c + d_h;
         float *k_c = s->kv_rebuilt + (size_t)i * (d_h + d_v), *v_c = k_c + d_h;
-        float *p = s->att + (size_t)i * s->seq_len, *o = s->o + i * d_v;
-        for (int j = 0; j <= pos; j++) {
+        float *p = s->att + (size_t)i * s->seq_len, *o = s->o + ((size_t)t * c->n_heads + i) * d_v;
+        for (int j = 0; j <= last; j++) {
             const float *c_kv = cache + (size_t)j * width, *k_r = c_kv + d_c;
             key_up(k_c, c_kv, L, c, i);                                          // k_j,i^C
             float score = 0.0f;  // q_t,i^T k_j,i, the concatenations dotted half by half:
@@ -703,9 +793,9 @@ static void mla_attend_naive(const Model *m, RunState *s, int l, int pos) {
             for (int e = 0; e < d_hR; e++) score += q_r[e] * k_r[e];             // eq. (17) k_j,i = [k_j,i^C ; k_j^R]
             p[j] = score * s->softmax_scale;                                     // eq. (18) q^T k / sqrt(d_h + d_h^R)
         }
-        softmax(p, pos + 1);                                                     // eq. (18) softmax_j
+        softmax(p, last + 1);                                                    // eq. (18) softmax_j
         memset(o, 0, d_v * sizeof(float));
-        for (int j = 0; j <= pos; j++) {
+        for (int j = 0; j <= last; j++) {
             value_up(v_c, cache + (size_t)j * width, L, c, i);                   // v_j,i^C
             for (int e = 0; e < d_v; e++) o[e] += p[j] * v_c[e];                 // eq. (18) o_t,i = sum_j p_t,i,j v_j,i^C
         }
@@ -715,29 +805,30 @@ static void mla_attend_naive(const Model *m, RunState *s, int l, int pos) {
 // The absorbed form (Appendix C): q_t,i^C . (W^UK_i c_j) = (W^UK_i^T q_t,i^C) . c_j and
 // sum_j p_j (W^UV_i c_j) = W^UV_i (sum_j p_j c_j), so each head scores and sums the cached
 // latents themselves and no key or value is ever built; the same numbers as mla_attend_naive.
-// The cache rows 0..pos and q (n_h, d_h + d_h^R) -> att (n_h, seq_len) and o (n_h, d_v).
-static void mla_attend_absorbed(const Model *m, RunState *s, int l, int pos) {
+// Causal as there: q (T, n_h, d_h + d_h^R) and the cache rows 0..pos+t -> o (T, n_h, d_v).
+static void mla_attend_absorbed(const Model *m, RunState *s, int l, int pos, int T) {
     const Config *c = &m->config;
     const Layer *L = &m->layers[l];
     int d_h = c->qk_nope_head_dim, d_hR = c->qk_rope_head_dim, d_v = c->v_head_dim, d_c = c->kv_lora_rank;
     int width = kv_cache_width(c);
     const float *cache = cache_row(s, c, l, 0);
-    #pragma omp parallel for schedule(static) if ((long)c->n_heads * (pos + 1) * d_c >= (1L << 17))
-    for (int i = 0; i < c->n_heads; i++) {
-        const float *q_c = s->q + i * (d_h + d_hR), *q_r = q_c + d_h;
+    #pragma omp parallel for schedule(static) if ((long)c->n_heads * T * (pos + T) * d_c >= (1L << 17))
+    for (int i = 0; i < c->n_heads; i++) for (int t = 0; t < T; t++) {
+        int last = pos + t;  // the causal mask: token t sees positions 0..pos+t
+        const float *q_c = s->q + ((size_t)t * c->n_heads + i) * (d_h + d_hR), *q_r = q_c + d_h;
         float *q_lat = s->q_latent + (size_t)i * d_c, *o_lat = s->o_latent + (size_t)i * d_c;
-        float *p = s->att + (size_t)i * s->seq_len, *o = s->o + i * d_v;
+        float *p = s->att + (size_t)i * s->seq_len, *o = s->o + ((size_t)t * c->n_heads + i) * d_v;
         matmul_rows_t(q_lat, q_c, L->kv_b_proj, w_uk_row(c, i), d_c, d_h);    // W^UK_i^T q_t,i^C: W^UK_i absorbed
-        for (int j = 0; j <= pos; j++) {
+        for (int j = 0; j <= last; j++) {
             const float *c_kv = cache + (size_t)j * width, *k_r = c_kv + d_c;
             float score = 0.0f;
             for (int e = 0; e < d_c; e++) score += q_lat[e] * c_kv[e];           // = q_t,i^C . k_j,i^C
             for (int e = 0; e < d_hR; e++) score += q_r[e] * k_r[e];             //  + q_t,i^R . k_j^R
             p[j] = score * s->softmax_scale;
         }
-        softmax(p, pos + 1);
+        softmax(p, last + 1);
         memset(o_lat, 0, d_c * sizeof(float));
-        for (int j = 0; j <= pos; j++) {
+        for (int j = 0; j <= last; j++) {
             const float *c_kv = cache + (size_t)j * width;
             for (int e = 0; e < d_c; e++) o_lat[e] += p[j] * c_kv[e];            // sum_j p_t,i,j c_j^KV
         }
@@ -745,15 +836,16 @@ static void mla_attend_absorbed(const Model *m, RunState *s, int l, int pos) {
     }
 }
 
-// Multi-head Latent Attention of the token at pos in layer l: h (dim,) -> attn_out (dim,), and
-// the token's row of the latent cache written. form: which way to attend; both give the same logits.
-static void mla_attention(const Model *m, RunState *s, int l, int pos, AttnForm form) {
+// Multi-head Latent Attention of the T tokens at pos..pos+T-1 in layer l: h (T, dim) -> attn_out
+// (T, dim), and their rows of the latent cache written first, so that each token attends to the
+// ones before it in the chunk. form: which way to attend; both give the same logits.
+static void mla_attention(const Model *m, RunState *s, int l, int pos, int T, AttnForm form) {
     const Config *c = &m->config;
-    mla_project(m, s, l, pos);
-    if (form == ATTN_NAIVE) mla_attend_naive(m, s, l, pos);
-    else mla_attend_absorbed(m, s, l, pos);
+    mla_project(m, s, l, pos, T);
+    if (form == ATTN_NAIVE) mla_attend_naive(m, s, l, pos, T);
+    else mla_attend_absorbed(m, s, l, pos, T);
     int n_o = c->n_heads * c->v_head_dim;
-    matmul(s->attn_out, s->o, m->layers[l].o_proj, n_o, c->dim);             // eq. (19) u_t = W^O [o_t,1; ...; o_t,n_h]
+    matmul(s->attn_out, s->o, m->layers[l].o_proj, n_o, c->dim, T);          // eq. (19) u_t = W^O [o_t,1; ...; o_t,n_h]
     if (s->trace) trace_mla(m, s, l, pos);
 }
 
@@ -763,18 +855,18 @@ static void mla_attention(const Model *m, RunState *s, int l, int pos, AttnForm 
 // The MoE code runs bottom-up, the reverse of the paper's order: the affinities s_i,t (eq. 22)
 // choose the gates g_i,t (eq. 21) that weight the routed experts in the output h'_t (eq. 20).
 
-// SwiGLU FFN of width `width`: x (dim,) -> out = down(silu(gate x) * up x) (dim,); hb, hb2 (width,)
-static void ffn(float *out, const float *x, const FFN *f, int dim, int width, float *hb, float *hb2) {
-    matmul(hb, x, f->gate_proj, dim, width);
-    matmul(hb2, x, f->up_proj, dim, width);
-    for (int i = 0; i < width; i++) hb[i] = silu(hb[i]) * hb2[i];
-    matmul(out, hb, f->down_proj, width, dim);
+// SwiGLU FFN of width `width`: x (T, dim) -> out = down(silu(gate x) * up x) (T, dim); hb, hb2 (T, width)
+static void ffn(float *out, const float *x, const FFN *f, int dim, int width, int T, float *hb, float *hb2) {
+    matmul(hb, x, f->gate_proj, dim, width, T);
+    matmul(hb2, x, f->up_proj, dim, width, T);
+    for (size_t i = 0; i < (size_t)T * width; i++) hb[i] = silu(hb[i]) * hb2[i];
+    matmul(out, hb, f->down_proj, width, dim, T);
 }
 
-// The FFN of a dense layer (l < first_k_dense_replace): u (dim,) -> ffn_out (dim,), width intermediate_size
-static void dense_ffn(const Model *m, RunState *s, int l) {
+// The FFN of a dense layer (l < first_k_dense_replace): u (T, dim) -> ffn_out (T, dim), width intermediate_size
+static void dense_ffn(const Model *m, RunState *s, int l, int T) {
     const Config *c = &m->config;
-    ffn(s->ffn_out, s->u, &m->layers[l].dense, c->dim, c->intermediate_size, s->hb, s->hb2);
+    ffn(s->ffn_out, s->u, &m->layers[l].dense, c->dim, c->intermediate_size, T, s->hb, s->hb2);
     if (s->trace) trace_dense(c, s, l);
 }
 
@@ -825,52 +917,94 @@ static void moe_route(const Config *c, float *scores, int *topk_idx, float *topk
     }
 }
 
-// The DeepSeekMoE FFN (eq. 20; forward adds its "u_t +"): u (dim,) -> ffn_out (dim,), by way of
-// scores (n_routed_experts,), topk_idx and topk_w (n_experts_per_tok,), expert_out (dim,).
-static void moe_ffn(const Model *m, RunState *s, int l) {
+// The DeepSeekMoE FFN (eq. 20; forward adds its "u_t +"): u (T, dim) -> ffn_out (T, dim), by way of
+// scores (T, n_routed_experts), topk_idx and topk_w (T, n_experts_per_tok), expert_out (T, K_r, dim).
+// The tokens are grouped by expert: each routed expert runs once over the tokens that chose it,
+// so a chunk reads each chosen expert's weights once.
+static void moe_ffn(const Model *m, RunState *s, int l, int T) {
     const Config *c = &m->config;
     const Layer *L = &m->layers[l];
-    matmul(s->scores, s->u, L->gate, c->dim, c->n_routed_experts);          // u_t^T e_i for every routed expert
-    moe_route(c, s->scores, s->topk_idx, s->topk_w);                         // s_i,t and g_i,t
+    int dim = c->dim, E = c->n_routed_experts, K = c->n_experts_per_tok;
+    matmul(s->scores, s->u, L->gate, dim, E, T);                             // u_t^T e_i for every routed expert
+    for (int t = 0; t < T; t++)
+        moe_route(c, s->scores + (size_t)t * E, s->topk_idx + t * K, s->topk_w + t * K);  // s_i,t and g_i,t
     int I = c->moe_intermediate_size, N_s = c->n_shared_experts;
     // not in the paper: the N_s shared experts are ONE SwiGLU of width N_s x I (their gate and up rows and
     // their down columns stacked): the same sum, as each hidden unit is independent of the others
-    if (N_s) ffn(s->ffn_out, s->u, &L->shared, c->dim, I * N_s, s->hb, s->hb2);    // eq. (20) sum_i FFN_i^(s)(u_t)
-    else memset(s->ffn_out, 0, c->dim * sizeof(float));
-    for (int k = 0; k < c->n_experts_per_tok; k++) {
-        ffn(s->expert_out, s->u, &L->experts[s->topk_idx[k]], c->dim, I, s->hb, s->hb2);
-        for (int i = 0; i < c->dim; i++) s->ffn_out[i] += s->topk_w[k] * s->expert_out[i];  // eq. (20) + sum_i g_i,t FFN_i^(r)
+    if (N_s) ffn(s->ffn_out, s->u, &L->shared, dim, I * N_s, T, s->hb, s->hb2);  // eq. (20) sum_i FFN_i^(s)(u_t)
+    else memset(s->ffn_out, 0, (size_t)T * dim * sizeof(float));
+    for (int e = 0; e < E; e++) {  // FFN_e^(r) of the tokens that chose e: gather, run, scatter to their slot k
+        int n = 0;  // a token chooses an expert at most once, so at most T of them
+        for (int tk = 0; tk < T * K; tk++)
+            if (s->topk_idx[tk] == e) {
+                memcpy(s->expert_in + (size_t)n * dim, s->u + (size_t)(tk / K) * dim, dim * sizeof(float));
+                s->expert_slot[n++] = tk;
+            }
+        if (n == 0) continue;
+        ffn(s->expert_y, s->expert_in, &L->experts[e], dim, I, n, s->hb, s->hb2);
+        for (int r = 0; r < n; r++) memcpy(s->expert_out + (size_t)s->expert_slot[r] * dim, s->expert_y + (size_t)r * dim, dim * sizeof(float));
     }
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < K; k++) {  // in rank order, as the sum is written
+            const float *y = s->expert_out + ((size_t)t * K + k) * dim;
+            float g = s->topk_w[t * K + k], *out = s->ffn_out + (size_t)t * dim;
+            for (int i = 0; i < dim; i++) out[i] += g * y[i];                // eq. (20) + sum_i g_i,t FFN_i^(r)(u_t)
+        }
     if (s->trace) trace_moe(c, s, l);
 }
 
 // ----------------------------------------------------------------------------
-// ---------------- The forward pass: one token at position pos -> logits (vocab_size,)
+// ---------------- The forward pass: T tokens at positions pos..pos+T-1 -> logits
 //
-// x (dim,) is the residual stream. Each layer: x += MLA(RMSNorm(x)), x += FFN(RMSNorm(x)), the
+// x (T, dim) is the residual stream. Each layer: x += MLA(RMSNorm(x)), x += FFN(RMSNorm(x)), the
 // FFN dense or DeepSeekMoE; then a final RMSNorm and lm_head (not tied to the embedding). The
-// paper's u_t + FFN(u_t) (eq. 20) adds to x here, of which u_t is the RMSNorm.
+// paper's u_t + FFN(u_t) (eq. 20) adds to x here, of which u_t is the RMSNorm. Generation runs
+// T = 1; a prompt runs in chunks of up to max_T tokens, which give the same logits as one token
+// at a time (test_all checks it) but read every weight once per chunk.
 
-// token at position pos -> logits (vocab_size,), and the token's cache row written in every layer
-static float *forward(const Model *m, RunState *s, int token, int pos, AttnForm form) {
+// tokens (T,) at positions pos..pos+T-1 -> logits: (T, vocab_size) when all_logits, else only the
+// last token's (vocab_size,); and the tokens' cache rows written in every layer. The trace
+// (s->trace) follows one token: T must be 1 then.
+static float *forward(const Model *m, RunState *s, const int *tokens, int T, int pos, AttnForm form, int all_logits) {
     const Config *c = &m->config;
-    for (int i = 0; i < c->dim; i++) s->x[i] = mat_at(m->embed_tokens, (size_t)token * c->dim + i);
-    rope_position(s, c, pos);
-    if (s->trace) trace_begin(s->trace, token, pos);
+    int dim = c->dim;
+    if (T < 1 || T > s->max_T || pos + T > s->seq_len || (s->trace && T != 1))
+        die("forward: %d tokens at position %d do not fit (chunk %d, context %d, trace: one token)", T, pos, s->max_T, s->seq_len);
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < dim; i++) s->x[(size_t)t * dim + i] = mat_at(m->embed_tokens, (size_t)tokens[t] * dim + i);
+    rope_position(s, c, pos, T);
+    if (s->trace) trace_begin(s->trace, tokens[0], pos);
     for (int l = 0; l < c->n_layers; l++) {
         const Layer *L = &m->layers[l];
-        rmsnorm(s->h, s->x, L->input_layernorm, c->dim, c->rms_norm_eps);             // h_t
-        mla_attention(m, s, l, pos, form);
-        for (int i = 0; i < c->dim; i++) s->x[i] += s->attn_out[i];                   // residual around attention
-        rmsnorm(s->u, s->x, L->post_attention_layernorm, c->dim, c->rms_norm_eps);    // u_t
-        if (L->is_moe) moe_ffn(m, s, l);
-        else dense_ffn(m, s, l);
-        for (int i = 0; i < c->dim; i++) s->x[i] += s->ffn_out[i];                    // eq. (20)'s "u_t +": the residual
+        for (int t = 0; t < T; t++)
+            rmsnorm(s->h + (size_t)t * dim, s->x + (size_t)t * dim, L->input_layernorm, dim, c->rms_norm_eps);  // h_t
+        mla_attention(m, s, l, pos, T, form);
+        for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->attn_out[i];      // residual around attention
+        for (int t = 0; t < T; t++)
+            rmsnorm(s->u + (size_t)t * dim, s->x + (size_t)t * dim, L->post_attention_layernorm, dim, c->rms_norm_eps);  // u_t
+        if (L->is_moe) moe_ffn(m, s, l, T);
+        else dense_ffn(m, s, l, T);
+        for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->ffn_out[i];       // eq. (20)'s "u_t +": the residual
     }
-    rmsnorm(s->x, s->x, m->norm, c->dim, c->rms_norm_eps);
-    matmul(s->logits, s->x, m->lm_head, c->dim, c->vocab_size);
+    int first = all_logits ? 0 : T - 1;  // generation needs only the last token's logits
+    for (int t = first; t < T; t++) rmsnorm(s->x + (size_t)t * dim, s->x + (size_t)t * dim, m->norm, dim, c->rms_norm_eps);
+    matmul(s->logits, s->x + (size_t)first * dim, m->lm_head, dim, c->vocab_size, T - first);
     if (s->trace) trace_cache(c, s, pos);
     return s->logits;
+}
+
+// one token at position pos -> its logits (vocab_size,): generation's step
+static float *forward_token(const Model *m, RunState *s, int token, int pos, AttnForm form) {
+    return forward(m, s, &token, 1, pos, form, 0);
+}
+
+// The prompt's first n tokens at positions pos0..pos0+n-1, max_T at a time (one at a time when
+// tracing, as the trace follows one token): the cache filled, no logits kept. Returns n.
+static int prefill(const Model *m, RunState *s, const int *ids, int n, int pos0, AttnForm form) {
+    int chunk = s->trace ? 1 : s->max_T;
+    for (int done = 0; done < n; done += chunk)
+        forward(m, s, ids + done, n - done < chunk ? n - done : chunk, pos0 + done, form, 0);
+    return n;
 }
 
 // ----------------------------------------------------------------------------
@@ -1686,9 +1820,9 @@ static void print_memory_summary(const Model *m) {
             threads, threads == 1 ? "" : "s");
 }
 
-// The generation loop's two hooks. dsv2.c runs every position through forward(); dsv2.cu
-// (which includes this file with DSV2_GPU defined) runs them on the GPU and takes the prompt,
-// all of it but the last token, in one batched pass (prefill).
+// The generation loop's two hooks: the prompt, all of it but the last token, in chunks (prefill),
+// then one token per forward (forward_token). dsv2.cu (which includes this file with DSV2_GPU
+// defined) runs both on the GPU.
 #ifdef DSV2_GPU
 static float *forward_gpu(const Model *m, RunState *s, int token, int pos, AttnForm form);
 static int prefill_gpu(const Model *m, RunState *s, const int *ids, int n, int pos0, AttnForm form);
@@ -1696,8 +1830,8 @@ static void gpu_check_model(const Model *m);  // refuses, before any output, a m
 #define DSV2_FORWARD forward_gpu
 #define DSV2_PREFILL prefill_gpu
 #else
-#define DSV2_FORWARD forward
-#define DSV2_PREFILL(m, s, ids, n, pos0, form) 0  // prompt tokens taken in a batch: none, here
+#define DSV2_FORWARD forward_token
+#define DSV2_PREFILL prefill
 #endif
 
 typedef struct {
@@ -2045,8 +2179,11 @@ static Perplexity perplexity(const Model *m, const int *ids, int n, int window, 
         int len = (int)(n - start < window ? n - start : window);
         r.n_windows++;
         if (trace) trace->first_index = start;
+        int chunk = trace ? 1 : s.max_T;  // the trace follows one token at a time
         for (int pos = 0; pos + 1 < len; pos++) {
-            const float *logits = forward(m, &s, ids[start + pos], pos, form);
+            int t = pos % chunk;  // the row of this position's logits in its chunk
+            if (t == 0) forward(m, &s, ids + start + pos, len - 1 - pos < chunk ? len - 1 - pos : chunk, pos, form, 1);
+            const float *logits = s.logits + (size_t)t * c->vocab_size;
             check_logits(logits, c->vocab_size, (int)(start + pos));
             double max = logits[0], sum = 0.0;                          // log-softmax in double
             for (int v = 1; v < c->vocab_size; v++) if (logits[v] > max) max = logits[v];

@@ -181,7 +181,7 @@ static int bench_main(int argc, char **argv) {
         double worst = 0;
         int argmax_same = 0;
         for (int p = 0; p < check_tokens; p++) {
-            float *cl = forward(&m, &sc, ids[p], p, ATTN_ABSORBED);
+            float *cl = forward_token(&m, &sc, ids[p], p, ATTN_ABSORBED);
             memcpy(gl.data(), forward_gpu(&m, &s, ids[p], p, ATTN_ABSORBED), c->vocab_size * sizeof(float));
             worst = fmax(worst, rel_err_f(gl.data(), cl, c->vocab_size));
             argmax_same += sample_argmax(gl.data(), c->vocab_size) == sample_argmax(cl, c->vocab_size);

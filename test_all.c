@@ -474,7 +474,7 @@ static void test_fixture_logits(const char *name, const char *dtype, AttnForm fo
     double worst = 0;
     int worst_pos = 0, greedy_ok = 0, first_bad = -1;
     for (int pos = 0; pos < n_total; pos++) {
-        float *logits = forward(&m, &s, ids[pos], pos, form);
+        float *logits = forward_token(&m, &s, ids[pos], pos, form);
         double e = rel_err(logits, ref + (size_t)pos * vocab, vocab);
         if (!(e <= worst)) { worst = e; worst_pos = pos; }
         if (pos >= n_prompt - 1) {
@@ -526,7 +526,7 @@ static void test_fixture_generation(const char *name) {
     for (int i = 0; i < prompt->n; i++) ids[i] = (int)prompt->v[i];
     int pos = 0, token = ids[0], match = 0;
     for (; pos < prompt->n + greedy->n - 1; pos++) {
-        float *logits = forward(&m, &s, token, pos, ATTN_ABSORBED);
+        float *logits = forward_token(&m, &s, token, pos, ATTN_ABSORBED);
         token = pos + 1 < prompt->n ? ids[pos + 1] : sample_argmax(logits, m.config.vocab_size);
         if (pos + 1 >= prompt->n && token == (int)greedy->v[pos + 1 - prompt->n]) match++;
         else if (pos + 1 >= prompt->n) break;
@@ -598,7 +598,7 @@ static void test_fixture_units(const char *name) {
     const Golden *pos = golden_get(g, ng, "rope_positions"), *cs = golden_get(g, ng, "rope_cos"), *sn = golden_get(g, ng, "rope_sin");
     err = 0;
     for (int p = 0; p < pos->n; p++) {
-        rope_position(&s, c, (int)pos->v[p]);
+        rope_position(&s, c, (int)pos->v[p], 1);
         for (int i = 0; i < half; i++) {
             err = fmaxf(err, fabsf(s.rope_cos[i] - (float)cs->v[p * half + i]));
             err = fmaxf(err, fabsf(s.rope_sin[i] - (float)sn->v[p * half + i]));
@@ -887,7 +887,7 @@ static void test_default_model(void) {
         double worst = 0;
         int token = (int)prompt->v[0], match = 0;
         for (int pos = 0; pos < n_prompt + greedy->n - 1; pos++) {
-            float *logits = forward(&m, &s, token, pos, ATTN_ABSORBED);
+            float *logits = forward_token(&m, &s, token, pos, ATTN_ABSORBED);
             if (pos < n_prompt && ref) worst = fmax(worst, rel_err(logits, ref + (size_t)pos * vocab, vocab));
             if (pos + 1 < n_prompt) { token = (int)prompt->v[pos + 1]; continue; }
             token = sample_argmax(logits, vocab);
@@ -1082,7 +1082,7 @@ static double q8_logits(const char *q8_path, const char *ref_path, const int *id
     *agree = *near_ties = 0;
     widest_tie = 0;
     for (int pos = 0; pos < n; pos++) {
-        const float *lq = forward(&mq, &sq, ids[pos], pos, ATTN_ABSORBED), *lf = forward(&mf, &sf, ids[pos], pos, ATTN_ABSORBED);
+        const float *lq = forward_token(&mq, &sq, ids[pos], pos, ATTN_ABSORBED), *lf = forward_token(&mf, &sf, ids[pos], pos, ATTN_ABSORBED);
         double d = 0, r = 0;
         for (int i = 0; i < vocab; i++) { d = fmax(d, fabs((double)lq[i] - lf[i])); r = fmax(r, fabs(lf[i])); }
         worst = fmax(worst, d / r);
@@ -1204,7 +1204,7 @@ static float *run_with_knobs(const char *model_path, const Knobs *k, const int *
     s.trace = trace;
     int vocab = m.config.vocab_size;
     float *out = xcalloc((size_t)n * vocab, sizeof(float));
-    for (int pos = 0; pos < n; pos++) memcpy(out + (size_t)pos * vocab, forward(&m, &s, ids[pos], pos, ATTN_ABSORBED), vocab * sizeof(float));
+    for (int pos = 0; pos < n; pos++) memcpy(out + (size_t)pos * vocab, forward_token(&m, &s, ids[pos], pos, ATTN_ABSORBED), vocab * sizeof(float));
     runstate_free(&s);
     model_free(&m);
     return out;
@@ -1797,8 +1797,71 @@ static void test_teach(void) {
     test_workshop();
 }
 
+// ---------------- the prompt in chunks: forward() over T tokens against one token at a time
+// Every position's logits from chunks of T = 1, 3, 7 and the largest chunk (max_T: the whole
+// prompt when it fits, else PROMPT_CHUNK, and a remainder), which split the prompt unevenly, must
+// equal the token-by-token logits to float32 rounding. Same float32 math, but a chunk's matmul
+// widens each weight row to float32 once and sums in another order than row_dot (for q8 it also
+// rounds d * q before the product), so each dot product may differ by a few float32 roundings
+// (~1e-7 of its size); through the layers that comes to ~1e-6 of the largest logit (measured:
+// 1.0e-6 at most; fp32 files: 0). The tolerance is 1e-5 of the largest logit, 10x that; a
+// causal-mask error gives O(1) differences (9.6 when a token saw its whole chunk). Also: the
+// last-row-only logits (generation's) equal the last row of the all-rows ones, within the same.
+static void test_chunked_forward(const char *label, const char *path, int n) {
+    Model m;
+    model_load(&m, path);
+    int vocab = m.config.vocab_size;
+    int *ids = xcalloc(n, sizeof(int));
+    unsigned rng = 12345;
+    for (int i = 0; i < n; i++) { rng = rng * 1103515245u + 12345u; ids[i] = (int)((rng >> 8) % (unsigned)vocab); }
+    for (int f = 0; f < 2; f++) {
+        AttnForm form = f ? ATTN_NAIVE : ATTN_ABSORBED;
+        RunState s;
+        runstate_init(&s, &m.config, n);
+        float *ref = xcalloc((size_t)n * vocab, sizeof(float));
+        for (int pos = 0; pos < n; pos++) memcpy(ref + (size_t)pos * vocab, forward_token(&m, &s, ids[pos], pos, form), vocab * sizeof(float));
+        double worst = 0, scale = 0;
+        for (size_t i = 0; i < (size_t)n * vocab; i++) scale = fmax(scale, fabs(ref[i]));
+        int chunks[] = {1, 3, 7, s.max_T}, last_ok = 1;
+        for (int k = 0; k < 4; k++) {
+            RunState sc;
+            runstate_init(&sc, &m.config, n);
+            for (int pos = 0; pos < n; pos += chunks[k]) {
+                int T = n - pos < chunks[k] ? n - pos : chunks[k];
+                float *logits = forward(&m, &sc, ids + pos, T, pos, form, 1);
+                for (size_t i = 0; i < (size_t)T * vocab; i++)
+                    worst = fmax(worst, fabs((double)logits[i] - ref[(size_t)pos * vocab + i]));
+            }
+            // generation's form: only the last row, for the chunk that ends the prompt
+            int T = n < chunks[k] ? n : chunks[k];
+            float *last = forward(&m, &sc, ids + n - T, T, n - T, form, 0);
+            for (int i = 0; i < vocab; i++)
+                if (!(fabs((double)last[i] - ref[(size_t)(n - 1) * vocab + i]) <= 1e-5 * scale)) last_ok = 0;
+            runstate_free(&sc);
+        }
+        check(worst <= 1e-5 * scale && last_ok,
+              "%s %s: %d positions in chunks of 1, 3, 7, %d = one at a time: max|diff| %.2e = %.1e x max|logit| %.3g (tolerance 1e-5 x)%s",
+              label, form == ATTN_NAIVE ? "naive" : "absorbed", n, s.max_T, worst, worst / scale, scale, last_ok ? "" : "; last-row logits DIFFER");
+        free(ref);
+        runstate_free(&s);
+    }
+    free(ids);
+    model_free(&m);
+}
+
 static void test_model(void) {
     const char *fixtures[] = {"lite", "v2"};
+    for (int i = 0; i < 2; i++) {
+        const char *dtypes[] = {"fp32", "bf16", "q8"};
+        for (int d = 0; d < 3; d++) {
+            char path[256], label[64];
+            snprintf(path, sizeof path, "build/fixtures/%s.%s.bin", fixtures[i], dtypes[d]);
+            snprintf(label, sizeof label, "chunked prompt, %s %s", fixtures[i], dtypes[d]);
+            test_chunked_forward(label, path, 24);
+        }
+    }
+    test_chunked_forward("chunked prompt, default model", "dsv2_tiny.bin", PROMPT_CHUNK + 6);
+    test_chunked_forward("chunked prompt, default model q8", "build/dsv2_tiny.q8.bin", PROMPT_CHUNK + 6);
     for (int i = 0; i < 2; i++) {
         test_fixture_units(fixtures[i]);
         test_fixture_logits(fixtures[i], "fp32", ATTN_ABSORBED);
