@@ -902,12 +902,15 @@ static void moe_route(const Config *c, float *scores, int *topk_idx, float *topk
         for (int i = 0; i < E; i++) if (!kept[i / (E / c->n_group)]) candidate[i] = -INFINITY;
     }
     float sum = 0.0f;
+    unsigned char taken[4096];  // chosen already: never twice, whatever the scores (NaN from corrupt weights too)
+    memset(taken, 0, E);
     for (int k = 0; k < K; k++) {
-        int best = argmax(candidate, E);
+        int best = -1;
+        for (int i = 0; i < E; i++) if (!taken[i] && (best < 0 || candidate[i] > candidate[best])) best = i;
+        taken[best] = 1;
         topk_idx[k] = best;
         topk_w[k] = scores[best];                                            // eq. (21) g_i,t = s_i,t for the top K_r
         sum += scores[best];
-        candidate[best] = -INFINITY;
     }
     for (int k = 0; k < K; k++) {
         // not in the paper: norm_topk_prob (set by no released V2 config) makes the hub code renormalise

@@ -1950,14 +1950,16 @@ static void test_corrupt_files(void) {
     int ok = tok_dies_with_one_line(dies_context_fits, &huge, msg, sizeof msg);
     check(ok && strstr(msg, "more than this machine's"), "a context of 2^24 tokens x 1024 layers x 65600 values is refused: %s", msg);
 
-    // the last weight of lm_head (token 399's logit) NaN: every mode stops at position 0 with one line
+    // the last weight of lm_head (token 399's logit) NaN: every mode stops with one line at the first
+    // position whose logits it computes (ppl: 0; generation: the prompt's last, after the chunked prefill)
     write_patched(lite, "build/nan_model.bin", -4, &nan);
     const char *modes[] = {"-n 3", "-m ppl -i 'one two three'", "-m chat -i hi -t 0", "-n 2 --trace /dev/null"};
     for (int i = 0; i < 4; i++) {
         snprintf(cmd, sizeof cmd, "./dsv2 build/nan_model.bin %s %s", lite_tok, modes[i]);
         char what[128];
         snprintf(what, sizeof what, "a NaN weight, %s", modes[i]);
-        expect_error(what, cmd, "the logits at position 0 are not finite (token 399: nan)");
+        expect_error(what, cmd, i == 1 ? "the logits at position 0 are not finite (token 399: nan)"
+                                        : "are not finite (token 399: nan): the model's weights are corrupt");
     }
 
     // model and tokenizer files told apart; a tokenizer that does not belong to the model
