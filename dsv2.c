@@ -378,7 +378,7 @@ typedef struct {
     float *inv_freq;   // RoPE / YaRN inverse frequencies (d_h^R / 2)
     float rope_mscale;     // YaRN's factor on cos/sin (1 without YaRN)
     float softmax_scale;   // 1/sqrt(d_h + d_h^R), times YaRN's mscale^2
-    float *logits;     // (T, vocab_size): every token's, or the last token's in row 0 (forward's all_logits)
+    float *logits;     // (T, vocab_size): every token's, or the last token's in row 0 (forward's LogitRows)
     float *kv_cache;   // THE cache: (n_layers, seq_len, d_c + d_h^R), each row [c_j^KV ; k_j^R]
     int seq_len;
     int max_T;         // the most tokens one forward() takes: PROMPT_CHUNK, or seq_len when shorter
@@ -965,10 +965,15 @@ static void moe_ffn(const Model *m, RunState *s, int l, int T) {
 // T = 1; a prompt runs in chunks of up to max_T tokens, which give the same logits as one token
 // at a time (test_all checks it) but read every weight once per chunk.
 
-// tokens (T,) at positions pos..pos+T-1 -> logits: (T, vocab_size) when all_logits, else only the
-// last token's (vocab_size,); and the tokens' cache rows written in every layer. The trace
+// Which rows of a chunk go through lm_head: none (a prompt chunk that only fills the cache), the last
+// token's (generation), or every token's (perplexity, the tests).
+typedef enum { LOGITS_NONE, LOGITS_LAST, LOGITS_ALL } LogitRows;
+
+// tokens (T,) at positions pos..pos+T-1 -> logits: (T, vocab_size) with LOGITS_ALL, the last
+// token's (vocab_size,) with LOGITS_LAST, NULL with LOGITS_NONE; and the tokens' cache rows
+// written in every layer. The trace
 // (s->trace) follows one token: T must be 1 then.
-static float *forward(const Model *m, RunState *s, const int *tokens, int T, int pos, AttnForm form, int all_logits) {
+static float *forward(const Model *m, RunState *s, const int *tokens, int T, int pos, AttnForm form, LogitRows rows) {
     const Config *c = &m->config;
     int dim = c->dim;
     if (T < 1 || T > s->max_T || pos + T > s->seq_len || (s->trace && T != 1))
@@ -989,16 +994,17 @@ static float *forward(const Model *m, RunState *s, const int *tokens, int T, int
         else dense_ffn(m, s, l, T);
         for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->ffn_out[i];       // eq. (20)'s "u_t +": the residual
     }
-    int first = all_logits ? 0 : T - 1;  // generation needs only the last token's logits
+    if (s->trace) trace_cache(c, s, pos);
+    if (rows == LOGITS_NONE) return NULL;
+    int first = rows == LOGITS_ALL ? 0 : T - 1;
     for (int t = first; t < T; t++) rmsnorm(s->x + (size_t)t * dim, s->x + (size_t)t * dim, m->norm, dim, c->rms_norm_eps);
     matmul(s->logits, s->x + (size_t)first * dim, m->lm_head, dim, c->vocab_size, T - first);
-    if (s->trace) trace_cache(c, s, pos);
     return s->logits;
 }
 
 // one token at position pos -> its logits (vocab_size,): generation's step
 static float *forward_token(const Model *m, RunState *s, int token, int pos, AttnForm form) {
-    return forward(m, s, &token, 1, pos, form, 0);
+    return forward(m, s, &token, 1, pos, form, LOGITS_LAST);
 }
 
 // The prompt's first n tokens at positions pos0..pos0+n-1, max_T at a time (one at a time when
@@ -1006,7 +1012,7 @@ static float *forward_token(const Model *m, RunState *s, int token, int pos, Att
 static int prefill(const Model *m, RunState *s, const int *ids, int n, int pos0, AttnForm form) {
     int chunk = s->trace ? 1 : s->max_T;
     for (int done = 0; done < n; done += chunk)
-        forward(m, s, ids + done, n - done < chunk ? n - done : chunk, pos0 + done, form, 0);
+        forward(m, s, ids + done, n - done < chunk ? n - done : chunk, pos0 + done, form, LOGITS_NONE);
     return n;
 }
 
@@ -2185,7 +2191,7 @@ static Perplexity perplexity(const Model *m, const int *ids, int n, int window, 
         int chunk = trace ? 1 : s.max_T;  // the trace follows one token at a time
         for (int pos = 0; pos + 1 < len; pos++) {
             int t = pos % chunk;  // the row of this position's logits in its chunk
-            if (t == 0) forward(m, &s, ids + start + pos, len - 1 - pos < chunk ? len - 1 - pos : chunk, pos, form, 1);
+            if (t == 0) forward(m, &s, ids + start + pos, len - 1 - pos < chunk ? len - 1 - pos : chunk, pos, form, LOGITS_ALL);
             const float *logits = s.logits + (size_t)t * c->vocab_size;
             check_logits(logits, c->vocab_size, (int)(start + pos));
             double max = logits[0], sum = 0.0;                          // log-softmax in double

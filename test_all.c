@@ -1794,13 +1794,13 @@ static void test_chunked_forward(const char *label, const char *path, int n) {
             runstate_init(&sc, &m.config, n);
             for (int pos = 0; pos < n; pos += chunks[k]) {
                 int T = n - pos < chunks[k] ? n - pos : chunks[k];
-                float *logits = forward(&m, &sc, ids + pos, T, pos, form, 1);
+                float *logits = forward(&m, &sc, ids + pos, T, pos, form, LOGITS_ALL);
                 for (size_t i = 0; i < (size_t)T * vocab; i++)
                     worst = fmax(worst, fabs((double)logits[i] - ref[(size_t)pos * vocab + i]));
             }
             // generation's form: only the last row, for the chunk that ends the prompt
             int T = n < chunks[k] ? n : chunks[k];
-            float *last = forward(&m, &sc, ids + n - T, T, n - T, form, 0);
+            float *last = forward(&m, &sc, ids + n - T, T, n - T, form, LOGITS_LAST);
             for (int i = 0; i < vocab; i++)
                 if (!(fabs((double)last[i] - ref[(size_t)(n - 1) * vocab + i]) <= 1e-5 * scale)) last_ok = 0;
             runstate_free(&sc);
