@@ -2147,16 +2147,16 @@ static void print_kv_table(const Config *c, double mem_gib) {
     snprintf(ctx_head, sizeof(ctx_head), "%d tokens", ctx);
     snprintf(mem_head, sizeof(mem_head), "in %.3g GiB", mem_gib);
     printf("%-11s %-16s %7s %7s %7s %11s %12s\n", "per token", "formula", "values", "bytes", "vs MHA", ctx_head, mem_head);
-    struct { char name[16]; char formula[20]; long values; } rows[16];
+    struct { char name[24]; char formula[20]; long values; } rows[16];
     int n = 0;
-    snprintf(rows[n].name, 16, "MHA"); snprintf(rows[n].formula, 20, "2 n_h d_h l"); rows[n++].values = mha;
+    snprintf(rows[n].name, sizeof(rows[n].name), "MHA"); snprintf(rows[n].formula, 20, "2 n_h d_h l"); rows[n++].values = mha;
     for (int g = nh / 2; g > 1 && n < 12; g /= 2)
         if (nh % g == 0) {
-            snprintf(rows[n].name, 16, "GQA n_g=%d", g); snprintf(rows[n].formula, 20, "2 n_g d_h l");
+            snprintf(rows[n].name, sizeof(rows[n].name), "GQA n_g=%d", g); snprintf(rows[n].formula, 20, "2 n_g d_h l");
             rows[n++].values = 2L * g * dh * l;
         }
-    snprintf(rows[n].name, 16, "MQA"); snprintf(rows[n].formula, 20, "2 d_h l"); rows[n++].values = 2L * dh * l;
-    snprintf(rows[n].name, 16, "MLA"); snprintf(rows[n].formula, 20, "(d_c + d_h^R) l"); rows[n++].values = mla;
+    snprintf(rows[n].name, sizeof(rows[n].name), "MQA"); snprintf(rows[n].formula, 20, "2 d_h l"); rows[n++].values = 2L * dh * l;
+    snprintf(rows[n].name, sizeof(rows[n].name), "MLA"); snprintf(rows[n].formula, 20, "(d_c + d_h^R) l"); rows[n++].values = mla;
     for (int i = 0; i < n; i++) {
         long bytes = rows[i].values * 4;
         char ctxb[32];
