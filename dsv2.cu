@@ -636,6 +636,7 @@ static int prefill_gpu(const Model *m, RunState *s, const int *ids, int n, int p
 }
 
 #include "dsv2_bench.cuh"  // --bench: benchmarks and self-checks for tools/bench_cuda.sh
+#include "dsv2_serve.cuh"  // many sequences at once: paged cache, forward_batch, continuous batching, --bench-serve
 
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "--gpu-check")) {  // exit 0 when a GPU is usable (test_all asks)
@@ -647,5 +648,6 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (argc >= 3 && !strcmp(argv[1], "--bench")) return bench_main(argc - 2, argv + 2);
+    if (argc >= 3 && !strcmp(argv[1], "--bench-serve")) return bench_serve_main(argc - 2, argv + 2);
     return dsv2_main(argc, argv);
 }
