@@ -649,5 +649,6 @@ int main(int argc, char **argv) {
     }
     if (argc >= 3 && !strcmp(argv[1], "--bench")) return bench_main(argc - 2, argv + 2);
     if (argc >= 3 && !strcmp(argv[1], "--bench-serve")) return bench_serve_main(argc - 2, argv + 2);
+    if (argc >= 3 && !strcmp(argv[1], "--serve-check")) return serve_check_main(argc - 2, argv + 2);
     return dsv2_main(argc, argv);
 }

@@ -438,7 +438,7 @@ static void forward_batch(int T, int want_logits) {
 // n_slots - 1 sequences at most, each up to max_ctx rows; max_bucket: the largest decode batch.
 static void serve_init(const Model *m, int max_ctx, int kv_bf16, int kv_mha, int max_batch, double kv_mem_gib) {
     const Config *c = &m->config;
-    gpu_init(m, max_ctx);
+    if (!gpu.ready) gpu_init(m, max_ctx);
     if (!gpu.pf_ready) prefill_alloc();
     if (max_batch < 1 || max_batch > PF_MAX) die("dsv2cu: --batch %d outside [1, %d]", max_batch, PF_MAX);
     if (c->v_head_dim > 32 * ATT_VMAX || c->kv_lora_rank > 32 * ATT_VMAX)
@@ -772,4 +772,113 @@ static int bench_serve_main(int argc, char **argv) {
         fflush(stdout);
     }
     return 0;
+}
+
+// ----------------------------------------------------------------------------
+// ---------------- --serve-check: the engine against dsv2.c, and against itself at other batch sizes
+
+// what serve_init allocated, so that another layout or batch size can be set up in the same process
+static void serve_free(void) {
+    if (!sv.ready) return;
+    cudaCheck(cudaStreamSynchronize(gpu.stream));
+    for (int i = 0; i < 16; i++) if (sv.graphs[i]) cudaCheck(cudaGraphExecDestroy(sv.graphs[i]));
+    void *dev[] = {sv.in, sv.CKV, sv.KR, sv.KVB, sv.Y3, sv.logits, sv.next, sv.route_record, sv.pool, sv.tables};
+    for (void *p : dev) if (p) cudaCheck(cudaFree(p));
+    cudaCheck(cudaFreeHost(sv.h_in));
+    cudaCheck(cudaFreeHost(sv.h_next));
+    if (sv.h_logits) cudaCheck(cudaFreeHost(sv.h_logits));
+    sv.~Serve();
+    new (&sv) Serve();
+}
+
+static void check_done(void *, int) {}
+
+// dsv2.c's generation loop for one prompt, greedy or with the sampler given: out gets the generated ids
+static int cpu_generate(const Model *m, const int *ids, int n_ids, int n_new, int ctx, Sampler *sp, int *out) {
+    RunState s;
+    runstate_init(&s, &m->config, ctx);
+    if (n_ids > 1) prefill(m, &s, ids, n_ids - 1, 0, ATTN_ABSORBED);
+    int pos = n_ids - 1, token = ids[n_ids - 1], n_out = 0;
+    while (pos < ctx && n_out < n_new) {
+        float *logits = forward_token(m, &s, token, pos, ATTN_ABSORBED);
+        token = sample(sp, logits, m->config.vocab_size);
+        out[n_out++] = token;
+        pos++;
+    }
+    runstate_free(&s);
+    return n_out;
+}
+
+// ./dsv2cu --serve-check MODEL: n prompts of mixed lengths (random ids), each with its own -n, run through
+// serve_run at batch sizes 1, 3 and 16 (sequences join and leave mid-run), for f32 / bf16 x latent / mha,
+// greedy and sampled (t 0.8, p 0.9, sequence i seeded with 1000 + i): the tokens must not depend on the
+// batch size; f32 latent and mha must equal dsv2.c's generation (the CPU keeps a float32 latent cache).
+// One "SERVE_CHECK ... OK / NOT OK" line per comparison; exit status 1 if any is NOT OK.
+static int serve_check_main(int argc, char **argv) {
+    Model m;
+    model_load(&m, argv[0]);
+    const Config *c = &m.config;
+    int n = argc > 1 ? atoi(argv[1]) : 20, V = c->vocab_size, failed = 0;
+    uint64_t rng = 77;
+    std::vector<std::vector<int>> prompts(n);
+    std::vector<int> n_new(n), ctx(n);
+    for (int i = 0; i < n; i++) {
+        int len = 1 + (int)(random_u32(&rng) % std::min(150, c->max_position_embeddings - 1));
+        if (i == 2) len = c->max_position_embeddings - 5;  // a sequence that ends at the context, not at -n
+        for (int j = 0; j < len; j++) prompts[i].push_back((int)(random_u32(&rng) % V));
+        n_new[i] = 4 + (int)(random_u32(&rng) % 40);
+        ctx[i] = std::min(len + n_new[i], c->max_position_embeddings);
+    }
+    std::vector<int> order(V);
+    for (int sampled = 0; sampled <= 1; sampled++) {
+        float temp = sampled ? 0.8f : 0.0f;
+        // dsv2.c's tokens
+        std::vector<std::vector<int>> ref(n);
+        for (int i = 0; i < n; i++) {
+            Sampler sp = {temp, 0.9f, 1000 + (uint64_t)i, order.data()};
+            ref[i].resize(n_new[i]);
+            ref[i].resize(cpu_generate(&m, prompts[i].data(), (int)prompts[i].size(), n_new[i], ctx[i], &sp, ref[i].data()));
+        }
+        for (int cfg = 0; cfg < 4; cfg++) {
+            int kv_bf16 = cfg & 1, kv_mha = cfg >> 1;
+            std::vector<std::vector<int>> first;
+            int Bs[3] = {1, 3, 16};
+            for (int bi = 0; bi < 3; bi++) {
+                std::vector<ServeSeq> q(n);
+                std::vector<std::vector<int>> out(n);
+                for (int i = 0; i < n; i++) {
+                    out[i].resize(n_new[i] + 1);
+                    memset(&q[i], 0, sizeof q[i]);
+                    q[i].ids = prompts[i].data(); q[i].n_ids = (int)prompts[i].size();
+                    q[i].n_new = n_new[i]; q[i].ctx = ctx[i]; q[i].out = out[i].data();
+                    q[i].sampler = {temp, 0.9f, 1000 + (uint64_t)i, order.data()};
+                }
+                ServeOptions o = {Bs[bi], kv_bf16, kv_mha, -1, 0.05, temp};
+                serve_run(&m, q.data(), n, &o, check_done, NULL, NULL);
+                serve_free();
+                for (int i = 0; i < n; i++) out[i].resize(q[i].n_out);
+                const char *what = sampled ? "sampled" : "greedy";
+                if (bi == 0) first = out;
+                else {
+                    int bad = 0;
+                    for (int i = 0; i < n; i++) bad += out[i] != first[i];
+                    printf("SERVE_CHECK %s kv %s layout %s batch %d == batch 1: %d/%d sequences differ %s\n", what,
+                           kv_bf16 ? "bf16" : "f32", kv_mha ? "mha" : "latent", Bs[bi], bad, n, bad ? "NOT OK" : "OK");
+                    failed += bad > 0;
+                }
+                if (bi == 2) {
+                    int bad = 0, first_bad = -1;
+                    for (int i = 0; i < n; i++) if (out[i] != ref[i]) { bad++; if (first_bad < 0) first_bad = i; }
+                    int must = !kv_bf16;  // a bf16 cache is not dsv2.c's float32 cache: reported, not required
+                    printf("SERVE_CHECK %s kv %s layout %s batch 16 == dsv2.c: %d/%d sequences differ (first: %d) %s\n", what,
+                           kv_bf16 ? "bf16" : "f32", kv_mha ? "mha" : "latent", bad, n, first_bad,
+                           !bad ? "OK" : must ? "NOT OK" : "(bf16 cache: information)");
+                    failed += must && bad > 0;
+                }
+                fflush(stdout);
+            }
+        }
+    }
+    printf("SERVE_CHECK %s\n", failed ? "FAILED" : "ALL OK");
+    return failed ? 1 : 0;
 }
