@@ -1295,7 +1295,7 @@ static void test_ppl_golden(const char *name) {
     snprintf(path, sizeof(path), "build/fixtures/%s.fp32.bin", name);
     model_load(&m, path);
     int window = m.config.max_position_embeddings;
-    Perplexity r = perplexity(&m, ids, n, window, ATTN_ABSORBED, NULL, 0);
+    Perplexity r = perplexity(&m, ids, n, window, ATTN_ABSORBED, (KvFormat){0, 0}, NULL, 0);
     check(r.n_predicted == n - 1 && r.n_windows == (n - 2) / (window - 1) + 1,
           "%s: -m ppl windows: %d tokens in %d windows of %d overlapping by one, %ld predicted (each token after the first once)",
           name, n, r.n_windows, window, r.n_predicted);
@@ -1882,7 +1882,7 @@ static int count_of(const char *text, const char *needle) {
 }
 
 static Config dies_config;
-static void dies_context_fits(const void *seq_len) { check_context_fits(&dies_config, *(const int *)seq_len); }
+static void dies_context_fits(const void *seq_len) { check_context_fits(&dies_config, *(const int *)seq_len, (KvFormat){0, 0}); }
 
 static void test_corrupt_files(void) {
     const char *lite = "build/fixtures/lite.fp32.bin", *lite_tok = "-z build/fixtures/lite.tok.bin";
