@@ -635,13 +635,6 @@ static int prefill_gpu(const Model *m, RunState *s, const int *ids, int n, int p
     return n;
 }
 
-// -m batch on the GPU (issue 13): a stub until the batch engine lands, so that dsv2cu links against
-// dsv2.c's hook (its contract is written above DSV2_BATCH in dsv2.c)
-static void batch_run_gpu(const Model *m, BatchSeq *seqs, int n, const BatchOptions *o, int eos_id, BatchRun *run) {
-    (void)m; (void)seqs; (void)n; (void)o; (void)eos_id; (void)run;
-    die("-m batch is not yet implemented by ./dsv2cu: run ./dsv2 -m batch");
-}
-
 #include "dsv2_bench.cuh"  // --bench: benchmarks and self-checks for tools/bench_cuda.sh
 #include "dsv2_serve.cuh"  // many sequences at once: paged cache, forward_batch, continuous batching, --bench-serve
 

@@ -576,6 +576,7 @@ typedef struct {
     int n_new, ctx;              // in: tokens to generate at most; rows of its context, min(n_ids + n_new, max_position_embeddings)
     int *out; int n_out;         // out: the generated ids, EOS excluded (room for n_new)
     Sampler sampler;             // its own sampler: temperature, top-p, rng_state (seeded per sequence), order (vocab ints)
+    int eos;                     // out: 1 when it ended with EOS
     int slot, pos, token, state; // engine: slot, position of token (the next input), 0 waiting / 1 in flight / 2 done
 } ServeSeq;
 typedef struct { int max_batch, kv_bf16, kv_mha, eos; double kv_mem_gib; float temperature; } ServeOptions;
@@ -602,7 +603,7 @@ static void serve_run(const Model *m, ServeSeq *seqs, int n, const ServeOptions 
     int next = 0, done = 0;
     long generated = 0;
     double t0 = now_s();
-    for (int i = 0; i < n; i++) { seqs[i].state = 0; seqs[i].n_out = 0; }
+    for (int i = 0; i < n; i++) { seqs[i].state = 0; seqs[i].n_out = 0; seqs[i].eos = 0; }
     auto finish = [&](int i) {
         ServeSeq *q = &seqs[i];
         q->state = 2;
@@ -645,9 +646,11 @@ static void serve_run(const Model *m, ServeSeq *seqs, int n, const ServeOptions 
         std::vector<int> still;
         for (int t = 0; t < n_real; t++) {  // dsv2.c generate_ids' rules, sequence by sequence
             ServeSeq *q = &seqs[active[t]];
-            int tok = greedy ? sv.h_next[t] : sample(&q->sampler, sv.h_logits + (size_t)t * c->vocab_size, c->vocab_size);
+            float *logits = greedy ? NULL : sv.h_logits + (size_t)t * c->vocab_size;
+            if (!greedy) check_logits(logits, c->vocab_size, q->pos);
+            int tok = greedy ? sv.h_next[t] : sample(&q->sampler, logits, c->vocab_size);
             generated++;
-            if (tok == o->eos) { finish(active[t]); continue; }
+            if (tok == o->eos) { q->eos = 1; finish(active[t]); continue; }
             q->out[q->n_out++] = tok;
             q->pos++;
             q->token = tok;
@@ -881,4 +884,34 @@ static int serve_check_main(int argc, char **argv) {
     }
     printf("SERVE_CHECK %s\n", failed ? "FAILED" : "ALL OK");
     return failed ? 1 : 0;
+}
+
+// ----------------------------------------------------------------------------
+// ---------------- -m batch on the GPU: dsv2.c's hook (its contract is the comment above DSV2_BATCH)
+
+typedef struct { BatchSeq *seqs; ServeSeq *q; BatchRun *run; } BatchGlue;
+static void batch_glue_done(void *ctx, int i) {
+    BatchGlue *g = (BatchGlue *)ctx;
+    g->seqs[i].n_out = g->q[i].n_out;
+    g->seqs[i].eos = g->q[i].eos;
+    batch_finished(g->run, i);
+}
+static void batch_glue_progress(void *ctx, int done, int in_flight, long sampled, double seconds) {
+    (void)done; (void)seconds;
+    batch_progress(((BatchGlue *)ctx)->run, in_flight, sampled);
+}
+static void batch_run_gpu(const Model *m, BatchSeq *seqs, int n, const BatchOptions *o, int eos_id, BatchRun *run) {
+    const Config *c = &m->config;
+    if (o->form == ATTN_NAIVE) die("-a naive is not implemented by ./dsv2cu, which runs the absorbed form: run ./dsv2 for it");
+    std::vector<ServeSeq> q(n);
+    std::vector<int> order(c->vocab_size);  // top-p scratch, shared: the sequences sample one after another
+    for (int i = 0; i < n; i++) {
+        memset(&q[i], 0, sizeof q[i]);
+        q[i].ids = seqs[i].ids; q[i].n_ids = seqs[i].n_ids; q[i].out = seqs[i].out;
+        q[i].n_new = o->n_new; q[i].ctx = context_for(c, seqs[i].n_ids, o->n_new);
+        q[i].sampler = {o->temperature, o->topp, batch_seed(o->seed, i), order.data()};
+    }
+    ServeOptions so = {o->max_batch > 0 ? o->max_batch : 64, o->kv_bf16, o->kv_mha, eos_id, o->kv_mem_gib, o->temperature};
+    BatchGlue glue = {seqs, q.data(), run};
+    serve_run(m, q.data(), n, &so, batch_glue_done, batch_glue_progress, &glue);
 }
