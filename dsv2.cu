@@ -277,8 +277,8 @@ static void matvec_forward(float *out1, const bf16 *W1, int d1, float *out2, con
 }
 
 #include "dsv2_mla.cuh"      // MLA: absorbed query, cache row, attention (split-KV), W^UV
-#include "dsv2_moe.cuh"      // DeepSeekMoE decode: router, gate/up, down
 #include "dsv2_prefill.cuh"  // prefill products on tensor cores (bf16 x 3) and the expert grouping
+#include "dsv2_moe.cuh"      // DeepSeekMoE: decode (router, gate/up, down) and over a batch (split3 from the prefill)
 
 // ----------------------------------------------------------------------------
 // ---------------- Setup: upload the model, allocate the cache and activations

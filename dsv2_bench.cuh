@@ -137,13 +137,199 @@ static void bench_mla_kernel(const Config *c, int ctx_max, double copy_gbs, uint
     gpu.part_o = po; gpu.part_ml = pml;
 }
 
+// 7. the MoE over a batch of tokens (moe_batch_forward, dsv2_moe.cuh) on the model's first MoE layer.
+// Checks, for T random tokens: against dsv2.c's moe_ffn on the CPU (the FFN's output x_after - x_before,
+// max relative error; the same experts chosen), against the T tokens one at a time through the decode
+// kernels (moe_router/gate_up/down), deterministic (two runs bitwise equal), and a CUDA graph of it equal
+// to the direct launches. Timings: graph replays at several T, rows of 8 per unit forced to 1 and 4
+// (and the automatic choice), against the one-at-a-time decode kernels (CUDA cores) over the same tokens;
+// bytes = the weights the step must read (router, the chosen experts once, the shared experts).
+// one check: T random tokens through layer l (MoE or dense) three ways; returns 1 when all agree
+static int check_moe_batch(const Model *m, RunState *s, int l, int T, float *dx, float *dxn, uint64_t *rng) {
+    const Config *c = &m->config;
+    const GpuLayer *L = &gpu.layers[l];
+    int dim = c->dim, K = L->is_moe ? c->n_experts_per_tok : 0;
+    size_t n = (size_t)T * dim;
+    std::vector<float> h(n), u(n), ref(n), got(n), got2(n), one(n), gdelta(n), odelta(n);
+    std::vector<int> ref_idx((size_t)T * K), got_idx((size_t)T * K), one_idx((size_t)T * K);
+    for (auto &v : h) v = (random_f32(rng) * 2 - 1) * 0.1f;
+    for (int t = 0; t < T; t++)
+        rmsnorm(u.data() + (size_t)t * dim, h.data() + (size_t)t * dim, m->layers[l].post_attention_layernorm, dim, c->rms_norm_eps);
+    for (int t0 = 0; t0 < T; t0 += s->max_T) {  // dsv2.c's moe_ffn (dense_ffn), max_T tokens at a time
+        int tc = std::min(s->max_T, T - t0);
+        memcpy(s->u, u.data() + (size_t)t0 * dim, (size_t)tc * dim * sizeof(float));
+        if (L->is_moe) moe_ffn(m, s, l, tc);
+        else dense_ffn(m, s, l, tc);
+        memcpy(ref.data() + (size_t)t0 * dim, s->ffn_out, (size_t)tc * dim * sizeof(float));
+        memcpy(ref_idx.data() + (size_t)t0 * K, s->topk_idx, (size_t)tc * K * sizeof(int));
+    }
+    cudaCheck(cudaMemcpy(dxn, u.data(), n * 4, cudaMemcpyHostToDevice));
+    for (int run = 0; run < 2; run++) {  // twice: bitwise the same
+        cudaCheck(cudaMemcpy(dx, h.data(), n * 4, cudaMemcpyHostToDevice));
+        moe_batch_forward(dx, dxn, L, T);
+        cudaCheck(cudaMemcpy(run ? got2.data() : got.data(), dx, n * 4, cudaMemcpyDeviceToHost));
+    }
+    cudaCheck(cudaMemcpy(got_idx.data(), moe_batch.idx, got_idx.size() * 4, cudaMemcpyDeviceToHost));
+    // the same tokens one at a time through the decode kernels (x: the residual, normalised by the router)
+    cudaCheck(cudaMemcpy(dx, h.data(), n * 4, cudaMemcpyHostToDevice));
+    for (int t = 0; t < T; t++) {
+        float *xt = dx + (size_t)t * dim;
+        if (K) moe_router_forward(gpu.topk_idx, gpu.topk_w, L->gate, xt, L->post_attention_layernorm, gpu.xb);
+        else rmsnorm_forward(gpu.xb, xt, L->post_attention_layernorm, dim, 1);
+        moe_gate_up_forward(gpu.hb, gpu.hb_shared, gpu.xb, L, gpu.topk_idx, K);
+        moe_down_forward(xt, L, gpu.topk_idx, gpu.topk_w, gpu.hb, K, gpu.hb_shared);
+        if (K) cudaCheck(cudaMemcpy(one_idx.data() + (size_t)t * K, gpu.topk_idx, K * sizeof(int), cudaMemcpyDeviceToHost));
+    }
+    cudaCheck(cudaMemcpy(one.data(), dx, n * 4, cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < n; i++) { gdelta[i] = got[i] - h[i]; odelta[i] = one[i] - h[i]; }
+    int same_cpu = 0, same_one = 0;
+    for (int t = 0; t < T; t++) {
+        same_cpu += !memcmp(got_idx.data() + (size_t)t * K, ref_idx.data() + (size_t)t * K, K * sizeof(int));
+        same_one += !memcmp(got_idx.data() + (size_t)t * K, one_idx.data() + (size_t)t * K, K * sizeof(int));
+    }
+    double e_cpu = rel_err_f(gdelta.data(), ref.data(), n), e_one = rel_err_f(gdelta.data(), odelta.data(), n);
+    int det = !memcmp(got.data(), got2.data(), n * 4);
+    // float32 accuracy: 1e-5 of the output's scale is far above float32 rounding and far below a bf16 error (~4e-3)
+    int ok = e_cpu < 1e-5 && e_one < 1e-5 && same_cpu == T && same_one == T && det;
+    printf("BENCH check_moe_batch layer %d (%s) T %d vs_cpu max_rel_err %.3e experts_same %d/%d vs_decode max_rel_err "
+           "%.3e experts_same %d/%d deterministic %d %s\n", l, L->is_moe ? "moe" : "dense", T, e_cpu, same_cpu, T, e_one,
+           same_one, T, det, ok ? "OK" : "NOT OK");
+    fflush(stdout);
+    return ok;
+}
+
+static void bench_moe_batch(const Model *m, double copy_gbs, int checks_only) {
+    const Config *c = &m->config;
+    int l = 0;
+    while (l < c->n_layers && !is_moe_layer(c, l)) l++;
+    if (l == c->n_layers) { printf("SKIPPED: moe_batch: the model has no MoE layer\n"); return; }
+    const GpuLayer *L = &gpu.layers[l];
+    int dim = c->dim, K = c->n_experts_per_tok, E = c->n_routed_experts, mi = c->moe_intermediate_size;
+    int max_T = PF_MAX;
+    moe_batch_init(c, max_T);
+    cudaEvent_t e0, e1;
+    cudaCheck(cudaEventCreate(&e0));
+    cudaCheck(cudaEventCreate(&e1));
+    float *dx = dev_floats((size_t)max_T * dim), *dxn = dev_floats((size_t)max_T * dim);
+    uint64_t rng = 4242;
+    RunState s;
+    runstate_init(&s, c, 160);
+    int all_ok = 1;
+    for (int T : {1, 3, 16, 64, 256}) all_ok &= check_moe_batch(m, &s, l, T, dx, dxn, &rng);
+    if (!is_moe_layer(c, 0)) all_ok &= check_moe_batch(m, &s, 0, 16, dx, dxn, &rng);  // a dense layer too
+    runstate_free(&s);
+    // a CUDA graph of moe_batch_forward gives what the direct launches give (T = 64)
+    {
+        int T = 64;
+        size_t n = (size_t)T * dim;
+        std::vector<float> a(n), b(n);
+        fill_random(dxn, n, 5, 1.7f);
+        fill_random(dx, n, 6, 0.1f);
+        moe_batch_forward(dx, dxn, L, T);
+        cudaCheck(cudaMemcpy(a.data(), dx, n * 4, cudaMemcpyDeviceToHost));
+        fill_random(dx, n, 6, 0.1f);
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
+        moe_batch_forward(dx, dxn, L, T);
+        cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
+        cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+        cudaCheck(cudaGraphLaunch(exec, gpu.stream));
+        cudaCheck(cudaMemcpy(b.data(), dx, n * 4, cudaMemcpyDeviceToHost));
+        int same = !memcmp(a.data(), b.data(), n * 4);
+        printf("BENCH check_moe_batch_graph T %d bitwise_equal %d %s\n", T, same, same ? "OK" : "NOT OK");
+        all_ok &= same;
+        cudaCheck(cudaGraphExecDestroy(exec));
+        cudaCheck(cudaGraphDestroy(graph));
+    }
+    printf("BENCH check_moe_batch_all %s\n", all_ok ? "OK" : "NOT OK");
+    fflush(stdout);
+    // timings
+    const int Ts[] = {1, 8, 64, 256, 512, 2048};
+    if (checks_only) return;
+    for (int T : Ts) {
+        size_t n = (size_t)T * dim;
+        fill_random(dxn, n, 100 + T, 1.7f);
+        fill_random(dx, n, 200 + T, 0.1f);
+        double best_ms[3] = {0, 0, 0};
+        int auto_ng = 0;
+        for (int v = 0; v < 3; v++) {  // force_ng 0 (the automatic choice), 1, 4
+            moe_batch.force_ng = v == 0 ? 0 : v == 1 ? 1 : 4;
+            cudaGraph_t graph;
+            cudaGraphExec_t exec;
+            cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
+            moe_batch_forward(dx, dxn, L, T);
+            cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
+            cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+            std::vector<double> t;
+            for (int i = 0; i < 13; i++) {
+                float ms;
+                cudaCheck(cudaEventRecord(e0, gpu.stream));
+                cudaCheck(cudaGraphLaunch(exec, gpu.stream));
+                cudaCheck(cudaEventRecord(e1, gpu.stream));
+                cudaCheck(cudaEventSynchronize(e1));
+                cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+                if (i >= 3) t.push_back(ms);
+            }
+            best_ms[v] = median(t);
+            cudaCheck(cudaGraphExecDestroy(exec));
+            cudaCheck(cudaGraphDestroy(graph));
+        }
+        moe_batch.force_ng = 0;
+        auto_ng = (long)T * K < 8L * E ? 1 : 4;
+        // the weights this step must read: the router, each chosen expert once, the shared experts
+        std::vector<int> idx((size_t)T * K);
+        cudaCheck(cudaMemcpy(idx.data(), moe_batch.idx, idx.size() * 4, cudaMemcpyDeviceToHost));
+        std::vector<char> chosen(E, 0);
+        for (int e : idx) chosen[e] = 1;
+        int n_chosen = 0;
+        for (char ch : chosen) n_chosen += ch;
+        double bytes = 2.0 * ((double)E * dim + 3.0 * dim * mi * n_chosen + 3.0 * dim * L->ffn_width);
+        // the same T tokens one at a time through the decode kernels (one graph of T x 3 launches)
+        double one_ms = 0;
+        if (T <= 512) {
+            cudaGraph_t graph;
+            cudaGraphExec_t exec;
+            cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
+            for (int t = 0; t < T; t++) {
+                float *xt = dx + (size_t)t * dim;
+                moe_router_forward(gpu.topk_idx, gpu.topk_w, L->gate, xt, L->post_attention_layernorm, gpu.xb);
+                moe_gate_up_forward(gpu.hb, gpu.hb_shared, gpu.xb, L, gpu.topk_idx, K);
+                moe_down_forward(xt, L, gpu.topk_idx, gpu.topk_w, gpu.hb, K, gpu.hb_shared);
+            }
+            cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
+            cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+            std::vector<double> t;
+            for (int i = 0; i < 5; i++) {
+                float ms;
+                cudaCheck(cudaEventRecord(e0, gpu.stream));
+                cudaCheck(cudaGraphLaunch(exec, gpu.stream));
+                cudaCheck(cudaEventRecord(e1, gpu.stream));
+                cudaCheck(cudaEventSynchronize(e1));
+                cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+                if (i >= 1) t.push_back(ms);
+            }
+            one_ms = median(t);
+            cudaCheck(cudaGraphExecDestroy(exec));
+            cudaCheck(cudaGraphDestroy(graph));
+        }
+        double gbs = bytes / (best_ms[0] * 1e-3) / 1e9;
+        printf("BENCH moe_batch T %d ms %.4f ng_auto %d ms_ng1 %.4f ms_ng4 %.4f experts_read %d/%d weight_bytes %.0f GBps %.1f "
+               "ratio_to_copy %.3f one_at_a_time_ms %.4f speedup %.2f\n", T, best_ms[0], auto_ng, best_ms[1], best_ms[2],
+               n_chosen, E, bytes, gbs, gbs / copy_gbs, one_ms, one_ms > 0 ? one_ms / best_ms[0] : 0.0);
+        fflush(stdout);
+    }
+    cudaCheck(cudaFree(dx)); cudaCheck(cudaFree(dxn));
+}
+
 static int bench_main(int argc, char **argv) {
     const char *path = argv[0];
-    int check_tokens = 4, ctx_max = 8192, prompt = 2048, decode_only = 0, mla_only = 0;
+    int check_tokens = 4, ctx_max = 8192, prompt = 2048, decode_only = 0, mla_only = 0, moe_only = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--check")) check_tokens = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--decode-only")) decode_only = atoi(argv[i + 1]);  // N graph replays, nothing else (for ncu)
         else if (!strcmp(argv[i], "--mla-only")) mla_only = atoi(argv[i + 1]);        // the MLA kernel benchmark alone
+        else if (!strcmp(argv[i], "--moe-only")) moe_only = atoi(argv[i + 1]);        // the batched MoE section alone (2: its checks only)
         else if (!strcmp(argv[i], "--ctx")) ctx_max = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--prompt")) prompt = atoi(argv[i + 1]);
         else die("--bench: unknown option %s", argv[i]);
@@ -161,7 +347,7 @@ static int bench_main(int argc, char **argv) {
     uint64_t rng = 12345;
     std::vector<int> ids(prompt);
     for (int i = 0; i < prompt; i++) ids[i] = (int)(random_u32(&rng) % c->vocab_size);
-    if (decode_only || mla_only) forward_gpu(&m, &s, ids[0], 0, ATTN_ABSORBED);  // sets the GPU up
+    if (decode_only || mla_only || moe_only) forward_gpu(&m, &s, ids[0], 0, ATTN_ABSORBED);  // sets the GPU up
     if (decode_only) {  // the decode step alone at context ctx_max, for a profiler
         fill_random(gpu.kv_cache, (size_t)c->n_layers * gpu.seq_len * gpu.W, 777, 1.0f);
         for (int i = 0; i < decode_only; i++) decode_launch(ids[i % prompt], ctx_max);
@@ -170,6 +356,10 @@ static int bench_main(int argc, char **argv) {
     }
     if (mla_only) {
         bench_mla_kernel(c, ctx_max, bench_copy_bandwidth(), &rng);
+        return 0;
+    }
+    if (moe_only) {
+        bench_moe_batch(&m, bench_copy_bandwidth(), moe_only == 2);
         return 0;
     }
 
@@ -259,5 +449,6 @@ static int bench_main(int argc, char **argv) {
     gpu.pdl = pdl_default;
     decode_graph_build();
     bench_mla_kernel(c, ctx_max, copy_gbs, &rng);
+    bench_moe_batch(&m, copy_gbs, 0);
     return 0;
 }
