@@ -1844,13 +1844,18 @@ typedef struct {
     int *order;          // (vocab_size) scratch for top-p
 } Sampler;
 
-static uint32_t random_u32(uint64_t *state) {  // xorshift*
+#ifdef __CUDACC__
+#define HOST_DEVICE __host__ __device__  // dsv2.cu's sampler (dsv2_sample.cuh) draws its coins with these too
+#else
+#define HOST_DEVICE
+#endif
+HOST_DEVICE static uint32_t random_u32(uint64_t *state) {  // xorshift*
     *state ^= *state >> 12;
     *state ^= *state << 25;
     *state ^= *state >> 27;
     return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
 }
-static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; }
+HOST_DEVICE static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; }
 
 static int sample_argmax(const float *p, int n) { return argmax(p, n); }
 
@@ -1941,16 +1946,22 @@ static void print_memory_summary(const Model *m) {
 
 // The generation loop's two hooks: the prompt, all of it but the last token, in chunks (prefill),
 // then one token per forward (forward_token). dsv2.cu (which includes this file with DSV2_GPU
-// defined) runs both on the GPU.
+// defined) runs both on the GPU, and adds two: DSV2_SETUP uploads the model before the clock starts,
+// and DSV2_NEXT is a forward and sample() in one step on the GPU, so that only the token id comes back.
 #ifdef DSV2_GPU
 static float *forward_gpu(const Model *m, RunState *s, int token, int pos, AttnForm form);
 static int prefill_gpu(const Model *m, RunState *s, const int *ids, int n, int pos0, AttnForm form);
 static void gpu_check_model(const Model *m);  // refuses, before any output, a model the GPU cannot run
+static void gpu_setup(const Model *m, RunState *s, const Sampler *sp);
+static int forward_sample_gpu(const Model *m, RunState *s, Sampler *sp, int token, int pos);
 #define DSV2_FORWARD forward_gpu
 #define DSV2_PREFILL prefill_gpu
+#define DSV2_SETUP gpu_setup
+#define DSV2_NEXT forward_sample_gpu
 #else
 #define DSV2_FORWARD forward_token
 #define DSV2_PREFILL prefill
+#define DSV2_SETUP(m, s, sp)
 #endif
 
 typedef struct {
@@ -2005,18 +2016,29 @@ static GenStats generate_ids(const Model *m, RunState *s, Tokenizer *tok, Sample
         token = ids[taken];
     }
     while (pos < s->seq_len) {
-        float *logits = DSV2_FORWARD(m, s, token, pos, opt->form);
-        check_logits(logits, c->vocab_size, pos);
-        if (dump && fwrite(logits, sizeof(float), c->vocab_size, dump) != (size_t)c->vocab_size)
-            die("--dump-logits: write failed");
+        float *logits = NULL;
+        int next = -1;
+#ifdef DSV2_NEXT
+        Sampler after = *sp;  // the sampler's state after the GPU's draw, kept if its token is taken
+        if (!dump && pos + 1 - pos0 >= n_ids) next = DSV2_NEXT(m, s, &after, token, pos);
+        else
+#endif
+        {
+            logits = DSV2_FORWARD(m, s, token, pos, opt->form);
+            check_logits(logits, c->vocab_size, pos);
+            if (dump && fwrite(logits, sizeof(float), c->vocab_size, dump) != (size_t)c->vocab_size)
+                die("--dump-logits: write failed");
+        }
         pos++;
         int i = pos - pos0;  // tokens of this call processed so far
-        int next;
         if (i < n_ids) next = ids[i];
         else {
             if (i == n_ids) t1 = now_s();
             if (st.n_gen >= opt->n_new) { done = 1; break; }
-            next = sample(sp, logits, c->vocab_size);
+            if (logits) next = sample(sp, logits, c->vocab_size);
+#ifdef DSV2_NEXT
+            else *sp = after;
+#endif
             st.n_gen++;
             if (next == tok->eos_id) { done = st.eos = 1; break; }
             if (answer) answer[st.n_gen - 1] = next;
@@ -2054,6 +2076,7 @@ static void generate(const Model *m, Tokenizer *tok, Sampler *sp, const char *pr
     RunState s;
     runstate_init_kv(&s, &m->config, context_for(&m->config, n_ids, opt->n_new), opt->kv);
     s.trace = opt->trace;
+    DSV2_SETUP(m, &s, sp);
     FILE *dump = NULL;
     if (opt->dump_logits && !(dump = fopen(opt->dump_logits, "wb"))) die("--dump-logits: cannot write %s", opt->dump_logits);
     printf("%s", prompt);
@@ -2131,6 +2154,7 @@ static void chat(const Model *m, Tokenizer *tok, Sampler *sp, const char *prompt
     RunState s;
     runstate_init_kv(&s, &m->config, ctx, opt->kv);
     s.trace = opt->trace;
+    DSV2_SETUP(m, &s, sp);
     FILE *dump = NULL;
     if (opt->dump_logits && !(dump = fopen(opt->dump_logits, "wb"))) die("--dump-logits: cannot write %s", opt->dump_logits);
     ChatTurn *turns = NULL;

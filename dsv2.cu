@@ -52,6 +52,7 @@
  * Build: nvcc -O3 -arch=sm_90 -o dsv2cu dsv2.cu -lcublas   (or make dsv2cu)
  * Extra modes (before the usual flags): ./dsv2cu --gpu-check   exit 0 if a GPU is usable
  *                                      ./dsv2cu --bench MODEL  benchmarks (tools/bench_cuda.sh)
+ *                                      ./dsv2cu --check-sampler  the GPU sampler against dsv2.c's sample()
  */
 #define DSV2_GPU
 #define main dsv2_main  // dsv2.c's main is the CLI; ours adds --gpu-check and --bench first
@@ -77,6 +78,12 @@ typedef struct {
 #define PF_QUERIES 128    // prefill: queries per attention launch
 #define PF_CHUNK 256      // prefill: at most this many cache rows per attention block
 
+// the single-sequence decode step's inputs on the device, and what the sampling graph leaves there
+typedef struct {
+    int token, pos;      // the token to run and its position; after a sampling step: the drawn token, pos + 1
+    uint64_t rng;        // the sampler's xorshift state (dsv2.c's Sampler.rng_state)
+} StepIO;
+
 typedef struct {
     int ready, seq_len, n_sm, pdl;
     Config c;
@@ -87,7 +94,10 @@ typedef struct {
     float *kv_cache;          // (n_layers, seq_len, W) float32: c^KV then k^R, exactly dsv2.c's kv_cache
     float *inv_freq;          // (d_h^R / 2), from dsv2.c's rope_init
     float rope_mscale, softmax_scale;
-    int *step;                // device [token, pos]: the decode graph reads them, so one graph serves every step
+    int *step;                // device StepIO: the decode graph reads token and pos there, so one graph serves every step
+    StepIO *step_host;        // pinned: the sampling graph copies the StepIO of the next step here (only the id crosses)
+    StepIO *step_upload;      // pinned: what the host sends when the device's StepIO is not the step it asks for
+    int step_known;           // step_host holds the device's StepIO (no upload needed if the step asks for it)
     int *pf_step;             // device [unused, pos0] for the prefill
     // decode activations (one token)
     float *x, *xb, *c_q, *q, *kv_a, *q_lat, *o_lat, *o, *hb, *hb_shared, *logits;
@@ -97,7 +107,9 @@ typedef struct {
     float *part_o, *part_ml;  // split-sequence partial results of the attention
     int dec_splits;
     cudaStream_t stream;
-    cudaGraphExec_t graph;
+    cudaGraphExec_t graph;       // decode_step: the logits (--dump-logits, --bench)
+    cudaGraphExec_t graph_next;  // decode_step, then the draw of the next token (sample_forward)
+    float next_temperature, next_topp;  // the sampler graph_next was captured with
     cublasHandle_t blas;
     // prefill activations (PF_MAX tokens), allocated on the first prefill
     int pf_ready, pf_compact;  // pf_compact: always the compact expert layout (the benchmark checks both)
@@ -279,6 +291,7 @@ static void matvec_forward(float *out1, const bf16 *W1, int d1, float *out2, con
 #include "dsv2_mla.cuh"      // MLA: absorbed query, cache row, attention (split-KV), W^UV
 #include "dsv2_prefill.cuh"  // prefill products on tensor cores (bf16 x 3) and the expert grouping
 #include "dsv2_moe.cuh"      // DeepSeekMoE: decode (router, gate/up, down) and over a batch (split3 from the prefill)
+#include "dsv2_sample.cuh"   // dsv2.c's sample() for B rows of logits, inside the decode graph
 
 // ----------------------------------------------------------------------------
 // ---------------- Setup: upload the model, allocate the cache and activations
@@ -367,7 +380,11 @@ static void gpu_init(const Model *m, int seq_len) {
     // the latent cache and the decode activations
     g->kv_cache = dev_floats((size_t)c->n_layers * seq_len * g->W);
     cudaCheck(cudaMemset(g->kv_cache, 0, (size_t)c->n_layers * seq_len * g->W * sizeof(float)));
-    g->step = dev_ints(2); g->pf_step = dev_ints(2);
+    cudaCheck(cudaMalloc(&g->step, sizeof(StepIO)));
+    cudaCheck(cudaMallocHost(&g->step_host, sizeof(StepIO)));
+    cudaCheck(cudaMallocHost(&g->step_upload, sizeof(StepIO)));
+    g->pf_step = dev_ints(2);
+    sample_init(1, c->vocab_size);
     g->x = dev_floats(dim); g->xb = dev_floats(dim); g->c_q = dev_floats(c->q_lora_rank);
     g->q = dev_floats((size_t)H * g->qk_head); g->kv_a = dev_floats(g->W);
     g->q_lat = dev_floats((size_t)H * g->W); g->o_lat = dev_floats((size_t)H * c->kv_lora_rank);
@@ -445,20 +462,44 @@ static void decode_step(void) {
     matvec_forward(gpu.logits, gpu.lm_head, c->vocab_size, NULL, NULL, 0, gpu.x, dim, gpu.norm, NULL);
 }
 
-static void decode_graph_build(void) {
-    if (gpu.graph) cudaCheck(cudaGraphExecDestroy(gpu.graph));
+// after a sampling step: the next step runs the drawn token (already in StepIO.token) at pos + 1
+__global__ void step_advance_kernel(StepIO *io) {
+    pdl_launch_next();
+    pdl_wait();
+    io->pos++;
+}
+
+// decode_step captured as a CUDA graph; with a sampler, followed by dsv2.c's sample() on the logits
+// (sample_forward: the token into StepIO, which then moves to the next position) and the copy of the
+// StepIO to pinned host memory: per token, 16 bytes cross to the host instead of the logits
+static cudaGraphExec_t decode_capture(const Sampler *sp) {
     cudaGraph_t graph;
+    cudaGraphExec_t exec;
     cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
     decode_step();
+    if (sp) {
+        StepIO *io = (StepIO *)gpu.step;
+        sample_forward(&io->token, gpu.logits, 1, gpu.c.vocab_size, sp->temperature, sp->topp, &io->rng);
+        launch(step_advance_kernel, 1, 32, 0, io);
+        cudaCheck(cudaMemcpyAsync(gpu.step_host, io, sizeof(StepIO), cudaMemcpyDeviceToHost, gpu.stream));
+    }
     cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
-    cudaCheck(cudaGraphInstantiate(&gpu.graph, graph, 0));
+    cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
     cudaCheck(cudaGraphDestroy(graph));
+    cudaCheck(cudaGraphUpload(exec, gpu.stream));
+    return exec;
+}
+
+static void decode_graph_build(void) {
+    if (gpu.graph) cudaCheck(cudaGraphExecDestroy(gpu.graph));
+    gpu.graph = decode_capture(NULL);
 }
 
 static void decode_launch(int token, int pos) {
     int step[2] = {token, pos};
     cudaCheck(cudaMemcpyAsync(gpu.step, step, sizeof step, cudaMemcpyHostToDevice, gpu.stream));
     cudaCheck(cudaGraphLaunch(gpu.graph, gpu.stream));
+    gpu.step_known = 0;
 }
 
 // dsv2.c's forward() on the GPU: logits of token at pos, copied into s->logits
@@ -473,6 +514,35 @@ static float *forward_gpu(const Model *m, RunState *s, int token, int pos, AttnF
     cudaCheck(cudaStreamSynchronize(gpu.stream));
     return s->logits;
 }
+
+// dsv2.c's forward() and sample() in one step on the GPU (the generation loop's DSV2_NEXT): the token
+// drawn after token at pos; sp->rng_state advances as sample() advances it. Only the token id and the
+// sampler's state come back; the step's inputs go to the GPU only when the device does not hold them
+// already (the first step, or after the host did not take a draw).
+static int forward_sample_gpu(const Model *m, RunState *s, Sampler *sp, int token, int pos) {
+    gpu_init(m, s->seq_len);
+    if (pos < 0 || pos >= gpu.seq_len) die("dsv2cu: position %d outside the context of %d", pos, gpu.seq_len);
+    if (token < 0 || token >= gpu.c.vocab_size) die("dsv2cu: token %d outside the vocabulary", token);
+    if (!gpu.graph_next || sp->temperature != gpu.next_temperature || sp->topp != gpu.next_topp) {
+        if (gpu.graph_next) cudaCheck(cudaGraphExecDestroy(gpu.graph_next));
+        gpu.graph_next = decode_capture(sp);
+        gpu.next_temperature = sp->temperature;
+        gpu.next_topp = sp->topp;
+    }
+    StepIO *known = gpu.step_host;
+    if (!gpu.step_known || known->token != token || known->pos != pos || known->rng != sp->rng_state) {
+        *gpu.step_upload = (StepIO){token, pos, sp->rng_state};
+        cudaCheck(cudaMemcpyAsync(gpu.step, gpu.step_upload, sizeof(StepIO), cudaMemcpyHostToDevice, gpu.stream));
+    }
+    cudaCheck(cudaGraphLaunch(gpu.graph_next, gpu.stream));
+    cudaCheck(cudaStreamSynchronize(gpu.stream));
+    gpu.step_known = 1;
+    if (known->token < 0)  // dsv2.c's check_logits
+        die("the logits at position %d are not finite (token %d): the model's weights are corrupt", pos, -1 - known->token);
+    sp->rng_state = known->rng;
+    return known->token;
+}
+
 
 // ----------------------------------------------------------------------------
 // ---------------- Prefill: the prompt in one pass per layer
@@ -635,6 +705,19 @@ static int prefill_gpu(const Model *m, RunState *s, const int *ids, int n, int p
     return n;
 }
 
+// before generation (the generation loop's DSV2_SETUP): the model upload and every one-time cost of
+// the GPU path, so that the prompt's tok/s measures the prompt alone
+static void gpu_setup(const Model *m, RunState *s, const Sampler *sp) {
+    gpu_init(m, s->seq_len);
+    if (!gpu.pf_ready) prefill_alloc();
+    if (!gpu.graph_next) {
+        gpu.graph_next = decode_capture(sp);
+        gpu.next_temperature = sp->temperature;
+        gpu.next_topp = sp->topp;
+    }
+    cudaCheck(cudaStreamSynchronize(gpu.stream));
+}
+
 #include "dsv2_bench.cuh"  // --bench: benchmarks and self-checks for tools/bench_cuda.sh
 #include "dsv2_serve.cuh"  // many sequences at once: paged cache, forward_batch, continuous batching, --bench-serve
 
@@ -650,5 +733,6 @@ int main(int argc, char **argv) {
     if (argc >= 3 && !strcmp(argv[1], "--bench")) return bench_main(argc - 2, argv + 2);
     if (argc >= 3 && !strcmp(argv[1], "--bench-serve")) return bench_serve_main(argc - 2, argv + 2);
     if (argc >= 3 && !strcmp(argv[1], "--serve-check")) return serve_check_main(argc - 2, argv + 2);
+    if (argc == 2 && !strcmp(argv[1], "--check-sampler")) return check_sampler_main();  // GPU sampler vs dsv2.c's sample()
     return dsv2_main(argc, argv);
 }

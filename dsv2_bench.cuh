@@ -452,3 +452,99 @@ static int bench_main(int argc, char **argv) {
     bench_moe_batch(&m, copy_gbs, 0);
     return 0;
 }
+
+// ./dsv2cu --check-sampler: sample_forward (dsv2_sample.cuh) against dsv2.c's sample() on random rows of
+// logits, B = 64 rows of eight kinds (below) for each (V, temperature, topp); then its time per call.
+// Prints one "BENCH check_sampler ..." line per case; exit status 1 if a token or an rng state differs.
+static int check_sampler_main(void) {
+    const int B = 64, Vs[2] = {4096, 102400};
+    const float cases[][2] = {{0.0f, 0.9f}, {0.8f, 0.9f}, {1.0f, 0.5f}, {0.6f, 0.99f}, {2.0f, 0.3f},
+                              {1.0f, 0.9999f}, {1.2f, 1.0f}, {0.7f, 0.0f}};
+    const int n_cases = sizeof cases / sizeof *cases;
+    cudaCheck(cudaStreamCreate(&gpu.stream));
+    cudaCheck(cudaDeviceGetAttribute(&gpu.n_sm, cudaDevAttrMultiProcessorCount, 0));
+    gpu.pdl = 1;
+    int failed = 0;
+    cudaEvent_t e0, e1;
+    cudaCheck(cudaEventCreate(&e0));
+    cudaCheck(cudaEventCreate(&e1));
+    for (int vi = 0; vi < 2; vi++) {
+        int V = Vs[vi];
+        sample_init(B, V);
+        std::vector<float> rows((size_t)B * V), cpu_row(V);
+        uint64_t r = 7 + vi;
+        for (int b = 0; b < B; b++) {
+            float *l = rows.data() + (size_t)b * V;
+            for (int i = 0; i < V; i++) {
+                float g = random_f32(&r) + random_f32(&r) + random_f32(&r) + random_f32(&r) - 2.0f;  // about normal, sd 0.58
+                switch (b % 8) {
+                case 0: l[i] = 4.0f * g; break;                              // a trained model's spread
+                case 1: l[i] = g + (i == 77 ? 25.0f : 0.0f); break;          // one token holds nearly all
+                case 2: l[i] = roundf(6.0f * g) * 0.5f; break;               // many ties at every level
+                case 3: l[i] = 0.1f * g; break;                              // flat: the nucleus is most of the row
+                case 4: l[i] = 1.0f; break;                                  // all equal
+                case 5: l[i] = (i == 5 || i == V - 3) ? 9.0f : 2.0f * g; break;  // two tied top tokens
+                case 6: l[i] = 8.0f * g; break;                              // peaked
+                default: l[i] = 2.0f * random_f32(&r) - 1.0f; break;         // uniform
+                }
+            }
+        }
+        float *d_rows, *d_work;
+        int *d_tok;
+        uint64_t *d_rng;
+        cudaCheck(cudaMalloc(&d_rows, rows.size() * 4));
+        cudaCheck(cudaMalloc(&d_work, rows.size() * 4));
+        cudaCheck(cudaMalloc(&d_tok, B * sizeof(int)));
+        cudaCheck(cudaMalloc(&d_rng, B * sizeof(uint64_t)));
+        cudaCheck(cudaMemcpy(d_rows, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice));
+        Sampler sp = {0, 0, 0, (int *)xcalloc(V, sizeof(int))};
+        for (int k = 0; k < n_cases; k++) {
+            float T = cases[k][0], topp = cases[k][1];
+            std::vector<uint64_t> rng(B);
+            for (int b = 0; b < B; b++) rng[b] = 1000 + 17 * b + k;
+            cudaCheck(cudaMemcpy(d_work, d_rows, rows.size() * 4, cudaMemcpyDeviceToDevice));
+            cudaCheck(cudaMemcpy(d_rng, rng.data(), B * sizeof(uint64_t), cudaMemcpyHostToDevice));
+            sample_forward(d_tok, d_work, B, V, T, topp, d_rng);
+            std::vector<int> tok(B);
+            std::vector<uint64_t> rng_gpu(B);
+            cudaCheck(cudaMemcpy(tok.data(), d_tok, B * sizeof(int), cudaMemcpyDeviceToHost));
+            cudaCheck(cudaMemcpy(rng_gpu.data(), d_rng, B * sizeof(uint64_t), cudaMemcpyDeviceToHost));
+            int same = 0, rng_same = 0;
+            for (int b = 0; b < B; b++) {
+                memcpy(cpu_row.data(), rows.data() + (size_t)b * V, V * 4);
+                sp.temperature = T; sp.topp = topp; sp.rng_state = rng[b];
+                int want = sample(&sp, cpu_row.data(), V);
+                same += tok[b] == want;
+                rng_same += rng_gpu[b] == sp.rng_state;
+                if (tok[b] != want)
+                    printf("BENCH check_sampler mismatch V %d t %g p %g row %d (kind %d): gpu %d (p %.9g) cpu %d (p %.9g)\n", V, T,
+                           topp, b, b % 8, tok[b], tok[b] >= 0 && tok[b] < V ? cpu_row[tok[b]] : -1.0f, want, cpu_row[want]);
+            }
+            // time per call at B = 1 and B = 64 (the row restored before each call, outside the timing)
+            double us[2];
+            for (int bi = 0; bi < 2; bi++) {
+                int nb = bi ? B : 1;
+                std::vector<double> t;
+                for (int it = 0; it < 15; it++) {
+                    cudaCheck(cudaMemcpyAsync(d_work, d_rows, (size_t)nb * V * 4, cudaMemcpyDeviceToDevice, gpu.stream));
+                    cudaCheck(cudaEventRecord(e0, gpu.stream));
+                    sample_forward(d_tok, d_work, nb, V, T, topp, d_rng);
+                    cudaCheck(cudaEventRecord(e1, gpu.stream));
+                    cudaCheck(cudaEventSynchronize(e1));
+                    float ms;
+                    cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+                    if (it >= 3) t.push_back(ms * 1e3);
+                }
+                us[bi] = median(t);
+            }
+            int ok = same == B && rng_same == B;
+            failed += !ok;
+            printf("BENCH check_sampler V %d t %g p %g rows %d same_token %d same_rng %d us_B1 %.1f us_B64 %.1f %s\n", V, T, topp,
+                   B, same, rng_same, us[0], us[1], ok ? "OK" : "NOT OK");
+            fflush(stdout);
+        }
+        free(sp.order);
+        cudaCheck(cudaFree(d_rows)); cudaCheck(cudaFree(d_work)); cudaCheck(cudaFree(d_tok)); cudaCheck(cudaFree(d_rng));
+    }
+    return failed ? 1 : 0;
+}

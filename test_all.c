@@ -2193,6 +2193,47 @@ static void test_dev_cuda_copy(void) {
     free(out);
 }
 
+// Sampling on the GPU (dsv2_sample.cuh, inside the decode graph) against dsv2.c's sample(): the same
+// seeds must give the same text, token for token. Also a chat of two turns (the sampler's state
+// carries from one answer to the next, also when an answer stops at -n while the GPU drew one more),
+// and sample_mult (-p 1). Then ./dsv2cu --check-sampler: sample_forward on 64 random rows per case.
+static void test_gpu_sampling(void) {
+    const char *runs[] = {"-t 0.8 -p 0.9 -s 1", "-t 0.8 -p 0.9 -s 2", "-t 0.8 -p 0.9 -s 3", "-t 0.8 -p 0.9 -s 4",
+                          "-t 0.8 -p 0.9 -s 5", "-t 1 -p 1 -s 6", "-t 1.3 -p 0.5 -s 7"};
+    for (size_t k = 0; k < sizeof runs / sizeof *runs; k++) {
+        char cmd[1024], *text[2];
+        const char *bins[2] = {"./dsv2", "./dsv2cu"};
+        for (int b = 0; b < 2; b++) {
+            snprintf(cmd, sizeof cmd, "%s dsv2_tiny.bin -z tokenizer.bin %s -n 256 -i 'The jury said that the city' 2>/dev/null",
+                     bins[b], runs[k]);
+            text[b] = run_capture(cmd);
+        }
+        size_t same = 0;
+        while (text[0] && text[1] && text[0][same] && text[0][same] == text[1][same]) same++;
+        check(text[0] && text[1] && !strcmp(text[0], text[1]),
+              "GPU vs CPU, default model, %s -n 256: sampled text identical (%zu of %zu bytes agree)", runs[k], same,
+              text[0] ? strlen(text[0]) : 0);
+        free(text[0]); free(text[1]);
+    }
+    char *chat[2];
+    chat[0] = run_capture("printf 'Tell me a story\nAnd then?\n' | ./dsv2 dsv2_tiny.bin -z tokenizer.bin -m chat -t 0.8 -p 0.9 -s 9 -n 24 2>/dev/null");
+    chat[1] = run_capture("printf 'Tell me a story\nAnd then?\n' | ./dsv2cu dsv2_tiny.bin -z tokenizer.bin -m chat -t 0.8 -p 0.9 -s 9 -n 24 2>/dev/null");
+    check(chat[0] && chat[1] && !strcmp(chat[0], chat[1]), "GPU vs CPU, default model, -m chat, two sampled turns of -n 24: identical");
+    free(chat[0]); free(chat[1]);
+    char *out = run_capture("./dsv2cu --check-sampler 2>&1; echo \"exit $?\"");
+    int cases = 0, ok = 0;
+    for (char *l = out; l && (l = strstr(l, "BENCH check_sampler V ")); l++) {
+        size_t len = strcspn(l, "\n");
+        cases++;
+        ok += len > 3 && !strncmp(l + len - 3, " OK", 3);
+    }
+    check(out && strstr(out, "exit 0") && cases == 16 && ok == 16,
+          "./dsv2cu --check-sampler: sample_forward equals dsv2.c's sample() (token and rng state) on 64 random rows, "
+          "%d/%d cases (V 4096 and 102400; greedy, top-p, sample_mult; ties, flat, peaked)", ok, cases);
+    if (!(out && strstr(out, "exit 0"))) printf("%s", out ? out : "");
+    free(out);
+}
+
 static void test_gpu(void) {
     test_dev_cuda_copy();
     if (access("./dsv2cu", X_OK) != 0 || system("./dsv2cu --gpu-check >/dev/null 2>&1") != 0) {
@@ -2213,6 +2254,7 @@ static void test_gpu(void) {
     model_load(&m, "dsv2_tiny.bin");
     test_gpu_case("default", "dsv2_tiny.bin", "tokenizer.bin", "The jury said that the city", m.config.vocab_size);
     model_free(&m);
+    test_gpu_sampling();
 }
 
 int main(int argc, char **argv) {
