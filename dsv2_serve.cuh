@@ -39,8 +39,10 @@ typedef struct {
     float *CKV, *KR, *KVB;        // per token: RMSNorm'd c^KV (d_c), RoPE(k^R) (rope), mha: kv_b_proj c^KV
     float *Y3;                    // products of split activations (cuBLAS path)
     size_t y3_elems;
-    float *logits, *h_logits;     // (max_bucket, V) device; host (pinned) for the host sampler
-    int *next, *h_next;           // greedy: the argmax of each row, device and pinned host
+    float *logits;                // (max_bucket, V) the step's logits
+    int *next, *h_next;           // (max_bucket) each row's next token (sample_forward), device and pinned host
+    uint64_t *rng, *h_rng;        // (max_bucket) each row's sampler state, device and pinned host
+    float graph_temperature, graph_topp;  // the sampler settings the graphs were captured with
     int max_bucket;
     cudaGraphExec_t graphs[16];   // decode step per bucket, graphs[i] for bucket 2^i (or the largest)
     int graph_T[16];
@@ -279,29 +281,6 @@ static void paged_attention_forward(float *o, const float *q, const void *pool_l
                voff, vstep, gpu.softmax_scale);
 }
 
-// dsv2.c's argmax for each of B rows of logits (V): next[b] = the index of the largest, the lowest on ties.
-// One block per row: each thread scans a strided share, then warp_argmax (dsv2_moe.cuh) and the 8 warps'
-// winners in shared memory, compared with the same tie rule.
-__global__ void argmax_kernel(int *next, const float *logits, int V) {
-    pdl_launch_next();
-    pdl_wait();
-    __shared__ float bv[32];
-    __shared__ int bi[32];
-    const float *x = logits + (size_t)blockIdx.x * V;
-    float v = -INFINITY;
-    int idx = 0x7fffffff;
-    for (int i = threadIdx.x; i < V; i += blockDim.x)
-        if (x[i] > v || idx == 0x7fffffff) { v = x[i]; idx = i; }
-    warp_argmax(&v, &idx);
-    if ((threadIdx.x & 31) == 0) { bv[threadIdx.x >> 5] = v; bi[threadIdx.x >> 5] = idx; }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
-            if (bv[w] > v || (bv[w] == v && bi[w] < idx)) { v = bv[w]; idx = bi[w]; }
-        next[blockIdx.x] = idx;
-    }
-}
-
 // fill a pool with hashed values in [-scale, scale) (--bench-serve's synthetic rows)
 template <typename E>
 __global__ void fill_pool_kernel(E *p, size_t n, uint32_t seed, float scale) {
@@ -356,27 +335,17 @@ static void v_up_batch_forward(float *o, const float *o_lat, const GpuLayer *L, 
     }
 }
 
-// The FFN of eq. (20) with its residual, x (T, dim) += FFN(RMSNorm(x)), routed experts and shared ones
-// (or the dense FFN). Until dsv2_moe.cuh's moe_batch_forward is merged, this is the decode step's three
-// kernels once per token (router with the norm, gate/up, down): no host round trip, so it can be captured
-// in a graph, and each token's numbers are the decode step's; but the experts' weights are read once per
-// token, not once per step. With record_routes, each token's experts are kept (--bench-serve counts them).
+// The FFN of eq. (20) with its residual, x (T, dim) += FFN(RMSNorm(x)): the routed and shared experts
+// (or the dense FFN) through dsv2_moe.cuh's moe_batch_forward (experts grouped on the GPU, each chosen
+// expert's weights read once for all its tokens, no host round trip). With record_routes, the experts
+// each token chose are kept (--bench-serve counts the weights they touch).
 static void ffn_batch_forward(float *x, const GpuLayer *L, int l, int T) {
     const Config *c = &gpu.c;
-    int dim = c->dim, K = L->is_moe ? c->n_experts_per_tok : 0;
-    for (int t = 0; t < T; t++) {
-        float *xt = x + (size_t)t * dim;
-        if (L->is_moe) {
-            moe_router_forward(gpu.topk_idx, gpu.topk_w, L->gate, xt, L->post_attention_layernorm, gpu.xb);  // (21)-(22)
-            if (sv.record_routes)
-                cudaCheck(cudaMemcpyAsync(sv.route_record + ((size_t)l * sv.max_T + t) * K, gpu.topk_idx, K * sizeof(int),
-                                          cudaMemcpyDeviceToDevice, gpu.stream));
-        } else {
-            rmsnorm_forward(gpu.xb, xt, L->post_attention_layernorm, dim, 1);
-        }
-        moe_gate_up_forward(gpu.hb, gpu.hb_shared, gpu.xb, L, gpu.topk_idx, K);
-        moe_down_forward(xt, L, gpu.topk_idx, gpu.topk_w, gpu.hb, K, gpu.hb_shared);                    // eq. (20) + residual
-    }
+    rmsnorm_forward(gpu.Xb, x, L->post_attention_layernorm, c->dim, T);
+    moe_batch_forward(x, gpu.Xb, L, T);                                                              // eqs. (20)-(22)
+    if (sv.record_routes && L->is_moe)
+        cudaCheck(cudaMemcpyAsync(sv.route_record + (size_t)l * sv.max_T * c->n_experts_per_tok, moe_batch.idx,
+                                  (size_t)T * c->n_experts_per_tok * sizeof(int), cudaMemcpyDeviceToDevice, gpu.stream));
 }
 
 // dsv2.c's forward for T tokens of any sequences: token sv.in[t] at position pos[t] of slot seq_of[t]
@@ -458,9 +427,12 @@ static void serve_init(const Model *m, int max_ctx, int kv_bf16, int kv_mha, int
     s->y3_elems = 3 * (size_t)PF_MAX * *std::max_element(outs, outs + 7);
     s->Y3 = dev_floats(s->y3_elems);
     s->logits = dev_floats((size_t)max_batch * c->vocab_size);
-    s->h_logits = NULL;  // allocated by the first sampled step
     s->next = dev_ints(max_batch);
     cudaCheck(cudaMallocHost(&s->h_next, (size_t)max_batch * sizeof(int)));
+    cudaCheck(cudaMalloc(&s->rng, (size_t)max_batch * sizeof(uint64_t)));
+    cudaCheck(cudaMallocHost(&s->h_rng, (size_t)max_batch * sizeof(uint64_t)));
+    moe_batch_init(c, s->max_T);
+    sample_init(max_batch, c->vocab_size);
     s->route_record = dev_ints((size_t)c->n_layers * s->max_T * c->n_experts_per_tok);
     // the pool: the budget in whole blocks, no more than every slot can use
     double block_bytes = serve_block_bytes(c, kv_bf16, kv_mha);
@@ -525,21 +497,28 @@ static int bucket_of(int n) {
 }
 static int bucket_index(int T) { int i = 0; while ((1 << i) < T) i++; return i; }
 
-// One decode step over the T = bucket rows of sv.h_in (already filled, padding included): inputs to the
-// device, then the step's graph (captured on first use of this bucket) or, with graphs off, the kernels
-// themselves. greedy: the argmax of each row into sv.h_next; else the logits into sv.h_logits.
-static void serve_step(int T, int n_real, int greedy, int use_graph) {
+// One decode step over the T = bucket rows of sv.h_in and sv.h_rng (already filled, padding included):
+// inputs to the device, then the step's graph (captured on first use of this bucket) or, with graphs
+// off (DSV2_NO_GRAPH), the kernels themselves; the first n_real rows' next tokens into sv.h_next and
+// their advanced sampler states into sv.h_rng. The draw is dsv2.c's sample() on the GPU (sample_forward:
+// temperature 0 = argmax, the lowest id on ties), so only ids and states cross to the host.
+static void serve_step(int T, int n_real, float temperature, float topp, int use_graph) {
     const Config *c = &gpu.c;
     for (int k = 0; k < 4; k++)
         cudaCheck(cudaMemcpyAsync(sv.in + (size_t)k * sv.max_T, sv.h_in + (size_t)k * sv.max_T, T * sizeof(int),
                                   cudaMemcpyHostToDevice, gpu.stream));
+    cudaCheck(cudaMemcpyAsync(sv.rng, sv.h_rng, T * sizeof(uint64_t), cudaMemcpyHostToDevice, gpu.stream));
     if (use_graph) {
         int i = bucket_index(T);
-        if (!sv.graphs[i] || sv.graph_T[i] != T) {
+        if (!sv.graphs[i] || sv.graph_T[i] != T || sv.graph_temperature != temperature || sv.graph_topp != topp) {
+            if (sv.graph_temperature != temperature || sv.graph_topp != topp)  // every graph holds the old settings
+                for (int j = 0; j < 16; j++)
+                    if (sv.graphs[j]) { cudaCheck(cudaGraphExecDestroy(sv.graphs[j])); sv.graphs[j] = NULL; }
+            sv.graph_temperature = temperature; sv.graph_topp = topp;
             cudaGraph_t graph;
             cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
             forward_batch(T, 1);
-            if (greedy) launch(argmax_kernel, T, 256, 0, sv.next, (const float *)sv.logits, c->vocab_size);
+            sample_forward(sv.next, sv.logits, T, c->vocab_size, temperature, topp, sv.rng);
             cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
             if (sv.graphs[i]) cudaCheck(cudaGraphExecDestroy(sv.graphs[i]));
             cudaCheck(cudaGraphInstantiate(&sv.graphs[i], graph, 0));
@@ -549,15 +528,10 @@ static void serve_step(int T, int n_real, int greedy, int use_graph) {
         cudaCheck(cudaGraphLaunch(sv.graphs[i], gpu.stream));
     } else {
         forward_batch(T, 1);
-        if (greedy) launch(argmax_kernel, T, 256, 0, sv.next, (const float *)sv.logits, c->vocab_size);
+        sample_forward(sv.next, sv.logits, T, c->vocab_size, temperature, topp, sv.rng);
     }
-    if (greedy)
-        cudaCheck(cudaMemcpyAsync(sv.h_next, sv.next, n_real * sizeof(int), cudaMemcpyDeviceToHost, gpu.stream));
-    else {
-        if (!sv.h_logits) cudaCheck(cudaMallocHost(&sv.h_logits, (size_t)sv.max_bucket * c->vocab_size * sizeof(float)));
-        cudaCheck(cudaMemcpyAsync(sv.h_logits, sv.logits, (size_t)n_real * c->vocab_size * sizeof(float),
-                                  cudaMemcpyDeviceToHost, gpu.stream));
-    }
+    cudaCheck(cudaMemcpyAsync(sv.h_next, sv.next, n_real * sizeof(int), cudaMemcpyDeviceToHost, gpu.stream));
+    cudaCheck(cudaMemcpyAsync(sv.h_rng, sv.rng, n_real * sizeof(uint64_t), cudaMemcpyDeviceToHost, gpu.stream));
     cudaCheck(cudaStreamSynchronize(gpu.stream));
 }
 
@@ -573,11 +547,11 @@ typedef struct {
     const int *ids; int n_ids;   // in: the prompt
     int n_new, ctx;              // in: tokens to generate at most; rows of its context, min(n_ids + n_new, max_position_embeddings)
     int *out; int n_out;         // out: the generated ids, EOS excluded (room for n_new)
-    Sampler sampler;             // its own sampler: temperature, top-p, rng_state (seeded per sequence), order (vocab ints)
+    uint64_t rng;                // its sampler's state (dsv2.c's Sampler.rng_state), seeded per sequence
     int eos;                     // out: 1 when it ended with EOS
     int slot, pos, token, state; // engine: slot, position of token (the next input), 0 waiting / 1 in flight / 2 done
 } ServeSeq;
-typedef struct { int max_batch, kv_bf16, kv_mha, eos; double kv_mem_gib; float temperature; } ServeOptions;
+typedef struct { int max_batch, kv_bf16, kv_mha, eos; double kv_mem_gib; float temperature, topp; } ServeOptions;
 
 // Runs every sequence to EOS / n_new / its context, up to max_batch at once, in input order of admission:
 // a sequence joins when a slot is free and the pool can reserve blocks_for(ctx) blocks; its prompt but the
@@ -586,7 +560,6 @@ typedef struct { int max_batch, kv_bf16, kv_mha, eos; double kv_mem_gib; float t
 // i is complete; on_progress(ctx, done, in_flight, tokens generated, seconds) after each step.
 static void serve_run(const Model *m, ServeSeq *seqs, int n, const ServeOptions *o, void (*on_done)(void *, int),
                       void (*on_progress)(void *, int, int, long, double), void *cb) {
-    const Config *c = &m->config;
     int max_ctx = 1;
     for (int i = 0; i < n; i++) max_ctx = std::max(max_ctx, seqs[i].ctx);
     int B = std::max(1, std::min(o->max_batch, n));
@@ -595,7 +568,6 @@ static void serve_run(const Model *m, ServeSeq *seqs, int n, const ServeOptions 
         if (blocks_for(seqs[i].ctx) > sv.n_blocks - 1)
             die("dsv2cu: sequence %d needs %d cache blocks (%d tokens) but --kv-mem holds %ld", i, blocks_for(seqs[i].ctx),
                 seqs[i].ctx, sv.n_blocks - 1);
-    int greedy = o->temperature == 0.0f;
     int use_graph = getenv("DSV2_NO_GRAPH") == NULL;
     std::vector<int> slot_seq(sv.n_slots, -1), active;
     int next = 0, done = 0;
@@ -637,16 +609,19 @@ static void serve_run(const Model *m, ServeSeq *seqs, int n, const ServeOptions 
         // one decode step over every sequence in flight, padded to its bucket on slot 0
         int n_real = (int)active.size(), T = bucket_of(n_real);
         for (int t = 0; t < T; t++) {
-            if (t < n_real) set_query(t, seqs[active[t]].token, seqs[active[t]].pos, seqs[active[t]].slot);
+            ServeSeq *q = t < n_real ? &seqs[active[t]] : NULL;
+            if (q) set_query(t, q->token, q->pos, q->slot);
             else set_query(t, 0, 0, 0);
+            sv.h_rng[t] = q ? q->rng : 1;
         }
-        serve_step(T, n_real, greedy, use_graph);
+        serve_step(T, n_real, o->temperature, o->topp, use_graph);
         std::vector<int> still;
         for (int t = 0; t < n_real; t++) {  // dsv2.c generate_ids' rules, sequence by sequence
             ServeSeq *q = &seqs[active[t]];
-            float *logits = greedy ? NULL : sv.h_logits + (size_t)t * c->vocab_size;
-            if (!greedy) check_logits(logits, c->vocab_size, q->pos);
-            int tok = greedy ? sv.h_next[t] : sample(&q->sampler, logits, c->vocab_size);
+            int tok = sv.h_next[t];
+            if (tok < 0)  // sample_forward's mark of a logit that is not finite (dsv2.c's check_logits stops there)
+                die("the logits at position %d are not finite (token %d): the model's weights are corrupt", q->pos, -1 - tok);
+            q->rng = sv.h_rng[t];
             generated++;
             if (tok == o->eos) { q->eos = 1; finish(active[t]); continue; }
             q->out[q->n_out++] = tok;
@@ -739,8 +714,9 @@ static int bench_serve_main(int argc, char **argv) {
         }
         for (int t = 0; t < B; t++) set_query(t, (int)(random_u32(&rng) % c->vocab_size), L - 1, t + 1);
         // one eager step that records the experts each token chose
+        for (int t = 0; t < B; t++) sv.h_rng[t] = 1;
         sv.record_routes = 1;
-        serve_step(B, B, 1, 0);
+        serve_step(B, B, 0.0f, 1.0f, 0);
         sv.record_routes = 0;
         int K = c->n_experts_per_tok;
         std::vector<int> routes((size_t)c->n_layers * sv.max_T * K);
@@ -758,7 +734,7 @@ static int bench_serve_main(int argc, char **argv) {
         std::vector<double> t;
         for (int i = 0; i < steps + 3; i++) {
             cudaCheck(cudaEventRecord(e0, gpu.stream));
-            serve_step(B, B, 1, 1);
+            serve_step(B, B, 0.0f, 1.0f, 1);
             cudaCheck(cudaEventRecord(e1, gpu.stream));
             cudaCheck(cudaEventSynchronize(e1));
             float ms;
@@ -783,11 +759,11 @@ static void serve_free(void) {
     if (!sv.ready) return;
     cudaCheck(cudaStreamSynchronize(gpu.stream));
     for (int i = 0; i < 16; i++) if (sv.graphs[i]) cudaCheck(cudaGraphExecDestroy(sv.graphs[i]));
-    void *dev[] = {sv.in, sv.CKV, sv.KR, sv.KVB, sv.Y3, sv.logits, sv.next, sv.route_record, sv.pool, sv.tables};
+    void *dev[] = {sv.in, sv.CKV, sv.KR, sv.KVB, sv.Y3, sv.logits, sv.next, sv.rng, sv.route_record, sv.pool, sv.tables};
     for (void *p : dev) if (p) cudaCheck(cudaFree(p));
     cudaCheck(cudaFreeHost(sv.h_in));
     cudaCheck(cudaFreeHost(sv.h_next));
-    if (sv.h_logits) cudaCheck(cudaFreeHost(sv.h_logits));
+    cudaCheck(cudaFreeHost(sv.h_rng));
     sv.~Serve();
     new (&sv) Serve();
 }
@@ -855,9 +831,9 @@ static int serve_check_main(int argc, char **argv) {
                     memset(&q[i], 0, sizeof q[i]);
                     q[i].ids = prompts[i].data(); q[i].n_ids = (int)prompts[i].size();
                     q[i].n_new = n_new[i]; q[i].ctx = ctx[i]; q[i].out = out[i].data();
-                    q[i].sampler = {temp, 0.9f, 1000 + (uint64_t)i, order.data()};
+                    q[i].rng = 1000 + (uint64_t)i;
                 }
-                ServeOptions o = {Bs[bi], kv_bf16, kv_mha, -1, 0.05, temp};
+                ServeOptions o = {Bs[bi], kv_bf16, kv_mha, -1, 0.05, temp, 0.9f};
                 serve_run(&m, q.data(), n, &o, check_done, NULL, NULL);
                 serve_free();
                 for (int i = 0; i < n; i++) out[i].resize(q[i].n_out);
@@ -911,14 +887,13 @@ static void batch_run_gpu(const Model *m, BatchSeq *seqs, int n, const BatchOpti
     const Config *c = &m->config;
     if (o->form == ATTN_NAIVE) die("-a naive is not implemented by ./dsv2cu, which runs the absorbed form: run ./dsv2 for it");
     std::vector<ServeSeq> q(n);
-    std::vector<int> order(c->vocab_size);  // top-p scratch, shared: the sequences sample one after another
     for (int i = 0; i < n; i++) {
         memset(&q[i], 0, sizeof q[i]);
         q[i].ids = seqs[i].ids; q[i].n_ids = seqs[i].n_ids; q[i].out = seqs[i].out;
         q[i].n_new = o->n_new; q[i].ctx = context_for(c, seqs[i].n_ids, o->n_new);
-        q[i].sampler = {o->temperature, o->topp, batch_seed(o->seed, i), order.data()};
+        q[i].rng = batch_seed(o->seed, i);
     }
-    ServeOptions so = {o->max_batch > 0 ? o->max_batch : 64, o->kv_bf16, o->kv_mha, eos_id, o->kv_mem_gib, o->temperature};
+    ServeOptions so = {o->max_batch > 0 ? o->max_batch : 64, o->kv_bf16, o->kv_mha, eos_id, o->kv_mem_gib, o->temperature, o->topp};
     BatchGlue glue = {seqs, q.data(), run};
     serve_run(m, q.data(), n, &so, batch_glue_done, batch_glue_progress, &glue);
 }
