@@ -9,6 +9,7 @@
 #include <stddef.h>
 
 static int n_passed = 0, n_failed = 0;
+static const KvFormat KV_LATENT_F32 = {0, 0}, KV_MHA_F32 = {0, 1};  // the cache formats most tests use
 static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void check(int ok, const char *fmt, ...) {
     va_list ap; va_start(ap, fmt);
@@ -446,9 +447,10 @@ static double rel_err(const float *a, const double *ref, int n) {
     return num / (den > 0 ? den : 1);
 }
 
-static void test_fixture_logits(const char *name, const char *dtype, AttnForm form) {
+// kv: the cache format; the mha layout (f32) is also compared with the naive form, which it must equal bit for bit
+static void test_fixture_logits(const char *name, const char *dtype, AttnForm form, KvFormat kv) {
     char path[512];
-    const char *form_name = form == ATTN_NAIVE ? "naive" : "absorbed";
+    const char *form_name = kv.mha ? "mha layout" : form == ATTN_NAIVE ? "naive" : "absorbed";
     Golden g[64];
     snprintf(path, sizeof(path), "tests/fixtures/%s/golden.txt", name);
     int ng = golden_load(path, g, 64);
@@ -465,16 +467,19 @@ static void test_fixture_logits(const char *name, const char *dtype, AttnForm fo
     Model m;
     snprintf(path, sizeof(path), "build/fixtures/%s.%s.bin", name, dtype);
     model_load(&m, path);
-    RunState s;
-    runstate_init(&s, &m.config, n_total);
-    int width = kv_cache_width(&m.config);
+    RunState s, naive;
+    runstate_init_kv(&s, &m.config, n_total, kv);
+    runstate_init(&naive, &m.config, kv.mha ? n_total : 1);
+    long width = kv_row_width(&m.config, kv.mha);
     for (size_t i = 0; i < (size_t)m.config.n_layers * n_total * width; i++) s.kv_cache[i] = NAN;
+    int naive_same = 0;
 
     // teacher-forced: feed prompt + reference continuation, compare logits at every position
     double worst = 0;
     int worst_pos = 0, greedy_ok = 0, first_bad = -1;
     for (int pos = 0; pos < n_total; pos++) {
         float *logits = forward_token(&m, &s, ids[pos], pos, form);
+        if (kv.mha) naive_same += !memcmp(logits, forward_token(&m, &naive, ids[pos], pos, ATTN_NAIVE), vocab * sizeof(float));
         double e = rel_err(logits, ref + (size_t)pos * vocab, vocab);
         if (!(e <= worst)) { worst = e; worst_pos = pos; }
         if (pos >= n_prompt - 1) {
@@ -491,9 +496,16 @@ static void test_fixture_logits(const char *name, const char *dtype, AttnForm fo
                         if (t <= pos && isnan(v)) written = 0;
                         if (t > pos && !isnan(v)) untouched = 0;
                     }
-            check(written && untouched && width == m.config.kv_lora_rank + m.config.qk_rope_head_dim,
-                  "%s %s %s: cache holds %d floats/token/layer (d_c %d + d_h^R %d), rows 0..%d written, later rows untouched",
-                  name, dtype, form_name, width, m.config.kv_lora_rank, m.config.qk_rope_head_dim, pos);
+            const Config *c = &m.config;
+            if (!kv.mha)
+                check(written && untouched && width == c->kv_lora_rank + c->qk_rope_head_dim,
+                      "%s %s %s: cache holds %ld floats/token/layer (d_c %d + d_h^R %d), rows 0..%d written, later rows untouched",
+                      name, dtype, form_name, width, c->kv_lora_rank, c->qk_rope_head_dim, pos);
+            else
+                check(written && untouched && width == (long)c->n_heads * (c->qk_nope_head_dim + c->qk_rope_head_dim + c->v_head_dim),
+                      "%s %s %s: cache holds %ld floats/token/layer (n_h %d x (d_h %d + d_h^R %d + d_v %d)), rows 0..%d written, "
+                      "later rows untouched", name, dtype, form_name, width, c->n_heads, c->qk_nope_head_dim, c->qk_rope_head_dim,
+                      c->v_head_dim, pos);
         }
     }
     check(worst < 1e-4, "%s %s %s: logits of %d positions vs transformers (float64): max rel err %.2e at pos %d (< 1e-4)",
@@ -502,7 +514,11 @@ static void test_fixture_logits(const char *name, const char *dtype, AttnForm fo
     if (first_bad >= 0) snprintf(where, sizeof(where), " (first mismatch: generated token %d)", first_bad);
     check(greedy_ok == greedy->n, "%s %s %s: argmax at each position matches transformers' greedy token %d/%d%s", name, dtype, form_name,
           greedy_ok, greedy->n, where);
+    if (kv.mha)
+        check(naive_same == n_total, "%s %s mha layout: logits equal -a naive's bit for bit at %d/%d positions (the same products, "
+              "the keys and values cached instead of rebuilt)", name, dtype, naive_same, n_total);
     runstate_free(&s);
+    runstate_free(&naive);
     model_free(&m);
     free(ref);
     free(ids);
@@ -1773,17 +1789,18 @@ static void test_teach(void) {
 // 1.0e-6 at most; fp32 files: 0). The tolerance is 1e-5 of the largest logit, 10x that; a
 // causal-mask error gives O(1) differences (9.6 when a token saw its whole chunk). Also: the
 // last-row-only logits (generation's) equal the last row of the all-rows ones, within the same.
-static void test_chunked_forward(const char *label, const char *path, int n) {
+// kv: the cache format; the mha layout has one form only (its keys and values are cached), run once
+static void test_chunked_forward(const char *label, const char *path, int n, KvFormat kv) {
     Model m;
     model_load(&m, path);
     int vocab = m.config.vocab_size;
     int *ids = xcalloc(n, sizeof(int));
     unsigned rng = 12345;
     for (int i = 0; i < n; i++) { rng = rng * 1103515245u + 12345u; ids[i] = (int)((rng >> 8) % (unsigned)vocab); }
-    for (int f = 0; f < 2; f++) {
+    for (int f = 0; f < (kv.mha ? 1 : 2); f++) {
         AttnForm form = f ? ATTN_NAIVE : ATTN_ABSORBED;
         RunState s;
-        runstate_init(&s, &m.config, n);
+        runstate_init_kv(&s, &m.config, n, kv);
         float *ref = xcalloc((size_t)n * vocab, sizeof(float));
         for (int pos = 0; pos < n; pos++) memcpy(ref + (size_t)pos * vocab, forward_token(&m, &s, ids[pos], pos, form), vocab * sizeof(float));
         double worst = 0, scale = 0;
@@ -1791,7 +1808,7 @@ static void test_chunked_forward(const char *label, const char *path, int n) {
         int chunks[] = {1, 3, 7, s.max_T}, last_ok = 1;
         for (int k = 0; k < 4; k++) {
             RunState sc;
-            runstate_init(&sc, &m.config, n);
+            runstate_init_kv(&sc, &m.config, n, kv);
             for (int pos = 0; pos < n; pos += chunks[k]) {
                 int T = n - pos < chunks[k] ? n - pos : chunks[k];
                 float *logits = forward(&m, &sc, ids + pos, T, pos, form, LOGITS_ALL);
@@ -1807,7 +1824,7 @@ static void test_chunked_forward(const char *label, const char *path, int n) {
         }
         check(worst <= 1e-5 * scale && last_ok,
               "%s %s: %d positions in chunks of 1, 3, 7, %d = one at a time: max|diff| %.2e = %.1e x max|logit| %.3g (tolerance 1e-5 x)%s",
-              label, form == ATTN_NAIVE ? "naive" : "absorbed", n, s.max_T, worst, worst / scale, scale, last_ok ? "" : "; last-row logits DIFFER");
+              label, kv.mha ? "mha layout" : form == ATTN_NAIVE ? "naive" : "absorbed", n, s.max_T, worst, worst / scale, scale, last_ok ? "" : "; last-row logits DIFFER");
         free(ref);
         runstate_free(&s);
     }
@@ -1823,17 +1840,24 @@ static void test_model(void) {
             char path[256], label[64];
             snprintf(path, sizeof path, "build/fixtures/%s.%s.bin", fixtures[i], dtypes[d]);
             snprintf(label, sizeof label, "chunked prompt, %s %s", fixtures[i], dtypes[d]);
-            test_chunked_forward(label, path, 24);
+            test_chunked_forward(label, path, 24, KV_LATENT_F32);
         }
+        char path[256], label[64];
+        snprintf(path, sizeof path, "build/fixtures/%s.fp32.bin", fixtures[i]);
+        snprintf(label, sizeof label, "chunked prompt, %s fp32", fixtures[i]);
+        test_chunked_forward(label, path, 24, KV_MHA_F32);
     }
-    test_chunked_forward("chunked prompt, default model", "dsv2_tiny.bin", PROMPT_CHUNK + 6);
-    test_chunked_forward("chunked prompt, default model q8", "build/dsv2_tiny.q8.bin", PROMPT_CHUNK + 6);
+    test_chunked_forward("chunked prompt, default model", "dsv2_tiny.bin", PROMPT_CHUNK + 6, KV_LATENT_F32);
+    test_chunked_forward("chunked prompt, default model", "dsv2_tiny.bin", PROMPT_CHUNK + 6, KV_MHA_F32);
+    test_chunked_forward("chunked prompt, default model q8", "build/dsv2_tiny.q8.bin", PROMPT_CHUNK + 6, KV_LATENT_F32);
     for (int i = 0; i < 2; i++) {
         test_fixture_units(fixtures[i]);
-        test_fixture_logits(fixtures[i], "fp32", ATTN_ABSORBED);
-        test_fixture_logits(fixtures[i], "fp32", ATTN_NAIVE);
-        test_fixture_logits(fixtures[i], "bf16", ATTN_ABSORBED);
-        test_fixture_logits(fixtures[i], "bf16", ATTN_NAIVE);
+        test_fixture_logits(fixtures[i], "fp32", ATTN_ABSORBED, KV_LATENT_F32);
+        test_fixture_logits(fixtures[i], "fp32", ATTN_NAIVE, KV_LATENT_F32);
+        test_fixture_logits(fixtures[i], "bf16", ATTN_ABSORBED, KV_LATENT_F32);
+        test_fixture_logits(fixtures[i], "bf16", ATTN_NAIVE, KV_LATENT_F32);
+        test_fixture_logits(fixtures[i], "fp32", ATTN_ABSORBED, KV_MHA_F32);
+        test_fixture_logits(fixtures[i], "bf16", ATTN_ABSORBED, KV_MHA_F32);
         test_fixture_generation(fixtures[i]);
         test_cli_dump_logits(fixtures[i]);
     }
@@ -2130,8 +2154,6 @@ static void test_untrusted(void) {
 // tolerance. The bf16 cache: its stored values, and its distance from transformers (measured and
 // recorded in docs/FORMAT.md, guarded below). -m batch: every sequence is what -m generate makes of
 // its prompt, in every cache format, greedy and sampled; the prompt file's errors; the JSON lines.
-
-static const KvFormat KV_LATENT_F32 = {0, 0}, KV_MHA_F32 = {0, 1};
 
 static void test_bf16_round(void) {
     struct { float x, want; } cases[] = {
