@@ -32,6 +32,8 @@
  *   dsv2_moe.cuh      DeepSeekMoE at decode: the router, gate/up/SwiGLU, down + residual
  *   dsv2_prefill.cuh  the prefill's products on tensor cores at float32 accuracy (bf16 x 3), expert rows
  *   dsv2_bench.cuh    --bench: self-checks and benchmarks (tools/bench_cuda.sh)
+ *   dsv2_serve.cuh    -m batch: many sequences at once over a paged cache (forward_batch, continuous
+ *                     batching, decode graphs per batch size), --bench-serve, --serve-check
  *   dev/cuda/         the MLA decode kernel version by version, from dsv2.c's loop to mla_attention_kernel
  *
  * Paper equation -> kernel (decode step; the prefill is named where it differs):
@@ -53,6 +55,8 @@
  * Extra modes (before the usual flags): ./dsv2cu --gpu-check   exit 0 if a GPU is usable
  *                                      ./dsv2cu --bench MODEL  benchmarks (tools/bench_cuda.sh)
  *                                      ./dsv2cu --check-sampler  the GPU sampler against dsv2.c's sample()
+ *                                      ./dsv2cu --bench-serve MODEL ...  batched decode steps (dsv2_serve.cuh)
+ *                                      ./dsv2cu --serve-check MODEL [N]  the batch engine against dsv2.c
  */
 #define DSV2_GPU
 #define main dsv2_main  // dsv2.c's main is the CLI; ours adds --gpu-check and --bench first

@@ -18,6 +18,18 @@
 // block 0 are reserved: padding queries (a decode graph's bucket larger than the batch) write and
 // read there.
 
+//
+// ---------------- The same tokens at any --batch
+// A sequence's tokens must not depend on how many others share its steps. Each token's numbers are
+// the same whatever T is where every kernel sums a token in an order fixed by the shapes of the model
+// alone: matmul_small_kernel (T <= SMALL_T), one block per (query, head) in the attention, per token
+// in the norms, RoPE, the cache write and the sampler. Two choices depend on T: the projections of
+// more than SMALL_T tokens go through cuBLAS (which picks its kernel, and so its order of summation,
+// from the shape), and moe_batch_forward takes 8 or 32 rows per work unit as T K < 8 E or not (its
+// k-split, so its order of summation, differs). A decode step only meets them with more than
+// min(SMALL_T, 8 E / K) sequences in flight; the prefill (one sequence's prompt) meets them whatever the
+// batch. Across that line the numbers differ in the last bits, which can flip a near-tie.
+
 // KV_BLOCK (tokens per block) is dsv2.c's, next to the batch hook's contract.
 #define SMALL_T 64        // batches of at most this many tokens use the CUDA-core products below
 #define MM_TB 8           // tokens per pass of matmul_small_kernel over a weight row
