@@ -52,6 +52,7 @@
  * Build: nvcc -O3 -arch=sm_90 -o dsv2cu dsv2.cu -lcublas   (or make dsv2cu)
  * Extra modes (before the usual flags): ./dsv2cu --gpu-check   exit 0 if a GPU is usable
  *                                      ./dsv2cu --bench MODEL  benchmarks (tools/bench_cuda.sh)
+ *                                      ./dsv2cu --bench-attn [CTX]  the batch attention over a paged cache, checked and timed
  */
 #define DSV2_GPU
 #define main dsv2_main  // dsv2.c's main is the CLI; ours adds --gpu-check and --bench first
@@ -277,6 +278,7 @@ static void matvec_forward(float *out1, const bf16 *W1, int d1, float *out2, con
 }
 
 #include "dsv2_mla.cuh"      // MLA: absorbed query, cache row, attention (split-KV), W^UV
+#include "dsv2_mla_decode.cuh"  // attention of a batch over the paged cache: latent (MLA) and expanded (MHA) rows
 #include "dsv2_moe.cuh"      // DeepSeekMoE decode: router, gate/up, down
 #include "dsv2_prefill.cuh"  // prefill products on tensor cores (bf16 x 3) and the expert grouping
 
@@ -647,5 +649,6 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (argc >= 3 && !strcmp(argv[1], "--bench")) return bench_main(argc - 2, argv + 2);
+    if (argc >= 2 && !strcmp(argv[1], "--bench-attn")) return bench_attn_main(argc - 2, argv + 2);
     return dsv2_main(argc, argv);
 }
