@@ -57,6 +57,7 @@
  *                                      ./dsv2cu --check-sampler  the GPU sampler against dsv2.c's sample()
  *                                      ./dsv2cu --bench-serve MODEL ...  batched decode steps (dsv2_serve.cuh)
  *                                      ./dsv2cu --serve-check MODEL [N]  the batch engine against dsv2.c
+ *                                      ./dsv2cu --bench-attn [CTX]  the batch attention over a paged cache, checked and timed
  */
 #define DSV2_GPU
 #define main dsv2_main  // dsv2.c's main is the CLI; ours adds --gpu-check and --bench first
@@ -293,6 +294,7 @@ static void matvec_forward(float *out1, const bf16 *W1, int d1, float *out2, con
 }
 
 #include "dsv2_mla.cuh"      // MLA: absorbed query, cache row, attention (split-KV), W^UV
+#include "dsv2_mla_decode.cuh"  // attention of a batch over the paged cache: latent (MLA) and expanded (MHA) rows
 #include "dsv2_prefill.cuh"  // prefill products on tensor cores (bf16 x 3) and the expert grouping
 #include "dsv2_moe.cuh"      // DeepSeekMoE: decode (router, gate/up, down) and over a batch (split3 from the prefill)
 #include "dsv2_sample.cuh"   // dsv2.c's sample() for B rows of logits, inside the decode graph
@@ -738,5 +740,6 @@ int main(int argc, char **argv) {
     if (argc >= 3 && !strcmp(argv[1], "--bench-serve")) return bench_serve_main(argc - 2, argv + 2);
     if (argc >= 3 && !strcmp(argv[1], "--serve-check")) return serve_check_main(argc - 2, argv + 2);
     if (argc == 2 && !strcmp(argv[1], "--check-sampler")) return check_sampler_main();  // GPU sampler vs dsv2.c's sample()
+    if (argc >= 2 && !strcmp(argv[1], "--bench-attn")) return bench_attn_main(argc - 2, argv + 2);
     return dsv2_main(argc, argv);
 }

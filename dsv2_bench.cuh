@@ -1,6 +1,8 @@
 // dsv2_bench.cuh: ./dsv2cu --bench MODEL, included by dsv2.cu (tools/bench_cuda.sh runs it).
 // Self-checks first (GPU against dsv2.c's CPU forward on this model, prefill against decode,
-// the MLA kernel against a float64 reference), then the timings, one "BENCH key value" line each.
+// the MLA kernel against a float64 reference), then the timings, one "BENCH key value" line each;
+// last the batch attention over a paged cache (dsv2_mla_decode.cuh), checked and timed.
+// ./dsv2cu --bench-attn [CTX] runs only that last part, on V2-Lite's and V2's attention shapes, no model needed.
 
 static double median(std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; }
 
@@ -322,6 +324,209 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int checks_only) {
     cudaCheck(cudaFree(dx)); cudaCheck(cudaFree(dxn));
 }
 
+// ---------------- 8. The batch attention over a paged cache (dsv2_mla_decode.cuh): checks and speed
+
+// the same hash as fill_random_kernel, rounded to bf16 (round to nearest even)
+__global__ void fill_random_bf16_kernel(bf16 *p, size_t n, uint32_t seed, float scale) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
+        p[i] = __float2bfloat16_rn(((h >> 8) / 16777216.0f * 2.0f - 1.0f) * scale);
+    }
+}
+
+// One case: B queries with lengths lens over a random paged pool of the given layout and element type:
+// each query its own slot (a random permutation of slots 1..B), or all queries on one slot (one_slot: a
+// prefill, query b sees rows 0..lens[b]-1 of the same sequence); the slots' pages a random permutation
+// of the pool's blocks (block 0, the scratch block, unused); the unused rows of every last page NaN, so
+// reading past a length fails the check. The output is poisoned (NaN), computed, and the queries
+// `check` compared with a float64 host reference (all heads; max |diff| / max |ref| per head); a NaN
+// anywhere in the output also fails. With reps > 0, *ms = median time of reps launches (after one warm-up).
+static double attn_case(const Config *c, int mha, int kv_bf16, const std::vector<int> &lens, int one_slot,
+                        const std::vector<int> &check, int reps, double *ms, double *bytes, uint64_t *rng) {
+    int B = (int)lens.size(), H = c->n_heads, W = gpu.W, d_c = c->kv_lora_rank, vdim = c->v_head_dim;
+    int qk = c->qk_nope_head_dim + c->qk_rope_head_dim, max_len = *std::max_element(lens.begin(), lens.end());
+    int row = mha ? H * (qk + vdim) : W, qw = mha ? qk : W, ow = mha ? vdim : d_c, es = kv_bf16 ? 2 : 4;
+    int n_slots = one_slot ? 2 : B + 1, max_blocks = ceil_div(max_len, KV_BLOCK), n_used = 0;
+    std::vector<int> seq_of(B), slot_len(n_slots, 0);
+    for (int b = 0; b < B; b++) seq_of[b] = one_slot ? 1 : b + 1;
+    for (int b = B - 1; b > 0 && !one_slot; b--) std::swap(seq_of[b], seq_of[random_u32(rng) % (b + 1)]);
+    for (int b = 0; b < B; b++) slot_len[seq_of[b]] = std::max(slot_len[seq_of[b]], lens[b]);
+    for (int s = 1; s < n_slots; s++) n_used += ceil_div(slot_len[s], KV_BLOCK);
+    std::vector<int> perm(n_used), tab((size_t)n_slots * max_blocks, 0);
+    for (int i = 0; i < n_used; i++) perm[i] = i + 1;
+    for (int i = n_used - 1; i > 0; i--) std::swap(perm[i], perm[random_u32(rng) % (i + 1)]);
+    for (int s = 1, u = 0; s < n_slots; s++)
+        for (int j = 0; j < ceil_div(slot_len[s], KV_BLOCK); j++) tab[(size_t)s * max_blocks + j] = perm[u++];
+    size_t row_bytes = (size_t)row * es, block_bytes = row_bytes * KV_BLOCK, n_pool = (size_t)(n_used + 1) * KV_BLOCK * row;
+    void *pool;
+    cudaCheck(cudaMalloc(&pool, n_pool * es));
+    if (kv_bf16) fill_random_bf16_kernel<<<1024, 256, 0, gpu.stream>>>((bf16 *)pool, n_pool, random_u32(rng), 1.0f);
+    else fill_random_kernel<<<1024, 256, 0, gpu.stream>>>((float *)pool, n_pool, random_u32(rng), 1.0f);
+    launchCheck();
+    for (int s = 1; s < n_slots; s++) {  // NaN past the end of each slot's rows
+        int j = slot_len[s], blk = tab[(size_t)s * max_blocks + (j - 1) / KV_BLOCK];
+        if (j % KV_BLOCK)
+            cudaCheck(cudaMemsetAsync((char *)pool + blk * block_bytes + (j % KV_BLOCK) * row_bytes, 0xff,
+                                      (KV_BLOCK - j % KV_BLOCK) * row_bytes, gpu.stream));
+    }
+    float *q = dev_floats((size_t)B * H * qw), *o = dev_floats((size_t)B * H * ow);
+    int *d_tab = dev_ints(tab.size()), *d_seq = dev_ints(B), *d_lens = dev_ints(B);
+    std::vector<float> hq((size_t)B * H * qw);
+    for (auto &v : hq) v = random_f32(rng) * 2 - 1;
+    cudaCheck(cudaMemcpy(q, hq.data(), hq.size() * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d_tab, tab.data(), tab.size() * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d_seq, seq_of.data(), B * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d_lens, lens.data(), B * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemset(o, 0xff, (size_t)B * H * ow * 4));
+    auto run = [&]() {
+        if (mha) mha_decode_forward(o, q, pool, kv_bf16, d_tab, max_blocks, d_seq, d_lens, B);
+        else mla_decode_forward(o, q, pool, kv_bf16, d_tab, max_blocks, d_seq, d_lens, B);
+    };
+    run();
+    cudaCheck(cudaStreamSynchronize(gpu.stream));
+    std::vector<float> ho((size_t)B * H * ow);
+    cudaCheck(cudaMemcpy(ho.data(), o, ho.size() * 4, cudaMemcpyDeviceToHost));
+    double worst = 0;
+    for (float v : ho)
+        if (!std::isfinite(v)) worst = INFINITY;
+    for (int b : check) {  // the float64 reference of query b: its slot's rows, page by page
+        int len = lens[b];
+        std::vector<float> rows((size_t)len * row);
+        std::vector<uint16_t> tmp((size_t)KV_BLOCK * row);
+        for (int j0 = 0; j0 < len; j0 += KV_BLOCK) {
+            int n = std::min(KV_BLOCK, len - j0), blk = tab[(size_t)seq_of[b] * max_blocks + j0 / KV_BLOCK];
+            if (kv_bf16) {
+                cudaCheck(cudaMemcpy(tmp.data(), (char *)pool + blk * block_bytes, n * row_bytes, cudaMemcpyDeviceToHost));
+                for (size_t i = 0; i < (size_t)n * row; i++) { uint32_t u = (uint32_t)tmp[i] << 16; memcpy(&rows[(size_t)j0 * row + i], &u, 4); }
+            } else {
+                cudaCheck(cudaMemcpy(&rows[(size_t)j0 * row], (char *)pool + blk * block_bytes, n * row_bytes, cudaMemcpyDeviceToHost));
+            }
+        }
+        #pragma omp parallel for reduction(max : worst)
+        for (int h = 0; h < H; h++) {
+            const float *qh = hq.data() + ((size_t)b * H + h) * qw;
+            int koff = mha ? h * qk : 0, voff = mha ? H * qk + h * vdim : 0;  // key and value columns in a row
+            std::vector<double> p(len), ref(ow, 0.0);
+            double mx = -1e300, sum = 0;
+            for (int j = 0; j < len; j++) {
+                double d = 0;
+                for (int k = 0; k < qw; k++) d += (double)qh[k] * rows[(size_t)j * row + koff + k];
+                p[j] = d * gpu.softmax_scale;
+                mx = fmax(mx, p[j]);
+            }
+            for (int j = 0; j < len; j++) { p[j] = exp(p[j] - mx); sum += p[j]; }
+            for (int j = 0; j < len; j++)
+                for (int k = 0; k < ow; k++) ref[k] += p[j] / sum * rows[(size_t)j * row + voff + k];
+            double dm = 0, rm = 0;
+            for (int k = 0; k < ow; k++) {
+                dm = fmax(dm, fabs(ho[((size_t)b * H + h) * ow + k] - ref[k]));
+                rm = fmax(rm, fabs(ref[k]));
+            }
+            worst = fmax(worst, dm / rm);
+        }
+    }
+    *bytes = 4.0 * B * H * (qw + ow);
+    for (int b = 0; b < B && !one_slot; b++) *bytes += (double)lens[b] * row_bytes;  // each query's rows, once
+    if (one_slot) *bytes += (double)max_len * row_bytes;                                // the one sequence's rows
+    if (reps > 0) {
+        cudaEvent_t e0, e1;
+        cudaCheck(cudaEventCreate(&e0));
+        cudaCheck(cudaEventCreate(&e1));
+        std::vector<double> t;
+        for (int i = 0; i <= reps; i++) {
+            float m;
+            cudaCheck(cudaEventRecord(e0, gpu.stream));
+            run();
+            cudaCheck(cudaEventRecord(e1, gpu.stream));
+            cudaCheck(cudaEventSynchronize(e1));
+            cudaCheck(cudaEventElapsedTime(&m, e0, e1));
+            if (i > 0) t.push_back(m);
+        }
+        *ms = median(t);
+        cudaCheck(cudaEventDestroy(e0)); cudaCheck(cudaEventDestroy(e1));
+    }
+    cudaCheck(cudaFree(pool)); cudaCheck(cudaFree(q)); cudaCheck(cudaFree(o));
+    cudaCheck(cudaFree(d_tab)); cudaCheck(cudaFree(d_seq)); cudaCheck(cudaFree(d_lens));
+    return worst;
+}
+
+// mla_decode_forward and mha_decode_forward on this config's heads: checks on mixed lengths (each layout,
+// each element type, and a prefill's queries on one slot), then timings at 64 sequences x ctx (and mixed
+// lengths averaging ctx); the MHA layout also at the largest batch whose cache fits 40 GB over all layers.
+static void bench_attn_decode(const Config *c, int ctx, double copy_gbs, uint64_t *rng) {
+    int H = c->n_heads, qk = c->qk_nope_head_dim + c->qk_rope_head_dim;
+    attn_decode_init(c, 300, 2 * ctx);
+    const char *layout[2] = {"latent", "mha"}, *kv[2] = {"f32", "bf16"};
+    std::vector<int> mixed = {1, 31, 33, 64, 65, 1000, 4099}, all = {0, 1, 2, 3, 4, 5, 6}, pf(300);
+    for (int b = 0; b < 300; b++) pf[b] = b + 1;
+    double ms, bytes;
+    for (int mha = 0; mha <= 1; mha++)
+        for (int bf = 0; bf <= 1; bf++) {
+            // float32 accuracy: 1e-5 is well above float32 rounding, far below a single tf32 product's ~1e-3
+            double e = attn_case(c, mha, bf, mixed, 0, all, 0, &ms, &bytes, rng);
+            printf("BENCH check_attn_vs_float64 layout %s kv %s heads %d queries 7 lengths 1..4099 max_rel_err %.3e %s\n",
+                   layout[mha], kv[bf], H, e, e < 1e-5 ? "OK" : "NOT OK");
+            e = attn_case(c, mha, bf, pf, 1, {0, 1, 150, 299}, 0, &ms, &bytes, rng);
+            printf("BENCH check_attn_vs_float64 layout %s kv %s heads %d prefill queries 300 on one slot max_rel_err %.3e %s\n",
+                   layout[mha], kv[bf], H, e, e < 1e-5 ? "OK" : "NOT OK");
+            fflush(stdout);
+        }
+    std::vector<int> rnd(64);
+    for (auto &x : rnd) x = 1 + (int)(random_u32(rng) % (2 * ctx - 1));
+    for (int bf = 1; bf >= 0; bf--) {
+        for (int mixed_lens = 0; mixed_lens <= 1; mixed_lens++) {
+            const std::vector<int> &lens = mixed_lens ? rnd : std::vector<int>(64, ctx);
+            double e = attn_case(c, 0, bf, lens, 0, {0, 63}, 20, &ms, &bytes, rng);
+            double gbs = bytes / (ms * 1e-3) / 1e9;
+            printf("BENCH attn layout latent kv %s heads %d batch 64 ctx %s%d ms %.3f GBps %.1f ratio_to_copy %.3f max_rel_err %.2e %s\n",
+                   kv[bf], H, mixed_lens ? "mixed_mean_" : "", ctx, ms, gbs, gbs / copy_gbs, e, e < 1e-5 ? "OK" : "NOT OK");
+            fflush(stdout);
+        }
+    }
+    for (int bf = 1; bf >= 0; bf--) {
+        // the largest batch whose MHA cache (all layers, context ctx) fits 40 GB, and 64 (capped at 300)
+        double per_seq = (double)c->n_layers * ctx * H * (qk + c->v_head_dim) * (bf ? 2 : 4);
+        int fit = (int)(40e9 / per_seq);
+        for (int B : {fit, 64, 4}) {
+            if (B < 1 || B > 300 || (double)B * per_seq / c->n_layers > 30e9) continue;
+            double e = attn_case(c, 1, bf, std::vector<int>(B, ctx), 0, {0, B - 1}, 10, &ms, &bytes, rng);
+            double gbs = bytes / (ms * 1e-3) / 1e9;
+            printf("BENCH attn layout mha kv %s heads %d batch %d%s ctx %d ms %.3f GBps %.1f ratio_to_copy %.3f max_rel_err %.2e %s\n",
+                   kv[bf], H, B, B == fit ? " (fits_40GB)" : "", ctx, ms, gbs, gbs / copy_gbs, e, e < 1e-5 ? "OK" : "NOT OK");
+            fflush(stdout);
+        }
+    }
+}
+
+// ./dsv2cu --bench-attn [CTX]: bench_attn_decode without a model file, on DeepSeek-V2-Lite's attention
+// (16 heads, 27 layers) and DeepSeek-V2's (128 heads, 60 layers): d_c 512, d_h^R 64, nope 128, v 128,
+// DeepSeek-V2's softmax scale (YaRN mscale^2 / sqrt(192), mscale = 0.1 ln 40 + 1)
+static int bench_attn_main(int argc, char **argv) {
+    int ctx = argc >= 1 ? atoi(argv[0]) : 8192;
+    if (ctx < 64 || ctx > 65536) die("--bench-attn: context %s out of range (64..65536)", argc >= 1 ? argv[0] : "");
+    cudaDeviceProp prop;
+    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    printf("BENCH device %s\n", prop.name);
+    cudaCheck(cudaStreamCreate(&gpu.stream));
+    cudaCheck(cudaDeviceGetAttribute(&gpu.n_sm, cudaDevAttrMultiProcessorCount, 0));
+    gpu.pdl = getenv("DSV2_NO_PDL") == NULL;
+    double mscale = 0.1 * log(40.0) + 1.0;
+    gpu.softmax_scale = (float)(mscale * mscale / sqrt(192.0));
+    double copy_gbs = bench_copy_bandwidth();
+    uint64_t rng = 4242;
+    for (int heads : {16, 128}) {
+        Config c;
+        memset(&c, 0, sizeof c);
+        c.n_heads = heads; c.n_layers = heads == 16 ? 27 : 60;
+        c.kv_lora_rank = 512; c.qk_rope_head_dim = 64; c.qk_nope_head_dim = 128; c.v_head_dim = 128;
+        gpu.c = c;
+        gpu.W = kv_cache_width(&c);
+        bench_attn_decode(&c, ctx, copy_gbs, &rng);
+    }
+    return 0;
+}
+
 static int bench_main(int argc, char **argv) {
     const char *path = argv[0];
     int check_tokens = 4, ctx_max = 8192, prompt = 2048, decode_only = 0, mla_only = 0, moe_only = 0;
@@ -450,6 +655,7 @@ static int bench_main(int argc, char **argv) {
     decode_graph_build();
     bench_mla_kernel(c, ctx_max, copy_gbs, &rng);
     bench_moe_batch(&m, copy_gbs, 0);
+    bench_attn_decode(c, ctx_max, copy_gbs, &rng);
     return 0;
 }
 
