@@ -22,18 +22,19 @@
 // ---------------- The same tokens at any --batch
 // A sequence's tokens must not depend on how many others share its steps. Each token's numbers are
 // the same whatever T is where every kernel sums a token in an order fixed by the shapes of the model
-// alone: matmul_small_kernel (T <= SMALL_T), one block per (query, head) in the attention, per token
-// in the norms, RoPE, the cache write and the sampler. Two choices depend on T: the projections of
-// more than SMALL_T tokens go through cuBLAS (which picks its kernel, and so its order of summation,
-// from the shape), and moe_batch_forward takes 8 or 32 rows per work unit as T K < 8 E or not (its
-// k-split, so its order of summation, differs). A decode step only meets them with more than
-// min(SMALL_T, 8 E / K) sequences in flight; the prefill (one sequence's prompt) meets them whatever the
-// batch. Across that line the numbers differ in the last bits, which can flip a near-tie.
+// alone: matmul_small_kernel (T <= SMALL_T), per token in the norms, RoPE, the cache write and the
+// sampler. Three choices depend on the batch: the projections of more than SMALL_T tokens go through
+// cuBLAS (which picks its kernel, and so its order of summation, from the shape); moe_batch_forward
+// takes 8 or 32 rows per work unit as T K < 8 E or not (its k-split, so its order of summation,
+// differs); and the attention (dsv2_mla_decode.cuh) splits each sequence's rows by the batch: the
+// latent layout balances all the batch's tiles over the multiprocessors (where a sequence is cut
+// depends on the others' lengths), the mha layout picks its split count from B. A split changes where
+// the log-sum-exp merge adds partial sums. So the tokens equal those of --batch 1 to float32 rounding,
+// not bit for bit: a near-tie can flip (--serve-check counts the sequences where that happened).
 
 // KV_BLOCK (tokens per block) is dsv2.c's, next to the batch hook's contract.
 #define SMALL_T 64        // batches of at most this many tokens use the CUDA-core products below
 #define MM_TB 8           // tokens per pass of matmul_small_kernel over a weight row
-#define ATT_VMAX 16       // values per lane in paged_attention_kernel: a value row of at most 512
 
 typedef struct {
     int ready, kv_bf16, kv_mha;
@@ -226,73 +227,6 @@ __global__ void cache_write_kernel(E *pool_l, const float *ckv, const float *kr,
     }
 }
 
-// Paged attention, a simple fallback kept until dsv2_mla_decode.cuh's kernels are merged (same inputs):
-// for query b and head h, over the rows j < lens[b] of slot seq_of[b],
-//   o[b][h] (Vw) = sum_j p_j val_j,   p = softmax_j(scale * q[b][h] . key_j)          eqs. (16)-(18)
-// key_j = Kw values at h * kstep of row j, val_j = Vw values at voff + h * vstep:
-//   latent (absorbed, Appendix C): Kw = W, Vw = d_c, kstep = vstep = voff = 0 (every head reads the whole row);
-//   mha (naive, cached):            Kw = nope + rope, kstep = Kw, voff = H Kw, vstep = Vw = vdim.
-// One block (8 warps) per (h, b): warp w walks rows w, w + 8, ... with an online softmax (running max m,
-// sum l and unnormalised o, as explained above mla_chunk in dsv2_mla.cuh), lane holding o's columns lane,
-// lane + 32, ...; then the 8 warps' (m, l, o) are merged with the log-sum-exp rule. CUDA-core float32.
-template <typename E>
-__global__ void paged_attention_kernel(float *o, const float *q, const E *pool_l, int row, const int *tables,
-                                       int max_blocks, const int *seq_of, const int *lens, int H, int Kw, int kstep,
-                                       int Vw, int voff, int vstep, float scale) {
-    pdl_launch_next();
-    pdl_wait();
-    extern __shared__ float sm[];
-    float *qs = sm, *ms = qs + Kw, *ls = ms + 8, *os = ls + 8;  // q (Kw), per warp m, l, o (8, Vw)
-    int h = blockIdx.x, b = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int len = lens[b], s = seq_of[b];
-    for (int k = threadIdx.x; k < Kw; k += blockDim.x) qs[k] = q[((size_t)b * H + h) * Kw + k];
-    __syncthreads();
-    float m = -INFINITY, l = 0.0f, acc[ATT_VMAX];
-    #pragma unroll
-    for (int i = 0; i < ATT_VMAX; i++) acc[i] = 0.0f;
-    for (int j = warp; j < len; j += 8) {
-        const E *r = pool_l + pool_row(tables, max_blocks, s, j, row);
-        float dot = 0.0f;
-        for (int k = lane; k < Kw; k += 32) dot += qs[k] * load_elem(r + h * kstep + k);
-        float sc = warp_sum(dot) * scale;
-        float m_new = fmaxf(m, sc), a = expf(m - m_new), p = expf(sc - m_new);
-        l = l * a + p;
-        const E *v = r + voff + h * vstep;
-        #pragma unroll
-        for (int i = 0; i < ATT_VMAX; i++)
-            if (lane + 32 * i < Vw) acc[i] = acc[i] * a + p * load_elem(v + lane + 32 * i);
-        m = m_new;
-    }
-    if (lane == 0) { ms[warp] = m; ls[warp] = l; }
-    #pragma unroll
-    for (int i = 0; i < ATT_VMAX; i++) if (lane + 32 * i < Vw) os[warp * Vw + lane + 32 * i] = acc[i];
-    __syncthreads();
-    float M = -INFINITY, L = 0.0f;
-    for (int w = 0; w < 8; w++) M = fmaxf(M, ms[w]);  // finite: warp 0 has row 0
-    for (int w = 0; w < 8; w++) L += ms[w] == -INFINITY ? 0.0f : expf(ms[w] - M) * ls[w];
-    for (int c = threadIdx.x; c < Vw; c += blockDim.x) {
-        float v = 0.0f;
-        for (int w = 0; w < 8; w++) if (ms[w] != -INFINITY) v += expf(ms[w] - M) * os[w * Vw + c];
-        o[((size_t)b * H + h) * Vw + c] = v / L;
-    }
-}
-// o (B, H, Vw) from q (B, H, Kw) over layer pool_l, for the current layout (see the kernel)
-static void paged_attention_forward(float *o, const float *q, const void *pool_l, int B) {
-    const Config *c = &gpu.c;
-    int H = c->n_heads, qk = gpu.qk_head, vdim = c->v_head_dim, d_c = c->kv_lora_rank;
-    int Kw = sv.kv_mha ? qk : gpu.W, Vw = sv.kv_mha ? vdim : d_c, kstep = sv.kv_mha ? qk : 0;
-    int voff = sv.kv_mha ? H * qk : 0, vstep = sv.kv_mha ? vdim : 0;
-    size_t smem = (Kw + 16 + 8 * (size_t)Vw) * sizeof(float);
-    if (sv.kv_bf16)
-        launch(paged_attention_kernel<bf16>, dim3(H, B), 256, smem, o, q, (const bf16 *)pool_l, sv.row,
-               (const int *)sv.tables, sv.max_blocks, (const int *)sv_seq(), (const int *)sv_lens(), H, Kw, kstep, Vw,
-               voff, vstep, gpu.softmax_scale);
-    else
-        launch(paged_attention_kernel<float>, dim3(H, B), 256, smem, o, q, (const float *)pool_l, sv.row,
-               (const int *)sv.tables, sv.max_blocks, (const int *)sv_seq(), (const int *)sv_lens(), H, Kw, kstep, Vw,
-               voff, vstep, gpu.softmax_scale);
-}
-
 // fill a pool with hashed values in [-scale, scale) (--bench-serve's synthetic rows)
 template <typename E>
 __global__ void fill_pool_kernel(E *p, size_t n, uint32_t seed, float scale) {
@@ -396,10 +330,10 @@ static void forward_batch(int T, int want_logits) {
                    (const float *)sv.KVB, (const int *)sv_pos(), (const int *)sv_seq(), (const int *)sv.tables,
                    sv.max_blocks, sv.row, sv.kv_mha, H, d_c, rope, nope, vdim);
         if (sv.kv_mha) {  // q_h = [q^C_h ; RoPE(q^R_h)] against every head's cached key and value
-            paged_attention_forward(gpu.O, gpu.Q, pool_l, T);                                         // eqs. (16)-(18)
+            mha_decode_forward(gpu.O, gpu.Q, pool_l, sv.kv_bf16, sv.tables, sv.max_blocks, sv_seq(), sv_lens(), T);  // (16)-(18)
         } else {          // absorbed: q_lat against the latent rows, W^UV after the sum
             absorb_query_forward(gpu.QLAT, gpu.Q, L, T);
-            paged_attention_forward(gpu.OLAT, gpu.QLAT, pool_l, T);                                   // eqs. (16)-(18)
+            mla_decode_forward(gpu.OLAT, gpu.QLAT, pool_l, sv.kv_bf16, sv.tables, sv.max_blocks, sv_seq(), sv_lens(), T);
             v_up_batch_forward(gpu.O, gpu.OLAT, L, T);                                                // eq. (11) W^UV
         }
         project_forward(gpu.X, gpu.O, L->o_proj, T, H * vdim, dim, 1);                               // eq. (19) + residual
@@ -420,8 +354,6 @@ static void serve_init(const Model *m, int max_ctx, int kv_bf16, int kv_mha, int
     if (!gpu.ready) gpu_init(m, max_ctx);
     if (!gpu.pf_ready) prefill_alloc();
     if (max_batch < 1 || max_batch > PF_MAX) die("dsv2cu: --batch %d outside [1, %d]", max_batch, PF_MAX);
-    if (c->v_head_dim > 32 * ATT_VMAX || c->kv_lora_rank > 32 * ATT_VMAX)
-        die("dsv2cu: value rows wider than %d are not supported by the batch engine", 32 * ATT_VMAX);
     Serve *s = &sv;
     s->kv_bf16 = kv_bf16; s->kv_mha = kv_mha;
     int H = c->n_heads, nope = c->qk_nope_head_dim, vdim = c->v_head_dim, d_c = c->kv_lora_rank;
@@ -444,6 +376,7 @@ static void serve_init(const Model *m, int max_ctx, int kv_bf16, int kv_mha, int
     cudaCheck(cudaMalloc(&s->rng, (size_t)max_batch * sizeof(uint64_t)));
     cudaCheck(cudaMallocHost(&s->h_rng, (size_t)max_batch * sizeof(uint64_t)));
     moe_batch_init(c, s->max_T);
+    attn_decode_init(c, s->max_T, s->max_blocks * KV_BLOCK);
     sample_init(max_batch, c->vocab_size);
     s->route_record = dev_ints((size_t)c->n_layers * s->max_T * c->n_experts_per_tok);
     // the pool: the budget in whole blocks, no more than every slot can use
@@ -468,8 +401,6 @@ static void serve_init(const Model *m, int max_ctx, int kv_bf16, int kv_mha, int
     cudaCheck(cudaMemcpy(s->tables, s->h_tables.data(), s->h_tables.size() * sizeof(int), cudaMemcpyHostToDevice));
     s->free_blocks.clear();
     for (long b = s->n_blocks - 1; b >= 1; b--) s->free_blocks.push_back((int)b);  // block 1 handed out first
-    cudaCheck(cudaFuncSetAttribute(paged_attention_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
-    cudaCheck(cudaFuncSetAttribute(paged_attention_kernel<bf16>, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
     memset(s->graphs, 0, sizeof s->graphs);
     s->ready = 1;
     fprintf(stderr, "dsv2cu: cache pool %.2f GiB: %ld blocks of %d tokens (%s %s rows of %d values), %d slots\n",
