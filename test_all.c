@@ -2216,7 +2216,7 @@ static void run_teacher_forced(const Model *m, RunState *s, const int *ids, int 
 // The bf16 cache (--kv bf16) against transformers' float64 logits ref (n_ref positions of ids), teacher-forced.
 // Its rounding moves each cached value by up to 2^-9 of itself (u, bf16's unit roundoff); measured on the
 // fixtures, the logits then move by 1.7 u (lite) to 4.1 u (v2) of their scale, and the default model's by
-// 0.7 u to 5.3 u, as long as every token chooses the experts it chose with the float32 cache. Where a
+// 0.4 u to 3.4 u, as long as every token chooses the experts it chose with the float32 cache. Where a
 // token's router meets a near-tie, the rounding can change its choice (a discontinuity), and from there
 // on the logits differ by up to 15% (the default model's english prompt, position 2, layer 1): recorded,
 // not bounded. Bound: 2^-6 = 8 u over the positions before the first changed choice, twice the largest
