@@ -166,12 +166,6 @@ static int check_moe_batch(const Model *m, RunState *s, int l, int T, float *dx,
         memcpy(ref_idx.data() + (size_t)t0 * K, s->topk_idx, (size_t)tc * K * sizeof(int));
     }
     cudaCheck(cudaMemcpy(dxn, u.data(), n * 4, cudaMemcpyHostToDevice));
-    for (int run = 0; run < 2; run++) {  // twice: bitwise the same
-        cudaCheck(cudaMemcpy(dx, h.data(), n * 4, cudaMemcpyHostToDevice));
-        moe_batch_forward(dx, dxn, L, T);
-        cudaCheck(cudaMemcpy(run ? got2.data() : got.data(), dx, n * 4, cudaMemcpyDeviceToHost));
-    }
-    cudaCheck(cudaMemcpy(got_idx.data(), moe_batch.idx, got_idx.size() * 4, cudaMemcpyDeviceToHost));
     // the same tokens one at a time through the decode kernels (x: the residual, normalised by the router)
     cudaCheck(cudaMemcpy(dx, h.data(), n * 4, cudaMemcpyHostToDevice));
     for (int t = 0; t < T; t++) {
@@ -183,21 +177,33 @@ static int check_moe_batch(const Model *m, RunState *s, int l, int T, float *dx,
         if (K) cudaCheck(cudaMemcpy(one_idx.data() + (size_t)t * K, gpu.topk_idx, K * sizeof(int), cudaMemcpyDeviceToHost));
     }
     cudaCheck(cudaMemcpy(one.data(), dx, n * 4, cudaMemcpyDeviceToHost));
-    for (size_t i = 0; i < n; i++) { gdelta[i] = got[i] - h[i]; odelta[i] = one[i] - h[i]; }
-    int same_cpu = 0, same_one = 0;
-    for (int t = 0; t < T; t++) {
-        same_cpu += !memcmp(got_idx.data() + (size_t)t * K, ref_idx.data() + (size_t)t * K, K * sizeof(int));
-        same_one += !memcmp(got_idx.data() + (size_t)t * K, one_idx.data() + (size_t)t * K, K * sizeof(int));
+    int all_ok = 1;
+    for (int v = 0; v < N_MOE_VARIANTS; v++) {  // the automatic choice, then each variant
+        moe_batch.variant = v;
+        for (int run = 0; run < 2; run++) {  // twice: bitwise the same
+            cudaCheck(cudaMemcpy(dx, h.data(), n * 4, cudaMemcpyHostToDevice));
+            moe_batch_forward(dx, dxn, L, T);
+            cudaCheck(cudaMemcpy(run ? got2.data() : got.data(), dx, n * 4, cudaMemcpyDeviceToHost));
+        }
+        cudaCheck(cudaMemcpy(got_idx.data(), moe_batch.idx, got_idx.size() * 4, cudaMemcpyDeviceToHost));
+        for (size_t i = 0; i < n; i++) { gdelta[i] = got[i] - h[i]; odelta[i] = one[i] - h[i]; }
+        int same_cpu = 0, same_one = 0;
+        for (int t = 0; t < T; t++) {
+            same_cpu += !memcmp(got_idx.data() + (size_t)t * K, ref_idx.data() + (size_t)t * K, K * sizeof(int));
+            same_one += !memcmp(got_idx.data() + (size_t)t * K, one_idx.data() + (size_t)t * K, K * sizeof(int));
+        }
+        double e_cpu = rel_err_f(gdelta.data(), ref.data(), n), e_one = rel_err_f(gdelta.data(), odelta.data(), n);
+        int det = !memcmp(got.data(), got2.data(), n * 4);
+        // float32 accuracy: 1e-5 of the output's scale is far above float32 rounding and far below a bf16 error (~4e-3)
+        int ok = e_cpu < 1e-5 && e_one < 1e-5 && same_cpu == T && same_one == T && det;
+        all_ok &= ok;
+        printf("BENCH check_moe_batch layer %d (%s) T %d variant %d vs_cpu max_rel_err %.3e experts_same %d/%d vs_decode "
+               "max_rel_err %.3e experts_same %d/%d deterministic %d %s\n", l, L->is_moe ? "moe" : "dense", T, v, e_cpu,
+               same_cpu, T, e_one, same_one, T, det, ok ? "OK" : "NOT OK");
     }
-    double e_cpu = rel_err_f(gdelta.data(), ref.data(), n), e_one = rel_err_f(gdelta.data(), odelta.data(), n);
-    int det = !memcmp(got.data(), got2.data(), n * 4);
-    // float32 accuracy: 1e-5 of the output's scale is far above float32 rounding and far below a bf16 error (~4e-3)
-    int ok = e_cpu < 1e-5 && e_one < 1e-5 && same_cpu == T && same_one == T && det;
-    printf("BENCH check_moe_batch layer %d (%s) T %d vs_cpu max_rel_err %.3e experts_same %d/%d vs_decode max_rel_err "
-           "%.3e experts_same %d/%d deterministic %d %s\n", l, L->is_moe ? "moe" : "dense", T, e_cpu, same_cpu, T, e_one,
-           same_one, T, det, ok ? "OK" : "NOT OK");
+    moe_batch.variant = 0;
     fflush(stdout);
-    return ok;
+    return all_ok;
 }
 
 static void bench_moe_batch(const Model *m, double copy_gbs, int checks_only) {
@@ -253,10 +259,9 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int checks_only) {
         size_t n = (size_t)T * dim;
         fill_random(dxn, n, 100 + T, 1.7f);
         fill_random(dx, n, 200 + T, 0.1f);
-        double best_ms[3] = {0, 0, 0};
-        int auto_ng = 0;
-        for (int v = 0; v < 3; v++) {  // force_ng 0 (the automatic choice), 1, 4
-            moe_batch.force_ng = v == 0 ? 0 : v == 1 ? 1 : 4;
+        double best_ms[N_MOE_VARIANTS];
+        for (int v = 0; v < N_MOE_VARIANTS; v++) {  // the automatic choice, then each variant
+            moe_batch.variant = v;
             cudaGraph_t graph;
             cudaGraphExec_t exec;
             cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
@@ -277,8 +282,7 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int checks_only) {
             cudaCheck(cudaGraphExecDestroy(exec));
             cudaCheck(cudaGraphDestroy(graph));
         }
-        moe_batch.force_ng = 0;
-        auto_ng = (long)T * K < 8L * E ? 1 : 4;
+        moe_batch.variant = 0;
         // the weights this step must read: the router, each chosen expert once, the shared experts
         std::vector<int> idx((size_t)T * K);
         cudaCheck(cudaMemcpy(idx.data(), moe_batch.idx, idx.size() * 4, cudaMemcpyDeviceToHost));
@@ -316,9 +320,13 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int checks_only) {
             cudaCheck(cudaGraphDestroy(graph));
         }
         double gbs = bytes / (best_ms[0] * 1e-3) / 1e9;
-        printf("BENCH moe_batch T %d ms %.4f ng_auto %d ms_ng1 %.4f ms_ng4 %.4f experts_read %d/%d weight_bytes %.0f GBps %.1f "
-               "ratio_to_copy %.3f one_at_a_time_ms %.4f speedup %.2f\n", T, best_ms[0], auto_ng, best_ms[1], best_ms[2],
-               n_chosen, E, bytes, gbs, gbs / copy_gbs, one_ms, one_ms > 0 ? one_ms / best_ms[0] : 0.0);
+        printf("BENCH moe_batch T %d ms %.4f variant %d experts_read %d/%d weight_bytes %.0f GBps %.1f ratio_to_copy %.3f "
+               "one_at_a_time_ms %.4f speedup %.2f |", T, best_ms[0], moe_variant_for(T, K, E, 1), n_chosen, E, bytes, gbs,
+               gbs / copy_gbs, one_ms, one_ms > 0 ? one_ms / best_ms[0] : 0.0);
+        for (int v = 1; v < N_MOE_VARIANTS; v++)
+            printf(" v%d(NG%d,KS%d,L%d,PF%d) %.4f", v, moe_variants[v].NG, moe_variants[v].KS, moe_variants[v].LOADS,
+                   moe_variants[v].PF, best_ms[v]);
+        printf("\n");
         fflush(stdout);
     }
     cudaCheck(cudaFree(dx)); cudaCheck(cudaFree(dxn));
