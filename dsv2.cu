@@ -1,9 +1,11 @@
 /* dsv2.cu: DeepSeek-V2 inference on an NVIDIA Hopper GPU (sm_90), next to dsv2.c.
  *
  * The loader, tokenizer, sampler, generation loop and command line are dsv2.c's: this file
- * includes it with DSV2_GPU defined, which points the generation loop's two hooks at
- * forward_gpu() (one token, the decode step, replayed as a CUDA graph) and prefill_gpu()
- * (the prompt, one pass per layer with cuBLAS matrix products). Same model file, same flags.
+ * includes it with DSV2_GPU defined, which points the generation loop's hooks at
+ * forward_gpu() (one token, the decode step, replayed as a CUDA graph), forward_sample_gpu() (the
+ * same step with dsv2.c's sample() on the GPU at its end: only the token id comes back),
+ * prefill_gpu() (the prompt, one pass per layer with cuBLAS matrix products) and gpu_setup() (the
+ * upload, before the clock starts). Same model file, same flags.
  *
  * On the GPU: weights in bf16 (fp32 files are rounded at upload), the latent KV cache in float32
  * [layers][seq][kv_lora_rank + qk_rope_head_dim], activations and accumulation in float32.
@@ -31,6 +33,8 @@
  *                     a log-sum-exp merge, tensor cores, double buffering), v_up
  *   dsv2_moe.cuh      DeepSeekMoE at decode: the router, gate/up/SwiGLU, down + residual
  *   dsv2_prefill.cuh  the prefill's products on tensor cores at float32 accuracy (bf16 x 3), expert rows
+ *   dsv2_sample.cuh   dsv2.c's sample() for B rows of logits (argmax, softmax, top-p by a radix select),
+ *                     run inside the decode graph so that only the drawn token id comes back to the host
  *   dsv2_bench.cuh    --bench: self-checks and benchmarks (tools/bench_cuda.sh)
  *   dsv2_serve.cuh    -m batch: many sequences at once over a paged cache (forward_batch, continuous
  *                     batching, decode graphs per batch size), --bench-serve, --serve-check

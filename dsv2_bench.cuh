@@ -667,9 +667,45 @@ static int bench_main(int argc, char **argv) {
     return 0;
 }
 
+// Where sample_forward's token t differs from dsv2.c's for a row: is the difference one of float rounding?
+// dsv2.c's walk (sample_mult: index order; sample_topp: its sorted candidates up to the nucleus' end) adds
+// the p (which dsv2.c has left in p) one after another in float; the GPU sums the exps in another order
+// and the walk exactly. Both can be off by at most about (terms added) * 2^-24 of the sum (first order),
+// so r (dsv2.c's coin * cum, or the coin) must lie within that of t's interval [cdf before t, cdf after t]
+// in dsv2.c's order, computed here in double. Returns |distance| / allowed (<= 1: rounding), or 1e30 when
+// t is not in dsv2.c's nucleus at all.
+static double sampler_rounding_gap(const float *p, int V, float topp, float coin, int t, int *order) {
+    int n = 0, last;
+    float cum = 0.0f;
+    if (topp <= 0.0f || topp >= 1.0f) {
+        for (int i = 0; i < V; i++) order[n++] = i;
+        last = V - 1;
+        cum = 1.0f;
+    } else {
+        float cutoff = (1.0f - topp) / (V - 1 > 0 ? V - 1 : 1);
+        for (int i = 0; i < V; i++) if (p[i] >= cutoff) order[n++] = i;
+        topp_probs = p;
+        qsort(order, n, sizeof(int), topp_cmp);
+        last = n - 1;
+        for (int i = 0; i < n; i++) { cum += p[order[i]]; if (cum > topp) { last = i; break; } }
+    }
+    double r = (topp <= 0.0f || topp >= 1.0f) ? coin : (double)(coin * cum), before = 0.0;
+    for (int i = 0; i <= last; i++) {
+        if (order[i] == t) {
+            double after = before + p[t], allowed = (double)(i + 1 + V) / 16777216.0 * fmax(cum, 1.0);
+            double gap = r < before ? before - r : r > after ? r - after : 0.0;
+            return gap / allowed;
+        }
+        before += p[order[i]];
+    }
+    return 1e30;
+}
+
 // ./dsv2cu --check-sampler: sample_forward (dsv2_sample.cuh) against dsv2.c's sample() on random rows of
 // logits, B = 64 rows of eight kinds (below) for each (V, temperature, topp); then its time per call.
-// Prints one "BENCH check_sampler ..." line per case; exit status 1 if a token or an rng state differs.
+// V = 4096 (summed in dsv2.c's order): the same token and rng state for every row. V = 102400 (summed in
+// parallel): the same rng state, and the same token or one that float rounding explains
+// (sampler_rounding_gap <= 1). One "BENCH check_sampler ..." line per case; exit status 1 if one fails.
 static int check_sampler_main(void) {
     const int B = 64, Vs[2] = {4096, 102400};
     const float cases[][2] = {{0.0f, 0.9f}, {0.8f, 0.9f}, {1.0f, 0.5f}, {0.6f, 0.99f}, {2.0f, 0.3f},
@@ -723,16 +759,25 @@ static int check_sampler_main(void) {
             std::vector<uint64_t> rng_gpu(B);
             cudaCheck(cudaMemcpy(tok.data(), d_tok, B * sizeof(int), cudaMemcpyDeviceToHost));
             cudaCheck(cudaMemcpy(rng_gpu.data(), d_rng, B * sizeof(uint64_t), cudaMemcpyDeviceToHost));
-            int same = 0, rng_same = 0;
+            int same = 0, rng_same = 0, rounding = 0;
+            double worst_gap = 0.0;
             for (int b = 0; b < B; b++) {
                 memcpy(cpu_row.data(), rows.data() + (size_t)b * V, V * 4);
                 sp.temperature = T; sp.topp = topp; sp.rng_state = rng[b];
-                int want = sample(&sp, cpu_row.data(), V);
+                int want = sample(&sp, cpu_row.data(), V);  // leaves p in cpu_row (temperature > 0)
                 same += tok[b] == want;
                 rng_same += rng_gpu[b] == sp.rng_state;
-                if (tok[b] != want)
-                    printf("BENCH check_sampler mismatch V %d t %g p %g row %d (kind %d): gpu %d (p %.9g) cpu %d (p %.9g)\n", V, T,
-                           topp, b, b % 8, tok[b], tok[b] >= 0 && tok[b] < V ? cpu_row[tok[b]] : -1.0f, want, cpu_row[want]);
+                if (tok[b] != want) {
+                    uint64_t state = rng[b];
+                    float coin = random_f32(&state);
+                    double gap = T > 0.0f && tok[b] >= 0 && tok[b] < V && V > SAMPLE_SERIAL_MAX
+                                     ? sampler_rounding_gap(cpu_row.data(), V, topp, coin, tok[b], sp.order) : 1e30;
+                    rounding += gap <= 1.0;
+                    worst_gap = fmax(worst_gap, gap);
+                    if (gap > 1.0)
+                        printf("BENCH check_sampler mismatch V %d t %g p %g row %d (kind %d): gpu %d cpu %d, gap %.3g of the rounding allowed\n",
+                               V, T, topp, b, b % 8, tok[b], want, gap);
+                }
             }
             // time per call at B = 1 and B = 64 (the row restored before each call, outside the timing)
             double us[2];
@@ -751,10 +796,10 @@ static int check_sampler_main(void) {
                 }
                 us[bi] = median(t);
             }
-            int ok = same == B && rng_same == B;
+            int ok = same + rounding == B && rng_same == B;
             failed += !ok;
-            printf("BENCH check_sampler V %d t %g p %g rows %d same_token %d same_rng %d us_B1 %.1f us_B64 %.1f %s\n", V, T, topp,
-                   B, same, rng_same, us[0], us[1], ok ? "OK" : "NOT OK");
+            printf("BENCH check_sampler V %d t %g p %g rows %d same_token %d rounding %d (worst gap %.2f) same_rng %d us_B1 %.1f "
+                   "us_B64 %.1f %s\n", V, T, topp, B, same, rounding, worst_gap, rng_same, us[0], us[1], ok ? "OK" : "NOT OK");
             fflush(stdout);
         }
         free(sp.order);

@@ -40,11 +40,44 @@
 #define SAMPLE_KEYS 4096          // the largest nucleus sorted and walked as sample_topp walks it
 #define SAMPLE_SERIAL_MAX 8192    // rows up to this long are summed by one thread in dsv2.c's order
 #define SAMPLE_MARGIN 1e-3        // room above topp for the float sums of up to SAMPLE_KEYS values
-#define SAMPLE_FX 0x1p56          // fixed point for exact sums: p (<= 1) * 2^56 is an integer for p >= 2^-33
+#define SAMPLE_FX 0x1p31          // fixed point for the selects' sums: p * 2^31 rounded (a row's sum stays < 2^32)
 
 typedef unsigned long long u64;
 
-__device__ __forceinline__ u64 to_fixed(float p) { return (u64)((double)p * SAMPLE_FX); }
+// p in fixed point: integer sums are exact and the same in any order (deterministic atomics)
+__device__ __forceinline__ unsigned to_fixed(float p) { return (unsigned)__double2uint_rn((double)p * SAMPLE_FX); }
+
+// f(i, p[i]) for this thread's values of p (n), 16-byte loads when p allows (the passes over a row are
+// bound by the loads one block keeps in flight); each thread sees its values in increasing index order
+template <typename F> __device__ __forceinline__ void for_each_value(const float *p, int n, F f) {
+    if ((n & 3) == 0 && ((uintptr_t)p & 15) == 0) {
+        const float4 *p4 = (const float4 *)p;
+        #pragma unroll 2
+        for (int i = threadIdx.x; i < n / 4; i += blockDim.x) {
+            float4 v = p4[i];
+            f(4 * i, v.x); f(4 * i + 1, v.y); f(4 * i + 2, v.z); f(4 * i + 3, v.w);
+        }
+    } else {
+        #pragma unroll 4
+        for (int i = threadIdx.x; i < n; i += blockDim.x) f(i, p[i]);
+    }
+}
+// out[i] = f(i, in[i]) for this thread's values (out may be in)
+template <typename F> __device__ __forceinline__ void map_values(float *out, const float *in, int n, F f) {
+    if ((n & 3) == 0 && ((uintptr_t)in & 15) == 0 && ((uintptr_t)out & 15) == 0) {
+        const float4 *in4 = (const float4 *)in;
+        float4 *out4 = (float4 *)out;
+        #pragma unroll 2
+        for (int i = threadIdx.x; i < n / 4; i += blockDim.x) {
+            float4 v = in4[i];
+            v.x = f(4 * i, v.x); v.y = f(4 * i + 1, v.y); v.z = f(4 * i + 2, v.z); v.w = f(4 * i + 3, v.w);
+            out4[i] = v;
+        }
+    } else {
+        #pragma unroll 4
+        for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = f(i, in[i]);
+    }
+}
 
 // (value, index) of the larger value, the lower index on ties: dsv2.c's argmax order
 __device__ __forceinline__ bool arg_before(float va, int ia, float vb, int ib) { return va > vb || (va == vb && ia < ib); }
@@ -101,25 +134,35 @@ template <typename T> __device__ T block_scan(T v, T *total) {
     return (w ? part[w - 1] : (T)0) + x - v;
 }
 
-// this thread's contiguous share [*lo, *hi) of n values (for walks in index order)
-__device__ __forceinline__ void my_range(int n, int *lo, int *hi) {
-    int per = (n + blockDim.x - 1) / blockDim.x;
-    *lo = min(n, (int)threadIdx.x * per);
+// this warp's contiguous share [*lo, *hi) of n values, for walks in index order (its lanes read 32
+// consecutive values at a time)
+__device__ __forceinline__ void warp_range(int n, int *lo, int *hi) {
+    int n_warps = blockDim.x >> 5, per = ((n + n_warps - 1) / n_warps + 31) & ~31;
+    *lo = min(n, (int)(threadIdx.x >> 5) * per);
     *hi = min(n, *lo + per);
 }
 
 // the index of the rank-th (from 0) value of p (n) whose bits are `bits`, counting in index order
 __device__ int find_rank(const float *p, int n, unsigned bits, int rank) {
-    int lo, hi, count = 0, total;
-    my_range(n, &lo, &hi);
-    for (int i = lo; i < hi; i++) count += __float_as_uint(p[i]) == bits;
-    int before = block_scan(count, &total);
+    int lo, hi, count = 0, total, lane = threadIdx.x & 31;
+    warp_range(n, &lo, &hi);
+    for (int i = lo + lane; i < hi; i += 32) count += __float_as_uint(p[i]) == bits;
+    for (int o = 16; o > 0; o >>= 1) count += __shfl_xor_sync(0xffffffff, count, o);
+    int before = block_scan(lane == 0 ? count : 0, &total);  // lane 0 carries its warp's count
+    before = __shfl_sync(0xffffffff, before, 0);
     __shared__ int found;
     if (threadIdx.x == 0) found = -1;
     __syncthreads();
-    if (rank >= before && rank < before + count)
-        for (int i = lo, k = before; i < hi; i++)
-            if (__float_as_uint(p[i]) == bits && k++ == rank) { found = i; break; }
+    if (rank >= before && rank < before + count)  // this warp holds it: walk 32 values at a time
+        for (int i0 = lo, k = before; i0 < hi; i0 += 32) {
+            unsigned hit = __ballot_sync(0xffffffff, i0 + lane < hi && __float_as_uint(p[i0 + lane]) == bits);
+            if (rank < k + __popc(hit)) {
+                for (int r = rank - k; r > 0; r--) hit &= hit - 1;  // drop the lowest hits before it
+                if (lane == 0) found = i0 + __ffs(hit) - 1;
+                break;
+            }
+            k += __popc(hit);
+        }
     __syncthreads();
     return found;
 }
@@ -138,14 +181,13 @@ typedef struct {
 } Crossing;
 
 // the digit histogram's (count, sum) of one thread's run of values with the same digit
-__device__ __forceinline__ void hist_add(unsigned *h_count, u64 *h_sum, int digit, unsigned count, u64 sum) {
+__device__ __forceinline__ void hist_add(unsigned *h_count, unsigned *h_sum, int digit, unsigned count, unsigned sum) {
     if (count) { atomicAdd(&h_count[digit], count); atomicAdd(&h_sum[digit], sum); }
 }
 
 // limit: stop once more than `limit` candidates lie above the crossing (the caller cannot sort them)
 __device__ Crossing topp_cross(const float *p, int n, float cutoff, u64 target, int limit) {
-    __shared__ unsigned h_count[256];
-    __shared__ u64 h_sum[256];
+    __shared__ unsigned h_count[256], h_sum[256];
     __shared__ unsigned s_prefix;
     __shared__ u64 s_above, s_target;
     __shared__ int s_n_above, s_n_eq;
@@ -153,11 +195,9 @@ __device__ Crossing topp_cross(const float *p, int n, float cutoff, u64 target, 
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int d = threadIdx.x; d < 256; d += blockDim.x) { h_count[d] = 0; h_sum[d] = 0; }
         __syncthreads();
-        unsigned prefix = s_prefix, run_count = 0;
+        unsigned prefix = s_prefix, run_count = 0, run_sum = 0;
         int run_digit = 0;
-        u64 run_sum = 0;
-        for (int i = threadIdx.x; i < n; i += blockDim.x) {  // runs of one digit take one atomic (flat rows)
-            float x = p[i];
+        for_each_value(p, n, [&](int i, float x) {  // runs of one digit take one atomic (flat rows)
             unsigned b = __float_as_uint(x);
             if (x >= cutoff && (shift == 24 || (b >> (shift + 8)) == prefix)) {
                 int digit = (b >> shift) & 255;
@@ -165,7 +205,7 @@ __device__ Crossing topp_cross(const float *p, int n, float cutoff, u64 target, 
                 run_count++;
                 run_sum += to_fixed(x);
             }
-        }
+        });
         hist_add(h_count, h_sum, run_digit, run_count, run_sum);
         __syncthreads();
         if (threadIdx.x < 32) {  // lane L holds digits 255 - 8L down to 248 - 8L
@@ -204,6 +244,7 @@ __device__ Crossing topp_cross(const float *p, int n, float cutoff, u64 target, 
     Crossing c;
     c.bits = s_prefix;
     u64 q = to_fixed(__uint_as_float(c.bits)), t = s_target, above = s_above;
+    if (s_n_above > limit) q = 0;  // stopped early: bits is a prefix, not a value
     int ties = q ? (int)((t - above) / q) + 1 : s_n_eq;  // the first tie whose running sum exceeds t
     if (ties > s_n_eq) ties = s_n_eq;
     c.rank = ties - 1;
@@ -214,38 +255,42 @@ __device__ Crossing topp_cross(const float *p, int n, float cutoff, u64 target, 
     return c;
 }
 
-__global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int *tokens, float *logits, int V, float temperature, float topp,
-                                                                uint64_t *rng) {
+__global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int *tokens, float *logits, int V, float temperature,
+                                                                float topp, uint64_t *rng) {
     pdl_launch_next();
     pdl_wait();
     __shared__ u64 keys[SAMPLE_KEYS];
     __shared__ int s_int;
     __shared__ float s_float, s_coin;
+    extern __shared__ float row_smem[];  // the row, when V <= SAMPLE_SERIAL_MAX
     int b = blockIdx.x, tid = threadIdx.x;
-    float *p = logits + (size_t)b * V;
+    float *l = logits + (size_t)b * V;
     // argmax (lowest index on ties) and the first logit that is not finite
     float best_v = -INFINITY;
     int best = V, bad = V;
-    for (int i = tid; i < V; i += blockDim.x) {
-        float x = p[i];
+    for_each_value(l, V, [&](int i, float x) {
         if (!isfinite(x)) bad = min(bad, i);
         else if (x > best_v) { best_v = x; best = i; }
-    }
+    });
     bad = block_min_int(bad);
     block_argmax(&best_v, &best);
     if (bad < V || temperature == 0.0f) {
         if (tid == 0) tokens[b] = bad < V ? -1 - bad : best;
         return;
     }
-    // softmax, dsv2.c's sample(): exp((l - max) / T), the sum, then each divided by it
+    // softmax as dsv2.c's sample(): e = exp((l - max) / T), their sum, then p = e / sum, in place
+    // (in shared memory for a short row, which one thread then sums in dsv2.c's order)
+    int serial = V <= SAMPLE_SERIAL_MAX;
+    float *p = serial ? row_smem : l;
     double part = 0.0;
-    for (int i = tid; i < V; i += blockDim.x) {
-        float e = (float)exp((double)((p[i] - best_v) / temperature));  // correctly rounded, as glibc's expf
-        p[i] = e;
+    map_values(p, l, V, [&](int i, float logit) {
+        float x = (logit - best_v) / temperature;
+        float e = serial ? (float)exp((double)x) : expf(x);  // exp in double, rounded once: glibc's expf but for ~1e-9 of inputs
         part += e;
-    }
+        return e;
+    });
     float sum;
-    if (V <= SAMPLE_SERIAL_MAX) {  // dsv2.c's order: one value after another
+    if (serial) {
         __syncthreads();
         if (tid == 0) {
             float s = 0.0f;
@@ -259,7 +304,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int *tokens, flo
     }
     float cutoff = (1.0f - topp) / (float)(V - 1 > 0 ? V - 1 : 1);  // sample_topp's
     int m = 0;
-    for (int i = tid; i < V; i += blockDim.x) { p[i] /= sum; m += p[i] >= cutoff; }
+    map_values(p, p, V, [&](int i, float e) { float q = e / sum; m += q >= cutoff; return q; });
     if (tid == 0) {
         uint64_t state = rng[b];
         s_coin = random_f32(&state);
@@ -270,7 +315,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int *tokens, flo
     int token;
     if (topp <= 0.0f || topp >= 1.0f) {
         // sample_mult: the first i whose running sum exceeds the coin, in index order
-        if (V <= SAMPLE_SERIAL_MAX) {
+        if (serial) {
             if (tid == 0) {
                 float cdf = 0.0f;
                 int pick = V - 1;
@@ -279,13 +324,22 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int *tokens, flo
             }
             __syncthreads();
             token = s_int;
-        } else {  // each thread walks its share from the sum of the shares before it
-            int lo, hi, pick = V;
-            my_range(V, &lo, &hi);
+        } else {  // each warp walks its share, 32 values at a time, from the sum of the shares before it
+            int lo, hi, lane = tid & 31, pick = V;
+            warp_range(V, &lo, &hi);
             float share = 0.0f, total;
-            for (int i = lo; i < hi; i++) share += p[i];
-            float cdf = block_scan(share, &total), start = cdf;
-            for (int i = lo; i < hi; i++) { cdf += p[i]; if (coin < cdf) { pick = i; break; } }
+            for (int i = lo + lane; i < hi; i += 32) share += p[i];
+            share = warp_sum(share);
+            float cdf = block_scan(lane == 0 ? share : 0.0f, &total);
+            cdf = __shfl_sync(0xffffffff, cdf, 0);
+            float start = cdf;
+            for (int i0 = lo; i0 < hi && pick == V; i0 += 32) {
+                float v = i0 + lane < hi ? p[i0 + lane] : 0.0f, incl = v;
+                for (int o = 1; o < 32; o <<= 1) { float y = __shfl_up_sync(0xffffffff, incl, o); if (lane >= o) incl += y; }
+                unsigned hit = __ballot_sync(0xffffffff, i0 + lane < hi && coin < cdf + incl);
+                if (hit) pick = i0 + __ffs(hit) - 1;
+                cdf += __shfl_sync(0xffffffff, incl, 31);
+            }
             if (pick == V && hi > lo && coin < start + share) pick = hi - 1;  // rounding between two shares
             token = block_min_int(pick);
             if (token == V) token = V - 1;
@@ -294,7 +348,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int *tokens, flo
         // no candidate (only when p is no distribution): sample_topp takes the argmax of p
         float v = -INFINITY;
         int i_best = V;
-        for (int i = tid; i < V; i += blockDim.x) if (p[i] > v) { v = p[i]; i_best = i; }
+        for_each_value(p, V, [&](int i, float x) { if (x > v) { v = x; i_best = i; } });
         block_argmax(&v, &i_best);
         token = i_best;
     } else {
@@ -325,10 +379,10 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int *tokens, flo
             for (int k = 2; k <= n2; k <<= 1)  // bitonic sort, descending
                 for (int j = k >> 1; j > 0; j >>= 1) {
                     for (int i = tid; i < n2; i += blockDim.x) {
-                        int l = i ^ j;
-                        if (l > i) {
-                            u64 a = keys[i], c = keys[l];
-                            if (((i & k) == 0) ? a < c : a > c) { keys[i] = c; keys[l] = a; }
+                        int partner = i ^ j;
+                        if (partner > i) {
+                            u64 a = keys[i], c = keys[partner];
+                            if (((i & k) == 0) ? a < c : a > c) { keys[i] = c; keys[partner] = a; }
                         }
                     }
                     __syncthreads();
@@ -365,11 +419,14 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int *tokens, flo
     if (tid == 0) tokens[b] = token;
 }
 
+static size_t sample_smem(int V) { return V <= SAMPLE_SERIAL_MAX ? (size_t)V * sizeof(float) : 0; }
+
 static void sample_init(int max_B, int V) {
-    (void)max_B; (void)V;  // all the scratch lives in shared memory
+    (void)max_B;  // all the scratch lives in shared memory
+    cudaCheck(cudaFuncSetAttribute(sample_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sample_smem(V)));
     cudaCheck(cudaFuncSetAttribute(sample_kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
 }
 
 static void sample_forward(int *tokens, float *logits, int B, int V, float temperature, float topp, uint64_t *rng) {
-    launch(sample_kernel, B, SAMPLE_THREADS, 0, tokens, logits, V, temperature, topp, rng);
+    launch(sample_kernel, B, SAMPLE_THREADS, sample_smem(V), tokens, logits, V, temperature, topp, rng);
 }
