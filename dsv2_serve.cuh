@@ -376,6 +376,10 @@ static void serve_init(const Model *m, int max_ctx, int kv_bf16, int kv_mha, int
     cudaCheck(cudaMalloc(&s->rng, (size_t)max_batch * sizeof(uint64_t)));
     cudaCheck(cudaMallocHost(&s->h_rng, (size_t)max_batch * sizeof(uint64_t)));
     moe_batch_init(c, s->max_T);
+    // cuBLAS's own workspace, so that no product of a decode step captured in a graph allocates memory
+    void *workspace;
+    cudaCheck(cudaMalloc(&workspace, 32 << 20));
+    cublasCheck(cublasSetWorkspace(gpu.blas, workspace, 32 << 20));
     attn_decode_init(c, s->max_T, s->max_blocks * KV_BLOCK);
     sample_init(max_batch, c->vocab_size);
     s->route_record = dev_ints((size_t)c->n_layers * s->max_T * c->n_experts_per_tok);
