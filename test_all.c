@@ -2687,6 +2687,8 @@ static void test_gpu_sampling(void) {
           "%d/%d cases (V 4096 and 102400; greedy, top-p, sample_mult; ties, flat, peaked)", ok, cases);
     if (!(out && strstr(out, "exit 0"))) printf("%s", out ? out : "");
     free(out);
+}
+
 // ./dsv2cu -m batch against ./dsv2 -m batch on tests/batch/prompts.txt (19 prompts, one filling the v2 fixture's
 // context): the same JSON lines, so the same tokens, for --batch 16, 3 and 1 (with 3 or 16 in flight, sequences
 // join and leave mid-run), in each cache format, greedy and sampled (-s 7: sequence i samples with
