@@ -513,8 +513,8 @@ static void serve_run(const Model *m, ServeSeq *seqs, int n, const ServeOptions 
     if (!sv.ready) serve_init(m, max_ctx, o->kv_bf16, o->kv_mha, B, o->kv_mem_gib);
     for (int i = 0; i < n; i++)
         if (blocks_for(seqs[i].ctx) > sv.n_blocks - 1)
-            die("dsv2cu: sequence %d needs %d cache blocks (%d tokens) but --kv-mem holds %ld", i, blocks_for(seqs[i].ctx),
-                seqs[i].ctx, sv.n_blocks - 1);
+            die("dsv2cu: prompt %d (line %d) needs %d cache blocks of %d tokens for its context of %d, but the pool (--kv-mem) "
+                "holds %ld", i, i + 1, blocks_for(seqs[i].ctx), KV_BLOCK, seqs[i].ctx, sv.n_blocks - 1);
     int use_graph = getenv("DSV2_NO_GRAPH") == NULL;
     std::vector<int> slot_seq(sv.n_slots, -1), active;
     int next = 0, done = 0;

@@ -2727,6 +2727,21 @@ static void test_gpu_batch(const char *label, const char *model, const char *tok
     }
 }
 
+// ./dsv2cu --serve-check: the batch engine on 20 random prompts with their own -n (one ending at the context),
+// at --batch 1, 3 and 16, every cache format, greedy and sampled: bit for bit the same tokens at every batch
+// size, and dsv2.c's tokens (float32 caches; bf16 reported). Its last line says ALL OK or FAILED.
+static void test_gpu_serve_check(const char *model) {
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "./dsv2cu --serve-check %s 20 2>&1; echo \"exit $?\"", model);
+    char *out = run_capture(cmd);
+    int not_ok = 0;
+    for (char *l = out; l && (l = strstr(l, "NOT OK")); l++) not_ok++;
+    check(out && strstr(out, "SERVE_CHECK ALL OK") && strstr(out, "exit 0"),
+          "./dsv2cu --serve-check %s: batch 1 = 3 = 16 bit for bit, = dsv2.c (%d NOT OK lines)", model, not_ok);
+    if (!(out && strstr(out, "exit 0"))) printf("%s", out ? out : "");
+    free(out);
+}
+
 static void test_gpu(void) {
     test_dev_cuda_copy();
     if (access("./dsv2cu", X_OK) != 0 || system("./dsv2cu --gpu-check >/dev/null 2>&1") != 0) {
@@ -2752,6 +2767,8 @@ static void test_gpu(void) {
     test_gpu_batch("lite", "build/fixtures/lite.bf16.bin", "build/fixtures/lite.tok.bin", 12);
     test_gpu_batch("v2", "build/fixtures/v2.bf16.bin", "build/fixtures/v2.tok.bin", 12);
     test_gpu_batch("default model", "dsv2_tiny.bin", "tokenizer.bin", 32);
+    test_gpu_serve_check("build/fixtures/lite.bf16.bin");
+    test_gpu_serve_check("build/fixtures/v2.bf16.bin");
 }
 
 int main(int argc, char **argv) {
