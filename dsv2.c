@@ -2509,7 +2509,7 @@ typedef struct {
     float temperature, topp;  // -t, -p, as sample() takes them (temperature 0: greedy)
     uint64_t seed;            // -s: sequence i samples with batch_seed(seed, i)
     int n_new;                // -n: the most tokens one sequence generates
-    int max_batch;            // --batch B (./dsv2cu): sequences in flight at once (./dsv2: one)
+    int max_batch;            // --batch B (./dsv2cu): sequences in flight at once; 0: not given (./dsv2: one at a time)
     int kv_bf16, kv_mha;      // --kv bf16, --kv-layout mha (KvFormat)
     double kv_mem_gib;        // --kv-mem GIB (./dsv2cu): the paged cache's size; 0: its default
     AttnForm form;            // -a (./dsv2, latent layout): how attention reads the cache
