@@ -509,7 +509,8 @@ static void bench_attn_decode(const Config *c, int ctx, double copy_gbs, uint64_
 
 // ./dsv2cu --bench-attn [CTX]: bench_attn_decode without a model file, on DeepSeek-V2-Lite's attention
 // (16 heads, 27 layers) and DeepSeek-V2's (128 heads, 60 layers): d_c 512, d_h^R 64, nope 128, v 128,
-// DeepSeek-V2's softmax scale (YaRN mscale^2 / sqrt(192), mscale = 0.1 ln 40 + 1)
+// DeepSeek-V2's softmax scale (YaRN mscale^2 / sqrt(192), mscale = 0.1 ln 40 + 1); then the test fixture
+// lite's odd shapes (4 heads, d_c 32, d_h^R 8, nope 16, v 12), which take the kernels' padded paths
 static int bench_attn_main(int argc, char **argv) {
     int ctx = argc >= 1 ? atoi(argv[0]) : 8192;
     if (ctx < 64 || ctx > 65536) die("--bench-attn: context %s out of range (64..65536)", argc >= 1 ? argv[0] : "");
@@ -523,11 +524,14 @@ static int bench_attn_main(int argc, char **argv) {
     gpu.softmax_scale = (float)(mscale * mscale / sqrt(192.0));
     double copy_gbs = bench_copy_bandwidth();
     uint64_t rng = 4242;
-    for (int heads : {16, 128}) {
+    for (int heads : {16, 128, 4}) {
         Config c;
         memset(&c, 0, sizeof c);
         c.n_heads = heads; c.n_layers = heads == 16 ? 27 : 60;
         c.kv_lora_rank = 512; c.qk_rope_head_dim = 64; c.qk_nope_head_dim = 128; c.v_head_dim = 128;
+        if (heads == 4) {  // the test fixture "lite": rows of 40 values (W = 8 mod 16), v_head_dim 12 (not 16-byte pieces)
+            c.n_layers = 2; c.kv_lora_rank = 32; c.qk_rope_head_dim = 8; c.qk_nope_head_dim = 16; c.v_head_dim = 12;
+        }
         gpu.c = c;
         gpu.W = kv_cache_width(&c);
         bench_attn_decode(&c, ctx, copy_gbs, &rng);

@@ -443,9 +443,11 @@ mha_decode_kernel(float *part_o, float *part_ml, const float *q, const T *pool, 
     int r = tid >> 2, u0 = tid & 3, n_units = qk / VPL;
     for (int it = 0; it < n_tiles; it++) {
         int t0 = start + it * MLA_TILE;
-        if (it + 1 < n_tiles) { load(t0 + MLA_TILE, (it + 1) & 1); cp_async_wait<1>(); }
-        else cp_async_wait<0>();
-        __syncthreads();  // tile it is visible (and, the first time, q_s); sc is free again
+        cp_async_wait<0>();  // tile it has landed (this thread's pieces) ...
+        __syncthreads();     // ... everyone's (and q_s); every warp is done with tile it - 1, its buffer and sc
+        // the next tile comes while this one is used. Its buffer held tile it - 1: issued before the barrier,
+        // the copy raced with slower warps still reading it (bf16 outputs off by 5e-2 under compute-sanitizer)
+        if (it + 1 < n_tiles) load(t0 + MLA_TILE, (it + 1) & 1);
         const T *kd = kt + (it & 1) * MLA_TILE * SK, *vd = vt + (it & 1) * MLA_TILE * SV;
         {   // scores: thread (r, u0), 8-byte pieces u0, u0 + 4, ...
             float s = 0.0f;
