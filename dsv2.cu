@@ -29,7 +29,8 @@
  *                     setup, decode_step (dsv2.c's forward, one token) and prefill_pass (the prompt)
  *   dsv2_mla.cuh      Multi-head Latent Attention: mla_prep, mla_attention + mla_combine (split-KV with
  *                     a log-sum-exp merge, tensor cores, double buffering), v_up
- *   dsv2_moe.cuh      DeepSeekMoE at decode: the router, gate/up/SwiGLU, down + residual
+ *   dsv2_moe.cuh      DeepSeekMoE at decode: the router, gate/up/SwiGLU, down + residual; and over a batch
+ *                     of tokens (moe_batch_forward): grouping by expert on the GPU, grouped tensor-core products
  *   dsv2_prefill.cuh  the prefill's products on tensor cores at float32 accuracy (bf16 x 3), expert rows
  *   dsv2_bench.cuh    --bench: self-checks and benchmarks (tools/bench_cuda.sh)
  *   dev/cuda/         the MLA decode kernel version by version, from dsv2.c's loop to mla_attention_kernel
