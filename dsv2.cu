@@ -33,7 +33,8 @@
  *                     a log-sum-exp merge, tensor cores, double buffering), v_up
  *   dsv2_mla_decode.cuh  the attention of a batch of queries over the paged cache (the batch engine):
  *                     latent rows (a plan balances the splits; bf16 or float32 cache) and expanded MHA rows
- *   dsv2_moe.cuh      DeepSeekMoE at decode: the router, gate/up/SwiGLU, down + residual
+ *   dsv2_moe.cuh      DeepSeekMoE at decode: the router, gate/up/SwiGLU, down + residual; and over a batch
+ *                     of tokens (moe_batch_forward): grouping by expert on the GPU, grouped tensor-core products
  *   dsv2_prefill.cuh  the prefill's products on tensor cores at float32 accuracy (bf16 x 3), expert rows
  *   dsv2_sample.cuh   dsv2.c's sample() for B rows of logits (argmax, softmax, top-p by a radix select),
  *                     run inside the decode graph so that only the drawn token id comes back to the host

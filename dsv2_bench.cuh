@@ -143,9 +143,12 @@ static void bench_mla_kernel(const Config *c, int ctx_max, double copy_gbs, uint
 // Checks, for T random tokens: against dsv2.c's moe_ffn on the CPU (the FFN's output x_after - x_before,
 // max relative error; the same experts chosen), against the T tokens one at a time through the decode
 // kernels (moe_router/gate_up/down), deterministic (two runs bitwise equal), and a CUDA graph of it equal
-// to the direct launches. Timings: graph replays at several T, rows of 8 per unit forced to 1 and 4
-// (and the automatic choice), against the one-at-a-time decode kernels (CUDA cores) over the same tokens;
-// bytes = the weights the step must read (router, the chosen experts once, the shared experts).
+// to the direct launches; each for the shape chosen by T and for both shapes (moe_shapes). A dense layer
+// too, when the model has one. Timings: graph replays at several T, the chosen shape and both, against
+// the same tokens one at a time through the decode kernels (CUDA cores), in one graph; bytes = the
+// weights the step must read (router, the chosen experts once, the shared experts). --moe-only 1 runs
+// this section alone (after the copy bandwidth), --moe-only 2 its checks alone.
+
 // one check: T random tokens through layer l (MoE or dense) three ways; returns 1 when all agree
 static int check_moe_batch(const Model *m, RunState *s, int l, int T, float *dx, float *dxn, uint64_t *rng) {
     const Config *c = &m->config;
@@ -178,8 +181,8 @@ static int check_moe_batch(const Model *m, RunState *s, int l, int T, float *dx,
     }
     cudaCheck(cudaMemcpy(one.data(), dx, n * 4, cudaMemcpyDeviceToHost));
     int all_ok = 1;
-    for (int v = 0; v < N_MOE_VARIANTS; v++) {  // the automatic choice, then each variant
-        moe_batch.variant = v;
+    for (int v = -1; v < 2; v++) {  // the shape chosen by T, then each shape
+        moe_batch.shape = v;
         for (int run = 0; run < 2; run++) {  // twice: bitwise the same
             cudaCheck(cudaMemcpy(dx, h.data(), n * 4, cudaMemcpyHostToDevice));
             moe_batch_forward(dx, dxn, L, T);
@@ -197,11 +200,11 @@ static int check_moe_batch(const Model *m, RunState *s, int l, int T, float *dx,
         // float32 accuracy: 1e-5 of the output's scale is far above float32 rounding and far below a bf16 error (~4e-3)
         int ok = e_cpu < 1e-5 && e_one < 1e-5 && same_cpu == T && same_one == T && det;
         all_ok &= ok;
-        printf("BENCH check_moe_batch layer %d (%s) T %d variant %d vs_cpu max_rel_err %.3e experts_same %d/%d vs_decode "
+        printf("BENCH check_moe_batch layer %d (%s) T %d shape %d vs_cpu max_rel_err %.3e experts_same %d/%d vs_decode "
                "max_rel_err %.3e experts_same %d/%d deterministic %d %s\n", l, L->is_moe ? "moe" : "dense", T, v, e_cpu,
                same_cpu, T, e_one, same_one, T, det, ok ? "OK" : "NOT OK");
     }
-    moe_batch.variant = 0;
+    moe_batch.shape = -1;
     fflush(stdout);
     return all_ok;
 }
@@ -259,9 +262,9 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int checks_only) {
         size_t n = (size_t)T * dim;
         fill_random(dxn, n, 100 + T, 1.7f);
         fill_random(dx, n, 200 + T, 0.1f);
-        double best_ms[N_MOE_VARIANTS];
-        for (int v = 0; v < N_MOE_VARIANTS; v++) {  // the automatic choice, then each variant
-            moe_batch.variant = v;
+        double best_ms[3];
+        for (int v = -1; v < 2; v++) {  // the shape chosen by T, then each shape
+            moe_batch.shape = v;
             cudaGraph_t graph;
             cudaGraphExec_t exec;
             cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
@@ -278,11 +281,11 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int checks_only) {
                 cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
                 if (i >= 3) t.push_back(ms);
             }
-            best_ms[v] = median(t);
+            best_ms[v + 1] = median(t);
             cudaCheck(cudaGraphExecDestroy(exec));
             cudaCheck(cudaGraphDestroy(graph));
         }
-        moe_batch.variant = 0;
+        moe_batch.shape = -1;
         // the weights this step must read: the router, each chosen expert once, the shared experts
         std::vector<int> idx((size_t)T * K);
         cudaCheck(cudaMemcpy(idx.data(), moe_batch.idx, idx.size() * 4, cudaMemcpyDeviceToHost));
@@ -320,13 +323,11 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int checks_only) {
             cudaCheck(cudaGraphDestroy(graph));
         }
         double gbs = bytes / (best_ms[0] * 1e-3) / 1e9;
-        printf("BENCH moe_batch T %d ms %.4f variant %d experts_read %d/%d weight_bytes %.0f GBps %.1f ratio_to_copy %.3f "
-               "one_at_a_time_ms %.4f speedup %.2f |", T, best_ms[0], moe_variant_for(T, K, E, 1), n_chosen, E, bytes, gbs,
-               gbs / copy_gbs, one_ms, one_ms > 0 ? one_ms / best_ms[0] : 0.0);
-        for (int v = 1; v < N_MOE_VARIANTS; v++)
-            printf(" v%d(NG%d,KS%d,L%d,PF%d) %.4f", v, moe_variants[v].NG, moe_variants[v].KS, moe_variants[v].LOADS,
-                   moe_variants[v].PF, best_ms[v]);
-        printf("\n");
+        int sh = moe_shape_for(T, K, E, 1);
+        printf("BENCH moe_batch T %d ms %.4f shape %d (NG %d, KS %d) experts_read %d/%d weight_bytes %.0f GBps %.1f "
+               "ratio_to_copy %.3f one_at_a_time_ms %.4f speedup %.2f | shape0_ms %.4f shape1_ms %.4f\n", T, best_ms[0], sh,
+               moe_shapes[sh].NG, moe_shapes[sh].KS, n_chosen, E, bytes, gbs, gbs / copy_gbs, one_ms,
+               one_ms > 0 ? one_ms / best_ms[0] : 0.0, best_ms[1], best_ms[2]);
         fflush(stdout);
     }
     cudaCheck(cudaFree(dx)); cudaCheck(cudaFree(dxn));

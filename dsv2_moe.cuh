@@ -263,9 +263,11 @@ static void moe_down_forward(float *x, const GpuLayer *L, const int *idx, const 
 // same with K = 0 and one piece, its whole FFN. Rows: the pairs sorted by group, in token order within
 // a group (stable, so the result does not depend on timing); perm[row] = token, inv[t * S + s] = row.
 // Work unit: up to NT rows of one group. The grouped products run one block per (unit, block of rows
-// of the weight): a unit's block reads its rows of its group's matrix once, for all the unit's tokens;
-// groups nobody chose have no unit, so their weights are never read. The grids depend on T and on
-// static sizes only (the unit count is bounded from T); blocks past the device's unit count return.
+// of the weight): a unit's block reads its rows of its group's matrix once, for all the unit's rows (a
+// group with more than NT rows has several units, which read its matrix again, mostly from L2); groups
+// nobody chose have no unit, so their weights are never read. The grids depend on T and on static sizes
+// only (the unit count is bounded from T); blocks past the device's unit count return at once.
+// Usage: moe_batch_init(c, max_T) once after gpu_init; then moe_batch_forward on gpu.stream, any T <= max_T.
 
 // A grouped product's operands (one launch, passed by value). Group g < G_r: the matrix at W + g *
 // stride (m rows of k, row stride ld); group g >= G_r: the shared piece g - G_r, at Ws + (g - G_r) *
@@ -280,67 +282,44 @@ typedef struct {
     bf16 *H;             // two matrices: H (rows, 3, m) = split3(silu(W_r . x) * (W2_r . x))
 } GroupedArgs;
 
-// a 16-byte load that does not stay in L1 (weights: read once; L1 is left to the activations)
-__device__ __forceinline__ uint4 ld_stream16(const void *p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ uint32_t u4_at(const uint4 &v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 // One tensor-core product, d (16x8) += a (16x16) b (16x8), bf16 in, float32 accumulate (mma.sync
 // m16n8k16). Fragments as for m16n8k8 (dsv2_common.cuh) with k doubled: lane (g, t) holds
 //   a = A[g][2t..2t+1], A[g+8][2t..2t+1], A[g][2t+8..2t+9], A[g+8][2t+8..2t+9]   (two bf16 per register)
 //   b = B[2t..2t+1][g], B[2t+8..2t+9][g];  d = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]
-// ORDERED: asm volatile, so that the compiler keeps it after every (volatile) load written before it
-template <int ORDERED>
 __device__ __forceinline__ void mma_bf16(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-    if (ORDERED)
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-    else
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-// a 16-byte read-only load through L1 (activations: the block's other warps read the same), kept in order
-__device__ __forceinline__ uint4 ld_nc16(const void *p) {
-    uint4 v;
-    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
+__device__ __forceinline__ uint32_t u4_at(const uint4 &v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 
 // The grouped product (dsv2.c's matmul in ffn, for every work unit): for unit (g, row0, n) and the
 // weight rows r of this block, y[row0 + i][r] = W_g[r] . x[x_row(row0 + i)] for i < n (and the SwiGLU of
 // gate and up when TWO), at float32 accuracy: x = x1 + x2 + x3 in bf16 (split3), W x = W x1 + (W x2 + W x3),
 // two accumulators (big, small) as in mma_3xtf32.
 // Block: 8 warps = RW row groups x KS splits of k. Warp (rw, ks): 16 weight rows (r0 = 16 (RW blockIdx.x
-// + rw)) against the unit's NT = 8 NG rows, over k's 32-wide chunks ks, ks + KS, ...; the KS partial sums
-// are added in shared memory in a fixed order. Grid: (m / (16 RW), units).
-// Loads straight into the mma fragments, no shared memory: lane (g, t) loads 16 bytes, k = 8t..8t+7 of a
-// 32-chunk, of weight rows g and g + 8 and of activation row g. The k order inside a chunk may be any
-// permutation (the same for both operands), so step s (0, 1) of the chunk's two k16 products takes the
-// lane's registers 2s, 2s + 1 (elements 4s..4s+3) as its k = 2t, 2t+1, 2t+8, 2t+9. Each lane keeps J
-// chunks of weights in flight (J * (2, or 4 for gate/up) loads of 16 bytes) before it uses them, after
-// the whole block's weight rows were asked into L2 (prefetch_l2).
-// LOADS says how a round of J chunks gets its operands:
-//   0: straight into registers (the compiler interleaves loads and products as it likes; in the first
-//      version's SASS each lane waited for one load before it asked for the next);
-//   1: the same, all loads written first and everything asm volatile (ptxas may still reorder);
-//   2: cp.async (dsv2_common.cuh) into this thread's own slots of shared memory, two rounds in flight:
-//      round r + 1 is asked for before round r is multiplied, so the memory latency overlaps the products.
-//      Each thread reads back only what it copied itself, so no barrier is needed between the copies
-//      and the reads (cp.async.wait_group makes a thread's own copies visible to it).
-// PF: first ask the copy engine for all of the block's weight rows (prefetch_l2).
-template <int NG, int KS, int TWO, int LOADS, int PF>
+// + rw)) against the unit's NT = 8 NG rows; the KS partial sums are added in shared memory in a fixed
+// order. Grid: (m / (16 RW), units).
+// Fragments straight from 16-byte pieces: lane (g, t) takes k = 8t..8t+7 of a 32-wide chunk of weight rows
+// g and g + 8 and of activation row g. The k order inside a chunk may be any permutation (the same for
+// both operands), so step s (0, 1) of the chunk's two k16 products takes the lane's registers 2s, 2s + 1
+// (elements 4s..4s+3) as its k = 2t, 2t+1, 2t+8, 2t+9.
+// Rounds of 4 chunks (128 values of k); in round r, warp ks multiplies chunks 4r + ks + KS jj (jj < J =
+// 4 / KS). Operands come through shared memory by cp.async (dsv2_common.cuh), two rounds in flight:
+// round r + 1 is asked for before round r is multiplied, so memory latency overlaps the products.
+//   - weights: each thread copies the 16-byte pieces it will itself use into its own slots, [round & 1]
+//     [slot][256 threads] (consecutive threads, consecutive 16 bytes);
+//   - activations: the block copies the round's pieces of its NT unit rows once, for all its warps,
+//     piece ((cc NT + i) 3 + p) 4 + quarter = 16 bytes of chunk cc, unit row i, part p.
+// Measured against loads straight into registers (the compiler then interleaved loads and products, and
+// each lane waited for one load before it asked for the next) and other shapes: docs/BENCHMARKS.md.
+template <int NG, int KS, int TWO>
 __global__ void __launch_bounds__(256) moe_grouped_kernel(GroupedArgs a, const int4 *units, const int *n_units, int T) {
-    constexpr int RW = 8 / KS, NM = TWO ? 2 : 1, NT = 8 * NG;
-    constexpr int J = LOADS == 3 ? 4 / KS : LOADS == 2 ? (NG == 4 ? 1 : 2) : (NG == 1 ? 4 : 2);
-    constexpr int SLOTS = J * (2 * NM + (LOADS == 2 ? 3 * NG : 0));  // 16-byte slots per thread and round (LOADS 2, 3)
-    constexpr int XTILE = LOADS == 3 ? NT * 3 * KS * J * 4 : 0;      // LOADS 3: the round's activations, 16-byte pieces
-    extern __shared__ uint4 slot[];  // LOADS 2, 3: [round & 1][SLOTS][256 threads] then (LOADS 3) [XTILE]
-    __shared__ size_t xoff[LOADS == 3 ? NT : 1];                     // LOADS 3: offset of each unit row's activations
+    constexpr int RW = 8 / KS, NM = TWO ? 2 : 1, NT = 8 * NG, J = 4 / KS;
+    constexpr int SLOTS = J * 2 * NM;     // each thread's 16-byte weight pieces per round
+    constexpr int XTILE = NT * 3 * 4 * 4;  // the block's 16-byte activation pieces per round
+    extern __shared__ uint4 slot[];        // [round & 1][SLOTS x 256 threads, then XTILE]
+    __shared__ size_t xoff[NT];            // where each unit row's split activations start in X
     pdl_launch_next();
     pdl_wait();
     int4 u;  // (group, first row, rows)
@@ -357,19 +336,16 @@ __global__ void __launch_bounds__(256) moe_grouped_kernel(GroupedArgs a, const i
     int ld = u.x < a.G_r ? a.ld : a.s_ld;
     Wm[0] = u.x < a.G_r ? a.W + u.x * a.stride : a.Ws + (u.x - a.G_r) * a.s_stride;
     if (TWO) Wm[NM - 1] = u.x < a.G_r ? a.W2 + u.x * a.stride : a.Ws2 + (u.x - a.G_r) * a.s_stride;
-    if (PF && ks == 0 && lane < 16 && r0 + lane < m)  // this warp's 16 rows into L2 now
-        for (int q = 0; q < NM; q++) prefetch_l2(Wm[q] + (size_t)(r0 + lane) * ld, (size_t)k * sizeof(bf16));
     const bf16 *wrow[NM][2];  // rows g and g + 8 (clamped: rows past m are computed and not stored)
     for (int q = 0; q < NM; q++) {
         wrow[q][0] = Wm[q] + (size_t)min(r0 + g, m - 1) * ld;
         wrow[q][1] = Wm[q] + (size_t)min(r0 + g + 8, m - 1) * ld;
     }
-    const bf16 *xrow[NG];  // activation row g of each group of 8 unit rows (NULL past the unit's end)
-    #pragma unroll
-    for (int j = 0; j < NG; j++) {
-        int i = j * 8 + g;
-        xrow[j] = i < u.z ? a.X + (size_t)3 * (a.x_row ? a.x_row[u.y + i] : u.y + i) * k : NULL;
+    if (threadIdx.x < NT) {
+        int i = threadIdx.x;
+        xoff[i] = i < u.z ? (size_t)3 * (a.x_row ? a.x_row[u.y + i] : u.y + i) * k : 0;
     }
+    __syncthreads();
     float acc[NM][NG][2][4];  // [matrix][8 rows][big, small][fragment]
     #pragma unroll
     for (int q = 0; q < NM; q++)
@@ -379,134 +355,63 @@ __global__ void __launch_bounds__(256) moe_grouped_kernel(GroupedArgs a, const i
             for (int b = 0; b < 2; b++)
                 #pragma unroll
                 for (int e = 0; e < 4; e++) acc[q][j][b][e] = 0.0f;
-    const uint4 zero = make_uint4(0, 0, 0, 0);
     int chunks = (k + 31) / 32;
-    // LOADS 2: ask for round c0's operands into slot buffer b (a lane's 8 values of k are all inside or all outside)
-    auto stage = [&](int c0, int b) {
-        uint4 *sl = slot + (size_t)b * (SLOTS * 256 + XTILE) + threadIdx.x;
+    // ask for round r's operands into buffer r & 1 (k % 8 == 0: a lane's 8 values are all inside k or all
+    // outside; outside ones are zero-filled, cp.async reading nothing)
+    auto stage = [&](int r) {
+        uint4 *sl = slot + (size_t)(r & 1) * (SLOTS * 256 + XTILE);
         #pragma unroll
         for (int jj = 0; jj < J; jj++) {
-            int col = (c0 + jj * KS) * 32 + 8 * t, in = col < k;
+            int col = (4 * r + ks + jj * KS) * 32 + 8 * t, in = col < k;
             #pragma unroll
             for (int q = 0; q < NM; q++)
                 #pragma unroll
                 for (int h = 0; h < 2; h++)
-                    cp_async16(sl + (size_t)((jj * NM + q) * 2 + h) * 256, in ? wrow[q][h] + col : wrow[q][h], in ? 16 : 0);
-            #pragma unroll
-            for (int j = 0; j < (LOADS == 2 ? NG : 0); j++)
-                #pragma unroll
-                for (int p = 0; p < 3; p++) {
-                    int ok = in && xrow[j];
-                    cp_async16(sl + (size_t)(J * NM * 2 + (jj * NG + j) * 3 + p) * 256,
-                               ok ? xrow[j] + (size_t)p * k + col : (const bf16 *)a.X, ok ? 16 : 0);
-                }
+                    cp_async16(sl + (size_t)((jj * NM + q) * 2 + h) * 256 + threadIdx.x, in ? wrow[q][h] + col : wrow[q][h], in ? 16 : 0);
         }
-        if (LOADS == 3) {  // the block's activations for chunks c0 - ks .. c0 - ks + KS J - 1: piece ((cc NT + i) 3 + p) 4 + quarter
-            uint4 *xt = slot + (size_t)b * (SLOTS * 256 + XTILE) + SLOTS * 256;
-            for (int pc = threadIdx.x; pc < XTILE; pc += 256) {
-                int quarter = pc & 3, p = (pc >> 2) % 3, i = (pc >> 2) / 3 % NT, cc = (pc >> 2) / 3 / NT;
-                int col = (c0 - ks + cc) * 32 + 8 * quarter, ok = col < k && i < u.z;
-                cp_async16(xt + pc, ok ? a.X + xoff[i] + (size_t)p * k + col : a.X, ok ? 16 : 0);
-            }
+        for (int pc = threadIdx.x; pc < XTILE; pc += 256) {
+            int quarter = pc & 3, p = (pc >> 2) % 3, i = (pc >> 2) / 3 % NT, cc = (pc >> 2) / 3 / NT;
+            int col = (4 * r + cc) * 32 + 8 * quarter, ok = col < k && i < u.z;
+            cp_async16(sl + SLOTS * 256 + pc, ok ? a.X + xoff[i] + (size_t)p * k + col : a.X, ok ? 16 : 0);
         }
         cp_async_commit();
     };
-    // the round's products: chunk c0 + jj KS, w and xh as loaded (LOADS 0 loads xh here)
-    auto multiply = [&](uint4 (&w)[J][NM][2], uint4 (&xh)[J][NG][3], int c0) {
+    stage(0);
+    for (int r = 0; 4 * r < chunks; r++) {
+        if (r > 0) __syncthreads();    // every warp is done with round r - 1's buffer, refilled now
+        if (4 * (r + 1) < chunks) stage(r + 1);
+        else cp_async_commit();        // an empty group keeps the count
+        cp_async_wait<1>();            // this thread's copies of round r have landed
+        __syncthreads();               // and every thread's: the activations are visible
+        const uint4 *sl = slot + (size_t)(r & 1) * (SLOTS * 256 + XTILE);
+        uint4 w[J][NM][2], xh[J][NG][3];
         #pragma unroll
         for (int jj = 0; jj < J; jj++) {
-            int col = (c0 + jj * KS) * 32 + 8 * t;
+            #pragma unroll
+            for (int q = 0; q < NM; q++)
+                #pragma unroll
+                for (int h = 0; h < 2; h++) w[jj][q][h] = sl[(size_t)((jj * NM + q) * 2 + h) * 256 + threadIdx.x];
+            #pragma unroll
+            for (int j = 0; j < NG; j++)
+                #pragma unroll
+                for (int p = 0; p < 3; p++) xh[jj][j][p] = sl[SLOTS * 256 + (((jj * KS + ks) * NT + j * 8 + g) * 3 + p) * 4 + t];
+        }
+        #pragma unroll
+        for (int jj = 0; jj < J; jj++) {
             #pragma unroll
             for (int j = 0; j < NG; j++) {
-                uint4 *x = xh[jj][j];
-                if (LOADS == 0)
-                    #pragma unroll
-                    for (int p = 0; p < 3; p++) x[p] = xrow[j] && col < k ? __ldg((const uint4 *)(xrow[j] + (size_t)p * k + col)) : zero;
+                const uint4 *x = xh[jj][j];
                 #pragma unroll
                 for (int s = 0; s < 2; s++)
                     #pragma unroll
                     for (int q = 0; q < NM; q++) {
                         uint32_t a0 = u4_at(w[jj][q][0], 2 * s), a1 = u4_at(w[jj][q][1], 2 * s);
                         uint32_t a2 = u4_at(w[jj][q][0], 2 * s + 1), a3 = u4_at(w[jj][q][1], 2 * s + 1);
-                        mma_bf16<LOADS == 1>(acc[q][j][0], a0, a1, a2, a3, u4_at(x[0], 2 * s), u4_at(x[0], 2 * s + 1));  // W x1
-                        mma_bf16<LOADS == 1>(acc[q][j][1], a0, a1, a2, a3, u4_at(x[1], 2 * s), u4_at(x[1], 2 * s + 1));  // W x2
-                        mma_bf16<LOADS == 1>(acc[q][j][1], a0, a1, a2, a3, u4_at(x[2], 2 * s), u4_at(x[2], 2 * s + 1));  // W x3
+                        mma_bf16(acc[q][j][0], a0, a1, a2, a3, u4_at(x[0], 2 * s), u4_at(x[0], 2 * s + 1));  // W x1
+                        mma_bf16(acc[q][j][1], a0, a1, a2, a3, u4_at(x[1], 2 * s), u4_at(x[1], 2 * s + 1));  // W x2
+                        mma_bf16(acc[q][j][1], a0, a1, a2, a3, u4_at(x[2], 2 * s), u4_at(x[2], 2 * s + 1));  // W x3
                     }
             }
-        }
-    };
-    if (LOADS == 3) {
-        // LOADS 3: the block stages each round's activations once, in shared memory, for all its warps
-        // (the weights as LOADS 2); every warp runs every round (barriers), chunk round KS J + jj KS + ks.
-        if (threadIdx.x < NT) {
-            int i = threadIdx.x;
-            xoff[i] = i < u.z ? (size_t)3 * (a.x_row ? a.x_row[u.y + i] : u.y + i) * k : 0;
-        }
-        __syncthreads();
-        stage(ks, 0);
-        for (int round = 0; round * KS * J < chunks; round++) {
-            int c0 = round * KS * J + ks;
-            if (round > 0) __syncthreads();  // every warp is done with round - 1's buffer, refilled now
-            if ((round + 1) * KS * J < chunks) stage(c0 + KS * J, (round + 1) & 1);
-            else cp_async_commit();
-            cp_async_wait<1>();
-            __syncthreads();                 // round's activations, copied by all threads, are visible
-            const uint4 *sl = slot + (size_t)(round & 1) * (SLOTS * 256 + XTILE);
-            uint4 w[J][NM][2], xh[J][NG][3];
-            #pragma unroll
-            for (int jj = 0; jj < J; jj++) {
-                #pragma unroll
-                for (int q = 0; q < NM; q++)
-                    #pragma unroll
-                    for (int h = 0; h < 2; h++) w[jj][q][h] = sl[(size_t)((jj * NM + q) * 2 + h) * 256 + threadIdx.x];
-                #pragma unroll
-                for (int j = 0; j < NG; j++)
-                    #pragma unroll
-                    for (int p = 0; p < 3; p++) xh[jj][j][p] = sl[SLOTS * 256 + (((jj * KS + ks) * NT + j * 8 + g) * 3 + p) * 4 + t];
-            }
-            multiply(w, xh, c0);
-        }
-    } else {
-        if (LOADS == 2) stage(ks, 0);
-        for (int c0 = ks, round = 0; c0 < chunks; c0 += KS * J, round++) {
-            uint4 w[J][NM][2], xh[J][NG][3];
-            if (LOADS == 2) {
-                __syncwarp();  // the reads of round - 1 (buffer (round + 1) & 1) come before its refill
-                if (c0 + KS * J < chunks) stage(c0 + KS * J, (round + 1) & 1);
-                else cp_async_commit();  // an empty group keeps the count
-                cp_async_wait<1>();      // round's own copies have landed
-                const uint4 *sl = slot + (size_t)(round & 1) * SLOTS * 256 + threadIdx.x;
-                #pragma unroll
-                for (int jj = 0; jj < J; jj++) {
-                    #pragma unroll
-                    for (int q = 0; q < NM; q++)
-                        #pragma unroll
-                        for (int h = 0; h < 2; h++) w[jj][q][h] = sl[(size_t)((jj * NM + q) * 2 + h) * 256];
-                    #pragma unroll
-                    for (int j = 0; j < NG; j++)
-                        #pragma unroll
-                        for (int p = 0; p < 3; p++) xh[jj][j][p] = sl[(size_t)(J * NM * 2 + (jj * NG + j) * 3 + p) * 256];
-                }
-            } else {
-                #pragma unroll
-                for (int jj = 0; jj < J; jj++) {
-                    int col = (c0 + jj * KS) * 32 + 8 * t;
-                    #pragma unroll
-                    for (int q = 0; q < NM; q++)
-                        #pragma unroll
-                        for (int h = 0; h < 2; h++) w[jj][q][h] = col < k ? ld_stream16(wrow[q][h] + col) : zero;
-                }
-                if (LOADS == 1)
-                    #pragma unroll
-                    for (int jj = 0; jj < J; jj++) {
-                        int col = (c0 + jj * KS) * 32 + 8 * t;
-                        #pragma unroll
-                        for (int j = 0; j < NG; j++)
-                            #pragma unroll
-                            for (int p = 0; p < 3; p++) xh[jj][j][p] = xrow[j] && col < k ? ld_nc16(xrow[j] + (size_t)p * k + col) : zero;
-                    }
-            }
-            multiply(w, xh, c0);
         }
     }
     float v[NM][NG][4];
@@ -516,14 +421,11 @@ __global__ void __launch_bounds__(256) moe_grouped_kernel(GroupedArgs a, const i
         for (int j = 0; j < NG; j++)
             #pragma unroll
             for (int e = 0; e < 4; e++) v[q][j][e] = acc[q][j][0][e] + acc[q][j][1][e];
-    if (KS > 1) {  // the k splits' sums, added by warp ks = 0 in the order ks = 1, 2, ...
-        __shared__ float part_static[LOADS >= 2 || KS == 1 ? 1 : 8][NM * NG * 4][32];
+    if (KS > 1) {  // the k splits' sums, added by warp ks = 0 in the order ks = 1, 2, ..., in the slots once all are done
         typedef float Part[NM * NG * 4][32];
-        Part *part = LOADS >= 2 ? (Part *)slot : part_static;  // LOADS 2, 3: in the slots, once every warp is done with them
-        if (LOADS >= 2) {
-            cp_async_wait<0>();
-            __syncthreads();
-        }
+        Part *part = (Part *)slot;
+        cp_async_wait<0>();
+        __syncthreads();
         if (ks > 0)
             #pragma unroll
             for (int q = 0; q < NM; q++)
@@ -622,32 +524,26 @@ __global__ void moe_batch_combine_kernel(float *x, const float *y, const int *in
     }
 }
 
-// the grouped product's variants: rows of 8 per unit (NG), splits of k (KS), LOADS and PF as above
+// The grouped product's two shapes, rows of 8 per unit (NG) x splits of k (KS), chosen by T:
+//   (1, 4) while a routed expert gets fewer than 3 rows on average (T K < 3 E), and for a dense layer;
+//   (2, 2) above. (4, 1) was faster still at T >= 256 but sums 2048 products per tensor-core accumulator:
+//   its error grew to 5e-6 (MoE) and 1.6e-5 (dense down, k = 10944) against dsv2.c, where (2, 2) stays at
+//   3e-6 and 9e-6, (1, 4) at 2e-6 and 5e-6 (docs/BENCHMARKS.md).
 typedef void (*GroupedKernel)(GroupedArgs, const int4 *, const int *, int);
-typedef struct { int NG, KS, LOADS, PF; GroupedKernel one, two; } MoeVariant;
-#define MOE_VARIANT(NG, KS, L, PF) {NG, KS, L, PF, moe_grouped_kernel<NG, KS, 0, L, PF>, moe_grouped_kernel<NG, KS, 1, L, PF>}
-static const MoeVariant moe_variants[] = {
-    {0, 0, 0, 0, NULL, NULL},  // 0: chosen by T (moe_variant_for)
-    MOE_VARIANT(1, 4, 0, 1), MOE_VARIANT(4, 2, 0, 1), MOE_VARIANT(1, 4, 0, 0), MOE_VARIANT(4, 2, 0, 0),
-    MOE_VARIANT(1, 4, 1, 0), MOE_VARIANT(1, 4, 2, 0), MOE_VARIANT(2, 4, 2, 0), MOE_VARIANT(4, 2, 2, 0),
-    MOE_VARIANT(1, 4, 3, 0), MOE_VARIANT(2, 2, 3, 0), MOE_VARIANT(4, 2, 3, 0), MOE_VARIANT(4, 1, 3, 0)};
-#define N_MOE_VARIANTS 13
-// dynamic shared memory of a variant: LOADS 2's slots (two rounds), at least the k splits' partial sums
-static size_t moe_variant_smem(const MoeVariant *v, int two) {
-    if (v->LOADS < 2) return 0;
-    int NM = two ? 2 : 1, J = v->LOADS == 3 ? 4 / v->KS : v->NG == 4 ? 1 : 2;
-    size_t slots = (size_t)J * (2 * NM + (v->LOADS == 2 ? 3 * v->NG : 0)) * 256, xtile = v->LOADS == 3 ? (size_t)8 * v->NG * 3 * v->KS * J * 4 : 0;
-    size_t part = v->KS > 1 ? (size_t)8 * NM * v->NG * 4 * 32 * 4 : 0;
-    return std::max(2 * (slots + xtile) * 16, part);
-}
-// the variant for T tokens (measured: docs/BENCHMARKS.md)
-static int moe_variant_for(int T, int K, int E, int moe) {
-    return moe ? ((long)T * K < 8L * E ? 1 : 2) : (T < 32 ? 1 : 2);
+typedef struct { int NG, KS; GroupedKernel one, two; } MoeShape;
+static const MoeShape moe_shapes[] = {{1, 4, moe_grouped_kernel<1, 4, 0>, moe_grouped_kernel<1, 4, 1>},
+                                      {2, 2, moe_grouped_kernel<2, 2, 0>, moe_grouped_kernel<2, 2, 1>}};
+static int moe_shape_for(int T, int K, int E, int moe) { return moe && (long)T * K >= 3L * E ? 1 : 0; }
+// dynamic shared memory: two rounds of weight slots and activation pieces (at least the k splits' sums)
+static size_t moe_shape_smem(const MoeShape *sh, int two) {
+    int NM = two ? 2 : 1, J = 4 / sh->KS;
+    size_t rounds = (size_t)2 * ((size_t)J * 2 * NM * 256 + 8 * sh->NG * 3 * 4 * 4) * 16;
+    return std::max(rounds, (size_t)8 * NM * sh->NG * 4 * 32 * 4);
 }
 
 // scratch of the batched MoE, sized for max_T tokens
 static struct {
-    int max_T, variant;    // the grouped product's variant (moe_variants); 0 = chosen by T
+    int max_T, shape;      // the grouped product's shape (moe_shapes); -1: chosen by T (moe_shape_for)
     bf16 *xs, *hs;         // xn split (max_T, 3, dim); the SwiGLU outputs split (rows, 3, piece)
     float *logits, *w, *y; // affinities (max_T, E); g_t,k (max_T, K); down products (rows, dim)
     int *idx, *perm, *inv, *count, *offset, *ustart, *n_units;
@@ -676,21 +572,22 @@ static void moe_batch_init(const Config *c, int max_T) {
     moe_batch.n_units = dev_ints(1);
     moe_batch.units = (int4 *)dev_ints(4 * (size_t)moe_units_max(max_T, std::max(S, 1), std::max(G, 1), 8));
     cudaCheck(cudaFuncSetAttribute(moe_plan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, STAGE_MAX_BYTES));
+    moe_batch.shape = -1;
     std::vector<const void *> kernels = {(const void *)moe_plan_kernel, (const void *)moe_batch_combine_kernel};
-    for (int v = 1; v < N_MOE_VARIANTS; v++) { kernels.push_back((const void *)moe_variants[v].one); kernels.push_back((const void *)moe_variants[v].two); }
-    for (int v = 1; v < N_MOE_VARIANTS; v++)
-        for (int two = 0; two < 2; two++)
-            cudaCheck(cudaFuncSetAttribute(two ? moe_variants[v].two : moe_variants[v].one,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)moe_variant_smem(&moe_variants[v], two)));
+    for (const MoeShape &sh : moe_shapes)
+        for (int two = 0; two < 2; two++) {
+            GroupedKernel kern = two ? sh.two : sh.one;
+            cudaCheck(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)moe_shape_smem(&sh, two)));
+            kernels.push_back((const void *)kern);
+        }
     for (const void *k : kernels)  // one L1/shared split for every kernel (gpu_init says why)
         cudaCheck(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
 }
 
-// one grouped product by variant v; units NULL = one dense group over T tokens
-static void moe_grouped_forward(const GroupedArgs &a, int v, int two, const int4 *units, int n_units_max, int T) {
-    const MoeVariant *mv = &moe_variants[v];
-    dim3 grid(ceil_div(a.m, 16 * (8 / mv->KS)), units ? n_units_max : ceil_div(T, 8 * mv->NG));
-    launch(two ? mv->two : mv->one, grid, 256, moe_variant_smem(mv, two), a, units, (const int *)moe_batch.n_units, T);
+// one grouped product of shape sh (two: gate and up); units NULL = one dense group over T tokens
+static void moe_grouped_forward(const GroupedArgs &a, const MoeShape *sh, int two, const int4 *units, int n_units_max, int T) {
+    dim3 grid(ceil_div(a.m, 16 * (8 / sh->KS)), units ? n_units_max : ceil_div(T, 8 * sh->NG));
+    launch(two ? sh->two : sh->one, grid, 256, moe_shape_smem(sh, two), a, units, (const int *)moe_batch.n_units, T);
 }
 
 // eqs. (20)-(22) for T tokens, with the residual: x (T, dim) += sum_k g_t,k FFN_{e_t,k}(xn_t) + shared FFN(xn_t),
@@ -702,12 +599,13 @@ static void moe_batch_forward(float *x, const float *xn, const GpuLayer *L, int 
     int E = moe ? c->n_routed_experts : 0, K = moe ? c->n_experts_per_tok : 0;
     int piece = moe ? mi : L->ffn_width, n_pieces = L->ffn_width / piece;  // shared experts (or the dense FFN)
     int S = K + n_pieces, G = E + n_pieces;
-    int v = moe_batch.variant ? moe_batch.variant : moe_variant_for(T, K, E, moe), NT = 8 * moe_variants[v].NG;
+    const MoeShape *sh = &moe_shapes[moe_batch.shape >= 0 ? moe_batch.shape : moe_shape_for(T, K, E, moe)];
+    int NT = 8 * sh->NG;
     split3_forward(moe_batch.xs, xn, T, dim);
     if (moe) {
         GroupedArgs r = {};  // eq. (22)'s u_t^T e_i: the gate (E, dim) as one dense group
         r.W = L->gate; r.G_r = 1; r.ld = dim; r.m = E; r.k = dim; r.X = moe_batch.xs; r.Y = moe_batch.logits; r.ldy = E;
-        moe_grouped_forward(r, v, 0, NULL, 0, T);
+        moe_grouped_forward(r, sh, 0, NULL, 0, T);
         moe_route_forward(moe_batch.idx, moe_batch.w, moe_batch.logits, T);   // eqs. (21)-(22)
     }
     size_t smem = (size_t)T * K * sizeof(int);
@@ -719,12 +617,12 @@ static void moe_batch_forward(float *x, const float *xn, const GpuLayer *L, int 
     gu.W = L->expert_gate; gu.W2 = L->expert_up; gu.stride = (long)mi * dim; gu.ld = dim; gu.G_r = E;
     gu.Ws = L->ffn_gate; gu.Ws2 = L->ffn_up; gu.s_stride = (long)piece * dim; gu.s_ld = dim;
     gu.m = piece; gu.k = dim; gu.X = moe_batch.xs; gu.x_row = moe_batch.perm; gu.H = moe_batch.hs;
-    moe_grouped_forward(gu, v, 1, moe_batch.units, units_max, T);
+    moe_grouped_forward(gu, sh, 1, moe_batch.units, units_max, T);
     GroupedArgs dn = {};  // second half: y = down hs, per unit (a shared piece: its columns of ffn_down)
     dn.W = L->expert_down; dn.stride = (long)dim * mi; dn.ld = mi; dn.G_r = E;
     dn.Ws = L->ffn_down; dn.s_stride = piece; dn.s_ld = L->ffn_width;
     dn.m = dim; dn.k = piece; dn.X = moe_batch.hs; dn.Y = moe_batch.y; dn.ldy = dim;
-    moe_grouped_forward(dn, v, 0, moe_batch.units, units_max, T);
+    moe_grouped_forward(dn, sh, 0, moe_batch.units, units_max, T);
     launch(moe_batch_combine_kernel, T, 256, 0, x, (const float *)moe_batch.y, (const int *)moe_batch.inv,
            (const float *)moe_batch.w, K, S, dim);                                                     // eq. (20)
 }
