@@ -13,29 +13,29 @@
 //                         sum cum exceeds topp; r = coin * cum; the first in the nucleus whose running
 //                         sum exceeds r (the nucleus' last when rounding leaves none)
 // A row with a logit that is not finite gets tokens[b] = -1 - i, i its first such logit (dsv2.c's
-// check_logits stops there; nothing is drawn). The logits are overwritten with p (temperature > 0).
+// check_logits stops there; nothing is drawn). The logits may be overwritten (long rows hold p after).
 // No host round trip and a grid that depends on B only: the call can be captured in a CUDA graph.
 //
 // One block of 1024 threads per row. What can differ from dsv2.c, and what is done about it:
-// - exp: dsv2.c calls glibc's expf, which is correctly rounded but for rare inputs; CUDA's expf is
-//   off by up to 2 ulp. Here exp is taken in double and rounded once to float (the correctly rounded
-//   value but for about 1 in 10^9 inputs). On the default model's logits the two differed in 0.06%
-//   of the values (20.5M values, 20 seeds x 256 steps, measured on the CPU), by 1 ulp.
-// - sums: dsv2.c adds in index order, one value after another. Where that is cheap (rows of at most
-//   SAMPLE_SERIAL_MAX values: the default model's 4096) one thread adds in exactly that order, so the
-//   probabilities are dsv2.c's bit for bit but for the rare exp difference above. Longer rows (V2's
-//   102400: 400 us in one thread, a sixth of a decode step) sum in parallel, in double, then round:
-//   the probabilities then differ from dsv2.c's in the last bits, and a token can differ where the
-//   coin falls within such a difference of a boundary (on the default model's logits, simulated on
-//   the CPU: 1 step in 5012).
+// - sums: dsv2.c adds in index order, one value after another, in float. Where that is cheap (rows of
+//   at most SAMPLE_SERIAL_MAX values, held in shared memory: the default model's 4096) one thread adds
+//   in exactly that order, and exp is taken in double and rounded once to float: glibc's expf, which
+//   dsv2.c calls, is correctly rounded but for rare inputs (on the default model's logits the two
+//   differed in 0.06% of 20.5M values, by 1 ulp; CUDA's own expf is off by up to 2 ulp). So the
+//   probabilities are dsv2.c's bit for bit but for those. Longer rows (V2's 102400: one thread's
+//   102400 dependent adds would cost a large part of a decode step) take CUDA's expf and sum in
+//   parallel, in double: their probabilities differ from dsv2.c's in the last bits, and a token can
+//   differ where the coin falls within such a difference of a boundary (simulated on the CPU with
+//   the default model's logits: 1 draw in 5012 for a parallel sum).
 // - the nucleus: sorting 102400 candidates per token is what made sampling slow; only the nucleus
 //   needs an order. A radix select over the probabilities' bits (positive floats order like their
-//   bits) with exact fixed-point sums finds the smallest prefix of the order whose sum exceeds
-//   topp + SAMPLE_MARGIN; when that prefix has at most SAMPLE_KEYS candidates (a trained model's
-//   nucleus: tens to hundreds) they are sorted in shared memory and ONE thread walks them as
-//   sample_topp does (same order, same float sums: the same cum, r and token). A flatter row (a
-//   random model's nucleus holds most of the vocabulary) is sampled by two more radix selects,
-//   for cum and for r, with exact sums instead of float ones (differences at float rounding).
+//   bits), with sums in fixed point (integers: the same in any order), finds the smallest prefix of
+//   the order whose sum exceeds topp + SAMPLE_MARGIN; when that prefix has at most SAMPLE_KEYS
+//   candidates they are sorted in shared memory and ONE thread walks them as sample_topp does (same
+//   order, same float sums: the same cum, r and token). A flatter row (a random model's nucleus holds
+//   most of the vocabulary) is sampled by two more radix selects, for cum and for r, with the
+//   fixed-point sums; there dsv2.c's own float running sum over tens of thousands of candidates
+//   drifts, and the tokens agree up to that rounding (./dsv2cu --check-sampler measures it).
 #define SAMPLE_THREADS 1024
 #define SAMPLE_KEYS 4096          // the largest nucleus sorted and walked as sample_topp walks it
 #define SAMPLE_SERIAL_MAX 8192    // rows up to this long are summed by one thread in dsv2.c's order
@@ -168,7 +168,7 @@ __device__ int find_rank(const float *p, int n, unsigned bits, int rank) {
 }
 
 // Where the running sum crosses `target`, along sample_topp's order of the candidates (p >= cutoff,
-// p descending, then index ascending): the first candidate whose running sum, in exact fixed point,
+// p descending, then index ascending): the first candidate whose running sum, in fixed point,
 // exceeds target (the last candidate when none does). A radix select: four rounds over the 8-bit
 // digits of p's bits, high to low; each round histograms (count, sum) of the candidates that share
 // the digits chosen so far, and warp 0 picks the digit where the sum crosses.
@@ -352,7 +352,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int *tokens, flo
         block_argmax(&v, &i_best);
         token = i_best;
     } else {
-        // sample_topp. The smallest prefix of its order whose exact sum exceeds topp + SAMPLE_MARGIN:
+        // sample_topp. The smallest prefix of its order whose fixed-point sum exceeds topp + SAMPLE_MARGIN:
         Crossing wide = topp_cross(p, V, cutoff, to_fixed(topp) + (u64)(SAMPLE_MARGIN * SAMPLE_FX), SAMPLE_KEYS);
         int fallback = 1;
         if (wide.n_at_least <= SAMPLE_KEYS) {
@@ -408,7 +408,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(int *tokens, flo
             fallback = token < 0;
         }
         if (fallback) {
-            // a nucleus too large to sort: its end and the pick by two more selects, with exact sums
+            // a nucleus too large to sort: its end and the pick by two more selects, with the fixed-point sums
             Crossing last = topp_cross(p, V, cutoff, to_fixed(topp), V);
             float cum = (float)((double)last.sum_through / SAMPLE_FX), r = coin * cum;
             Crossing pick = topp_cross(p, V, cutoff, to_fixed(r), V);
