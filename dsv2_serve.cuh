@@ -585,8 +585,9 @@ static void serve_run(const Model *m, ServeSeq *seqs, int n, const ServeOptions 
 // ----------------------------------------------------------------------------
 // ---------------- --bench-serve: decode steps over B sequences with synthetic caches
 
-// ./dsv2cu --bench-serve MODEL [--ctx L] [--batch B1,B2,..] [--kv f32|bf16] [--kv-layout latent|mha]
-//                              [--kv-mem GIB] [--steps N]
+// ./dsv2cu --bench-serve MODEL [--ctx L] [--batch B1,B2,..,max] [--kv f32|bf16] [--kv-layout latent|mha]
+//                              [--kv-mem GIB] [--steps N]     (defaults: --ctx 2048 --batch 1,2,4,..,64 --kv f32
+//                                                              --kv-layout latent --kv-mem 40 --steps 20)
 // For each B: B sequences whose caches hold L rows of hashed values (distinct blocks each, so every byte is
 // read), one decode step at position L - 1 captured as a graph and replayed; prints the step time, tok/s,
 // the cache bytes and weight bytes (the experts actually chosen, counted on one step) it reads, and the
@@ -610,15 +611,6 @@ static int bench_serve_main(int argc, char **argv) {
             else die("--kv-layout expects latent or mha, got '%s'", v);
         } else die("--bench-serve: unknown option %s", f);
     }
-    std::vector<int> Bs;
-    for (const char *p = batches; *p;) {
-        char *end;
-        long b = strtol(p, &end, 10);
-        if (end == p || b < 1 || b > PF_MAX) die("--batch expects a list like 1,8,64 (each in [1, %d]), got '%s'", PF_MAX, batches);
-        Bs.push_back((int)b);
-        p = *end == ',' ? end + 1 : end;
-        if (*end && *end != ',') die("--batch expects a list like 1,8,64, got '%s'", batches);
-    }
     Model m;
     model_load(&m, path);
     const Config *c = &m.config;
@@ -626,11 +618,25 @@ static int bench_serve_main(int argc, char **argv) {
     double block_bytes = serve_block_bytes(c, kv_bf16, kv_mha);
     int nb = blocks_for(L);
     long fit = (long)((kv_mem * (1 << 30) / block_bytes - 1) / nb);
+    std::vector<int> Bs;  // "max": the largest batch whose caches fit the budget
+    for (const char *p = batches; *p;) {
+        char *end;
+        long b = !strncmp(p, "max", 3) ? std::min(fit, (long)PF_MAX) : strtol(p, &end, 10);
+        if (!strncmp(p, "max", 3)) end = (char *)p + 3;
+        if (end == p || b < 1 || b > PF_MAX)
+            die("--batch expects a list like 1,8,64,max (each in [1, %d]; max: the most that fit --kv-mem, here %ld), got '%s'",
+                PF_MAX, fit, batches);
+        Bs.push_back((int)b);
+        p = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') die("--batch expects a list like 1,8,64,max, got '%s'", batches);
+    }
     int maxB = 1;
     for (int b : Bs) if (b <= fit) maxB = std::max(maxB, b);
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
     printf("BENCH device %s\n", prop.name);
+    printf("BENCH serve_config layout %s kv %s ctx %d kv_mem_GiB %.3f block_bytes %.0f max_batch_fit %ld\n",
+           kv_mha ? "mha" : "latent", kv_bf16 ? "bf16" : "f32", L, kv_mem, block_bytes, fit);
     serve_init(&m, L, kv_bf16, kv_mha, maxB, std::min(kv_mem, (1 + (double)maxB * nb) * block_bytes / (1 << 30) + 1e-6));
     double copy_gbs = bench_copy_bandwidth();
     size_t pool_elems = (size_t)c->n_layers * sv.layer_elems;
@@ -655,7 +661,7 @@ static int bench_serve_main(int argc, char **argv) {
     uint64_t rng = 4242;
     for (int B : Bs) {
         if (B > fit) {
-            printf("BENCH serve layout %s kv %s ctx %d batch %d skipped: over the --kv-mem %.1f GiB budget (max_batch_fit %ld)\n",
+            printf("BENCH serve layout %s kv %s ctx %d batch %d skipped: over the --kv-mem %.3f GiB budget (max_batch_fit %ld)\n",
                    kv_mha ? "mha" : "latent", kv_bf16 ? "bf16" : "f32", L, B, kv_mem, fit);
             continue;
         }
@@ -690,7 +696,7 @@ static int bench_serve_main(int argc, char **argv) {
         }
         double sec = median(t) * 1e-3, roof = (weight_bytes + cache_bytes) / (copy_gbs * 1e9);
         printf("BENCH serve layout %s kv %s ctx %d batch %d step_ms %.3f tok_per_s %.1f cache_bytes %.0f weight_bytes %.0f "
-               "experts_touched %.0f roofline_ms %.3f roofline_fraction %.3f max_batch_fit %ld kv_mem_GiB %.1f\n",
+               "experts_touched %.0f roofline_ms %.3f roofline_fraction %.3f max_batch_fit %ld kv_mem_GiB %.3f\n",
                kv_mha ? "mha" : "latent", kv_bf16 ? "bf16" : "f32", L, B, sec * 1e3, B / sec, cache_bytes, weight_bytes,
                experts, roof * 1e3, roof / sec, fit, kv_mem);
         fflush(stdout);
