@@ -25,7 +25,7 @@
 // alone: matmul_small_kernel (T <= SMALL_T), per token in the norms, RoPE, the cache write and the
 // sampler. Three choices depend on the batch: the projections of more than SMALL_T tokens go through
 // cuBLAS (which picks its kernel, and so its order of summation, from the shape); moe_batch_forward
-// takes 8 or 32 rows per work unit as T K < 8 E or not (its k-split, so its order of summation,
+// picks the shape of its grouped product from T (moe_shape_for: its k split, so its order of summation,
 // differs); and the attention (dsv2_mla_decode.cuh) splits each sequence's rows by the batch: the
 // latent layout balances all the batch's tiles over the multiprocessors (where a sequence is cut
 // depends on the others' lengths), the mha layout picks its split count from B. A split changes where
