@@ -22,7 +22,7 @@ run: dsv2
 dsv2: dsv2.c
 	$(CC) $(CFLAGS) $(OMP) -o $@ dsv2.c -lm
 
-dsv2cu: dsv2.cu dsv2_common.cuh dsv2_mla.cuh dsv2_moe.cuh dsv2_prefill.cuh dsv2_bench.cuh dsv2.c
+dsv2cu: dsv2.cu dsv2_common.cuh dsv2_mla.cuh dsv2_mla_decode.cuh dsv2_moe.cuh dsv2_prefill.cuh dsv2_sample.cuh dsv2_bench.cuh dsv2_serve.cuh dsv2.c
 	nvcc -O3 -arch=sm_90 -Xcompiler -fopenmp -o $@ dsv2.cu -lcublas -lgomp
 
 test_all: test_all.c dsv2.c

@@ -151,6 +151,15 @@ static inline float bf16_to_float(uint16_t b) {
     return f;
 }
 
+// x rounded to the nearest bf16 value (ties to even), kept as a float: what --kv bf16 stores. The same
+// bits as dsv2_common.cuh's float_to_bf16 (and CUDA's __float2bfloat16_rn), NaN included.
+static inline float bf16_round(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return bf16_to_float(0x7fc0);  // NaN
+    return bf16_to_float((uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16));
+}
+
 // IEEE half -> float: shift the 15 exponent+mantissa bits into float position, then rescale the
 // exponent bias (15 -> 127) by multiplying with 2^112; exact, subnormal halves included
 static inline float fp16_to_float(uint16_t h) {
@@ -346,6 +355,15 @@ static void model_free(Model *m) {
 // -a: what attention reads from the latent cache. Both forms give the same logits (mla_attention).
 typedef enum { ATTN_ABSORBED, ATTN_NAIVE } AttnForm;
 
+// How the cache stores a row (--kv, --kv-layout; default: the latent, in float32). bf16: each value
+// rounded to bf16 when its row is written (the CPU keeps it in a float; the GPU in 2 bytes). mha: instead
+// of the latent, every head's key and value expanded from it (kv_store), the cache a model without MLA
+// would need; its attention is mla_attend_mha.
+typedef struct {
+    int bf16;  // --kv bf16 (0: --kv f32)
+    int mha;   // --kv-layout mha (0: --kv-layout latent)
+} KvFormat;
+
 typedef struct Trace Trace;  // the teaching trace (--trace, --routing-out): its section follows forward()
 
 // A chunk of T consecutive tokens runs through forward() at once (T = 1 when generating, up to
@@ -379,7 +397,10 @@ typedef struct {
     float rope_mscale;     // YaRN's factor on cos/sin (1 without YaRN)
     float softmax_scale;   // 1/sqrt(d_h + d_h^R), times YaRN's mscale^2
     float *logits;     // (T, vocab_size): every token's, or the last token's in row 0 (forward's LogitRows)
-    float *kv_cache;   // THE cache: (n_layers, seq_len, d_c + d_h^R), each row [c_j^KV ; k_j^R]
+    float *kv_cache;   // THE cache: (n_layers, seq_len, d_c + d_h^R), each row [c_j^KV ; k_j^R]; with
+                       // --kv-layout mha (n_layers, seq_len, kv_row_width) rows of every head's key and value
+    float *kv_latent;  // --kv-layout mha: the chunk's new rows [c_t^KV ; k_t^R] before kv_store expands them (T, d_c + d_h^R)
+    KvFormat kv;       // --kv, --kv-layout: how the cache stores its rows
     int seq_len;
     int max_T;         // the most tokens one forward() takes: PROMPT_CHUNK, or seq_len when shorter
     Trace *trace;      // the teaching trace, NULL when off
@@ -387,25 +408,36 @@ typedef struct {
 
 static int kv_cache_width(const Config *c) { return c->kv_lora_rank + c->qk_rope_head_dim; }
 
-// layer l's cache row of position pos: [c^KV (d_c) ; k^R (d_h^R)]
+// Values in one cache row (a token in a layer) of a layout. latent: [c^KV (d_c) ; k^R (d_h^R)]. mha:
+// [k_0 | k_1 | ... | k_{n_h-1} | v_0 | ... | v_{n_h-1}], head i's key k_i = [k_i^C (d_h) ; k^R (d_h^R)]
+// (k^R repeated in every head, as an MHA model stores it) and value v_i^C (d_v). The GPU's rows
+// (dsv2.cu, -m batch) are the same.
+static long kv_row_width(const Config *c, int mha) {
+    return mha ? (long)c->n_heads * (c->qk_nope_head_dim + c->qk_rope_head_dim + c->v_head_dim) : kv_cache_width(c);
+}
+
+// layer l's cache row of position pos: [c^KV (d_c) ; k^R (d_h^R)] (or the mha layout's row)
 static float *cache_row(const RunState *s, const Config *c, int l, int pos) {
-    return s->kv_cache + ((size_t)l * s->seq_len + pos) * kv_cache_width(c);
+    return s->kv_cache + ((size_t)l * s->seq_len + pos) * kv_row_width(c, s->kv.mha);
 }
 
 static void rope_init(RunState *s, const Config *c);
 
 // A context whose cache would not fit in this machine's memory is refused before anything is
-// allocated (the weights are memory-mapped and not counted).
-static void check_context_fits(const Config *c, int seq_len) {
-    double cache = 4.0 * c->n_layers * seq_len * kv_cache_width(c) + 4.0 * c->n_heads * seq_len;
+// allocated (the weights are memory-mapped and not counted). The CPU keeps a bf16 cache in floats too.
+static void check_context_fits(const Config *c, int seq_len, KvFormat kv) {
+    long width = kv_row_width(c, kv.mha);
+    double cache = 4.0 * c->n_layers * seq_len * width + 4.0 * c->n_heads * seq_len;
     double ram = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
     if (seq_len < 1 || (ram > 0 && cache > ram))
-        die("a context of %d tokens needs %.1f GiB for the KV cache (%d layers x %d values per token), "
-            "more than this machine's %.1f GiB", seq_len, cache / (1 << 30), c->n_layers, kv_cache_width(c), ram / (1 << 30));
+        die("a context of %d tokens needs %.1f GiB for the KV cache (%d layers x %ld values per token%s), "
+            "more than this machine's %.1f GiB", seq_len, cache / (1 << 30), c->n_layers, width,
+            kv.mha ? ", mha layout" : "", ram / (1 << 30));
 }
 
-static void runstate_init(RunState *s, const Config *c, int seq_len) {
-    check_context_fits(c, seq_len);
+// a run state for contexts of seq_len tokens, its cache in the given format
+static void runstate_init_kv(RunState *s, const Config *c, int seq_len, KvFormat kv) {
+    check_context_fits(c, seq_len, kv);
     int qk_head = c->qk_nope_head_dim + c->qk_rope_head_dim;
     int ffn_width = c->intermediate_size;
     if (c->moe_intermediate_size * (c->n_shared_experts > 1 ? c->n_shared_experts : 1) > ffn_width)
@@ -414,6 +446,7 @@ static void runstate_init(RunState *s, const Config *c, int seq_len) {
     if (T < 1) T = 1;
     s->seq_len = seq_len;
     s->max_T = T;
+    s->kv = kv;
     s->trace = NULL;
     s->x = (float *)xcalloc((size_t)T * c->dim, sizeof(float));
     s->h = (float *)xcalloc((size_t)T * c->dim, sizeof(float));
@@ -440,14 +473,21 @@ static void runstate_init(RunState *s, const Config *c, int seq_len) {
     s->rope_sin = (float *)xcalloc((size_t)T * (c->qk_rope_head_dim / 2), sizeof(float));
     s->inv_freq = (float *)xcalloc(c->qk_rope_head_dim / 2, sizeof(float));
     s->logits = (float *)xcalloc((size_t)T * c->vocab_size, sizeof(float));
-    s->kv_cache = (float *)xcalloc((size_t)c->n_layers * seq_len * kv_cache_width(c), sizeof(float));
+    s->kv_cache = (float *)xcalloc((size_t)c->n_layers * seq_len * kv_row_width(c, kv.mha), sizeof(float));
+    s->kv_latent = (float *)xcalloc(kv.mha ? (size_t)T * kv_cache_width(c) : 0, sizeof(float));
     rope_init(s, c);
+}
+
+// the default: the latent cache of the paper, in float32
+static inline void runstate_init(RunState *s, const Config *c, int seq_len) {
+    KvFormat latent_f32 = {0, 0};
+    runstate_init_kv(s, c, seq_len, latent_f32);
 }
 
 static void runstate_free(RunState *s) {
     float *all[] = {s->x, s->h, s->c_q, s->q, s->kv_rebuilt, s->q_latent, s->o_latent, s->att, s->o, s->attn_out,
                     s->u, s->scores, s->topk_w, s->expert_in, s->expert_y, s->expert_out, s->hb, s->hb2, s->ffn_out,
-                    s->rope_cos, s->rope_sin, s->inv_freq, s->logits, s->kv_cache};
+                    s->rope_cos, s->rope_sin, s->inv_freq, s->logits, s->kv_cache, s->kv_latent};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]);
     free(s->topk_idx);
     free(s->expert_slot);
@@ -716,7 +756,9 @@ static void rope_apply(float *v, const RunState *s, int t, int rope_dim) {
 //                        multi-head attention over them (eqs. 16-18), or
 //   mla_attend_absorbed  the same numbers computed on the latents themselves (Appendix C)
 // and the output projection (eq. 19). The pieces of eqs. 9-11 come first, so that the equations
-// read in the paper's order.
+// read in the paper's order. Not in the paper, for comparisons: --kv bf16 rounds each cached value
+// to bf16, and --kv-layout mha caches what multi-head attention would (every head's key and value,
+// built by kv_store when the row is written; mla_attend_mha reads them).
 
 // The joint KV compression (eq. 9): h (T, dim) -> the T tokens' cache rows [c_t^KV (d_c) ; W^KR h_t
 // (d_h^R)], consecutive in the cache; one product since kv_a_proj_with_mqa is [W^DKV ; W^KR];
@@ -746,13 +788,38 @@ static void value_up(float *v_c, const float *c_kv, const Layer *L, const Config
     matmul_rows(v_c, c_kv, L->kv_b_proj, w_uv_row(c, i), d_c, d_v);      // eq. (11) v_j,i^C = W^UV_i c_j^KV
 }
 
+// not in the paper: the cache formats for comparisons (KvFormat), applied to the T new rows of layer l
+// once they are complete. --kv-layout mha stores, instead of the latent row (in kv_latent), each
+// head's key k_t,i = [k_t,i^C ; k_t^R] and value v_t,i^C, expanded from it as eqs. 10, 11 and 17 say:
+// the cache of a model without MLA (kv_row_width). --kv bf16 then rounds every value of the row.
+static void kv_store(const Model *m, RunState *s, int l, int pos, int T) {
+    const Config *c = &m->config;
+    const Layer *L = &m->layers[l];
+    int d_h = c->qk_nope_head_dim, d_hR = c->qk_rope_head_dim, d_v = c->v_head_dim, d_c = c->kv_lora_rank, H = c->n_heads;
+    long width = kv_row_width(c, s->kv.mha);
+    #pragma omp parallel for schedule(static) if (s->kv.mha && (long)T * H * (d_h + d_v) * d_c >= (1L << 17))
+    for (int t = 0; t < T; t++) {
+        float *row = cache_row(s, c, l, pos + t);
+        if (s->kv.mha) {
+            const float *c_kv = s->kv_latent + (size_t)t * kv_cache_width(c), *k_r = c_kv + d_c;
+            for (int i = 0; i < H; i++) {
+                float *k = row + (size_t)i * (d_h + d_hR), *v = row + (size_t)H * (d_h + d_hR) + (size_t)i * d_v;
+                key_up(k, c_kv, L, c, i);                              // k_t,i^C = W^UK_i c_t^KV
+                memcpy(k + d_h, k_r, d_hR * sizeof(float));            // k_t,i = [k_t,i^C ; k_t^R]
+                value_up(v, c_kv, L, c, i);                            // v_t,i^C = W^UV_i c_t^KV
+            }
+        }
+        if (s->kv.bf16) for (long e = 0; e < width; e++) row[e] = bf16_round(row[e]);
+    }
+}
+
 // The projections and the cache writes (eqs. 9, 12-15): h (T, dim) -> the cache rows of (l, pos..pos+T-1)
 // and q (T, n_h, d_h + d_h^R), each head's [q_t,i^C ; q_t,i^R] (q_b_proj's rows per head: no-RoPE, then RoPE).
 static void mla_project(const Model *m, RunState *s, int l, int pos, int T) {
     const Config *c = &m->config;
     const Layer *L = &m->layers[l];
     int d_h = c->qk_nope_head_dim, d_hR = c->qk_rope_head_dim, n_q = c->n_heads * (d_h + d_hR), d_cq = c->q_lora_rank;
-    float *rows = cache_row(s, c, l, pos);
+    float *rows = s->kv.mha ? s->kv_latent : cache_row(s, c, l, pos);  // the mha layout expands them (kv_store)
     kv_compress(rows, s->h, L, c, T);                                            // c_t^KV and W^KR h_t
     if (d_cq) {
         matmul(s->c_q, s->h, L->q_a_proj, c->dim, d_cq, T);                      // eq. (12) c_t^Q = W^DQ h_t
@@ -767,6 +834,7 @@ static void mla_project(const Model *m, RunState *s, int l, int pos, int T) {
             rope_apply(s->q + (size_t)t * n_q + i * (d_h + d_hR) + d_h, s, t, d_hR);  // eq. (14) q_t,i^R = RoPE(W^QR c_t^Q)
         rope_apply(rows + (size_t)t * kv_cache_width(c) + c->kv_lora_rank, s, t, d_hR);  // eq. (15) k_t^R = RoPE(W^KR h_t)
     }
+    if (s->kv.mha || s->kv.bf16) kv_store(m, s, l, pos, T);
 }
 
 // The naive form (eqs. 10-11, 16-18): every head rebuilds each cached token's key and value from
@@ -836,13 +904,45 @@ static void mla_attend_absorbed(const Model *m, RunState *s, int l, int pos, int
     }
 }
 
+// The attention of the mha layout (--kv-layout mha): mla_attend_naive's computation, but each cached
+// token's key k_j,i = [k_j,i^C ; k_j^R] and value v_j,i^C are read from the cache, where kv_store put
+// them, instead of being rebuilt from its latent: what multi-head attention with a KV cache does. The
+// query is not absorbed. Causal as there: q (T, n_h, d_h + d_h^R) and the cache rows 0..pos+t -> o (T, n_h, d_v).
+static void mla_attend_mha(const Model *m, RunState *s, int l, int pos, int T) {
+    const Config *c = &m->config;
+    int d_h = c->qk_nope_head_dim, d_hR = c->qk_rope_head_dim, d_v = c->v_head_dim, H = c->n_heads, d_k = d_h + d_hR;
+    long width = kv_row_width(c, 1);
+    const float *cache = cache_row(s, c, l, 0);
+    #pragma omp parallel for schedule(static) if ((long)H * T * (pos + T) * (d_k + d_v) >= (1L << 17))
+    for (int i = 0; i < H; i++) for (int t = 0; t < T; t++) {
+        int last = pos + t;  // the causal mask: token t sees positions 0..pos+t
+        const float *q_c = s->q + ((size_t)t * H + i) * d_k, *q_r = q_c + d_h;
+        float *p = s->att + (size_t)i * s->seq_len, *o = s->o + ((size_t)t * H + i) * d_v;
+        for (int j = 0; j <= last; j++) {
+            const float *k_c = cache + (size_t)j * width + (size_t)i * d_k, *k_r = k_c + d_h;  // cached k_j,i
+            float score = 0.0f;
+            for (int e = 0; e < d_h; e++) score += q_c[e] * k_c[e];              // q_t,i^C . k_j,i^C
+            for (int e = 0; e < d_hR; e++) score += q_r[e] * k_r[e];             //  + q_t,i^R . k_j^R
+            p[j] = score * s->softmax_scale;
+        }
+        softmax(p, last + 1);
+        memset(o, 0, d_v * sizeof(float));
+        for (int j = 0; j <= last; j++) {
+            const float *v_c = cache + (size_t)j * width + (size_t)H * d_k + (size_t)i * d_v;  // cached v_j,i^C
+            for (int e = 0; e < d_v; e++) o[e] += p[j] * v_c[e];                 // o_t,i = sum_j p_t,i,j v_j,i^C
+        }
+    }
+}
+
 // Multi-head Latent Attention of the T tokens at pos..pos+T-1 in layer l: h (T, dim) -> attn_out
 // (T, dim), and their rows of the latent cache written first, so that each token attends to the
-// ones before it in the chunk. form: which way to attend; both give the same logits.
+// ones before it in the chunk. form: which way to attend; both give the same logits. The mha layout
+// has its keys and values cached, so it reads them (mla_attend_mha), whatever the form.
 static void mla_attention(const Model *m, RunState *s, int l, int pos, int T, AttnForm form) {
     const Config *c = &m->config;
     mla_project(m, s, l, pos, T);
-    if (form == ATTN_NAIVE) mla_attend_naive(m, s, l, pos, T);
+    if (s->kv.mha) mla_attend_mha(m, s, l, pos, T);
+    else if (form == ATTN_NAIVE) mla_attend_naive(m, s, l, pos, T);
     else mla_attend_absorbed(m, s, l, pos, T);
     int n_o = c->n_heads * c->v_head_dim;
     matmul(s->attn_out, s->o, m->layers[l].o_proj, n_o, c->dim, T);          // eq. (19) u_t = W^O [o_t,1; ...; o_t,n_h]
@@ -1106,7 +1206,7 @@ static void trace_mla(const Model *m, const RunState *s, int l, int pos) {
     const Config *c = &m->config;
     const Layer *L = &m->layers[l];
     int d_h = c->qk_nope_head_dim, d_hR = c->qk_rope_head_dim, d_v = c->v_head_dim, d_c = c->kv_lora_rank;
-    const float *row = cache_row(s, c, l, pos);
+    const float *row = s->kv.mha ? s->kv_latent : cache_row(s, c, l, pos);  // the latent row (mha: before kv_store)
     float *k_c = (float *)xcalloc(d_h + d_v, sizeof(float)), *v_c = k_c + d_h;
     key_up(k_c, row, L, c, 0);
     value_up(v_c, row, L, c, 0);
@@ -1175,9 +1275,14 @@ static void trace_moe(const Config *c, const RunState *s, int l) {
 // forward()'s last line: what the latent cache holds so far
 static void trace_cache(const Config *c, const RunState *s, int pos) {
     if (!tracing(s)) return;
-    long floats = (long)c->n_layers * (pos + 1) * kv_cache_width(c);
-    trace_text(s, -1, "", "cache so far: %d layers x %d tokens x (d_c+d_h^R = %d) = %ld floats, %ld bytes",
-               c->n_layers, pos + 1, kv_cache_width(c), floats, floats * 4);
+    long floats = (long)c->n_layers * (pos + 1) * kv_row_width(c, s->kv.mha);
+    if (!s->kv.mha && !s->kv.bf16)
+        trace_text(s, -1, "", "cache so far: %d layers x %d tokens x (d_c+d_h^R = %d) = %ld floats, %ld bytes",
+                   c->n_layers, pos + 1, kv_cache_width(c), floats, floats * 4);
+    else
+        trace_text(s, -1, "", "cache so far: %d layers x %d tokens x %ld values (%s layout, %s) = %ld values, %ld bytes as %s",
+                   c->n_layers, pos + 1, kv_row_width(c, s->kv.mha), s->kv.mha ? "mha" : "latent",
+                   s->kv.bf16 ? "bf16" : "float32", floats, floats * (s->kv.bf16 ? 2 : 4), s->kv.bf16 ? "bf16" : "float32");
 }
 
 // ----------------------------------------------------------------------------
@@ -1739,13 +1844,18 @@ typedef struct {
     int *order;          // (vocab_size) scratch for top-p
 } Sampler;
 
-static uint32_t random_u32(uint64_t *state) {  // xorshift*
+#ifdef __CUDACC__
+#define HOST_DEVICE __host__ __device__  // dsv2.cu's sampler (dsv2_sample.cuh) draws its coins with these too
+#else
+#define HOST_DEVICE
+#endif
+HOST_DEVICE static uint32_t random_u32(uint64_t *state) {  // xorshift*
     *state ^= *state >> 12;
     *state ^= *state << 25;
     *state ^= *state >> 27;
     return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
 }
-static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; }
+HOST_DEVICE static float random_f32(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; }
 
 static int sample_argmax(const float *p, int n) { return argmax(p, n); }
 
@@ -1799,14 +1909,19 @@ static double now_s(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-// The paper's Table 1 for the loaded model: what the latent cache costs per token next to MHA.
-static void print_kv_cache_size(const Config *c) {
+// The paper's Table 1 for the loaded model: what the latent cache costs per token next to MHA; and
+// what this run's cache held, when --kv or --kv-layout changed it.
+static void print_kv_cache_size(const Config *c, KvFormat kv) {
     long mla = (long)c->n_layers * kv_cache_width(c);
     long mha = 2L * c->n_layers * c->n_heads * c->qk_nope_head_dim;  // 2 n_h d_h l
     fprintf(stderr, "KV cache per token: MLA %ld values (%d layers x (d_c %d + d_h^R %d)) = %ld bytes (float32); "
             "MHA with %d heads of %d would need %ld values = %ld bytes (MLA is %.1f%%)\n",
             mla, c->n_layers, c->kv_lora_rank, c->qk_rope_head_dim, mla * 4, c->n_heads, c->qk_nope_head_dim,
             mha, mha * 4, 100.0 * mla / mha);
+    if (kv.mha || kv.bf16)
+        fprintf(stderr, "KV cache of this run (--kv-layout %s --kv %s): %ld values per token (%ld bytes in %s)\n",
+                kv.mha ? "mha" : "latent", kv.bf16 ? "bf16" : "f32", c->n_layers * kv_row_width(c, kv.mha),
+                c->n_layers * kv_row_width(c, kv.mha) * (kv.bf16 ? 2 : 4), kv.bf16 ? "bf16; ./dsv2 keeps them in floats" : "float32");
 }
 
 // Memory after a run: resident now and at the peak (the touched pages of the mapped model file
@@ -1831,16 +1946,22 @@ static void print_memory_summary(const Model *m) {
 
 // The generation loop's two hooks: the prompt, all of it but the last token, in chunks (prefill),
 // then one token per forward (forward_token). dsv2.cu (which includes this file with DSV2_GPU
-// defined) runs both on the GPU.
+// defined) runs both on the GPU, and adds two: DSV2_SETUP uploads the model before the clock starts,
+// and DSV2_NEXT is a forward and sample() in one step on the GPU, so that only the token id comes back.
 #ifdef DSV2_GPU
 static float *forward_gpu(const Model *m, RunState *s, int token, int pos, AttnForm form);
 static int prefill_gpu(const Model *m, RunState *s, const int *ids, int n, int pos0, AttnForm form);
 static void gpu_check_model(const Model *m);  // refuses, before any output, a model the GPU cannot run
+static void gpu_setup(const Model *m, RunState *s, const Sampler *sp);
+static int forward_sample_gpu(const Model *m, RunState *s, Sampler *sp, int token, int pos);
 #define DSV2_FORWARD forward_gpu
 #define DSV2_PREFILL prefill_gpu
+#define DSV2_SETUP gpu_setup
+#define DSV2_NEXT forward_sample_gpu
 #else
 #define DSV2_FORWARD forward_token
 #define DSV2_PREFILL prefill
+#define DSV2_SETUP(m, s, sp)
 #endif
 
 typedef struct {
@@ -1849,6 +1970,7 @@ typedef struct {
     int n_new;                // new tokens to generate, per answer in chat (-n)
     int ctx;                  // -m chat: the context in tokens (--ctx; 0: the model's, at most 4096)
     Trace *trace;             // --trace / --routing-out, NULL when off
+    KvFormat kv;              // --kv, --kv-layout
 } GenOptions;
 
 // what one call of generate_ids did; the caller prints it after the text (print_speed)
@@ -1860,10 +1982,10 @@ typedef struct {
     int full;                 // generation stopped because the context was full
 } GenStats;
 
-static void put_token(Tokenizer *tok, DecodeState *ds, int id) {
-    if (id >= 0 && id < tok->vocab_size && (tok->token_flags[id] & TOK_EXISTS)) tokenizer_put(tok, ds, id, 1, stdout);
-    else printf("[%d]", id);  // the model's vocabulary can be larger than the tokenizer's, or have holes
-    fflush(stdout);
+static void put_token(Tokenizer *tok, DecodeState *ds, int id, FILE *out) {
+    if (id >= 0 && id < tok->vocab_size && (tok->token_flags[id] & TOK_EXISTS)) tokenizer_put(tok, ds, id, 1, out);
+    else fprintf(out, "[%d]", id);  // the model's vocabulary can be larger than the tokenizer's, or have holes
+    fflush(out);
 }
 
 // logits that are NaN or infinite come from corrupt weights (or an overflow): nothing sensible
@@ -1894,22 +2016,33 @@ static GenStats generate_ids(const Model *m, RunState *s, Tokenizer *tok, Sample
         token = ids[taken];
     }
     while (pos < s->seq_len) {
-        float *logits = DSV2_FORWARD(m, s, token, pos, opt->form);
-        check_logits(logits, c->vocab_size, pos);
-        if (dump && fwrite(logits, sizeof(float), c->vocab_size, dump) != (size_t)c->vocab_size)
-            die("--dump-logits: write failed");
+        float *logits = NULL;
+        int next = -1;
+#ifdef DSV2_NEXT
+        Sampler after = *sp;  // the sampler's state after the GPU's draw, kept if its token is taken
+        if (!dump && pos + 1 - pos0 >= n_ids) next = DSV2_NEXT(m, s, &after, token, pos);
+        else
+#endif
+        {
+            logits = DSV2_FORWARD(m, s, token, pos, opt->form);
+            check_logits(logits, c->vocab_size, pos);
+            if (dump && fwrite(logits, sizeof(float), c->vocab_size, dump) != (size_t)c->vocab_size)
+                die("--dump-logits: write failed");
+        }
         pos++;
         int i = pos - pos0;  // tokens of this call processed so far
-        int next;
         if (i < n_ids) next = ids[i];
         else {
             if (i == n_ids) t1 = now_s();
             if (st.n_gen >= opt->n_new) { done = 1; break; }
-            next = sample(sp, logits, c->vocab_size);
+            if (logits) next = sample(sp, logits, c->vocab_size);
+#ifdef DSV2_NEXT
+            else *sp = after;
+#endif
             st.n_gen++;
             if (next == tok->eos_id) { done = st.eos = 1; break; }
             if (answer) answer[st.n_gen - 1] = next;
-            put_token(tok, &ds, next);
+            put_token(tok, &ds, next, stdout);
         }
         token = next;
     }
@@ -1941,8 +2074,9 @@ static void generate(const Model *m, Tokenizer *tok, Sampler *sp, const char *pr
     if (n_ids > m->config.max_position_embeddings)
         die("the prompt is %d tokens, longer than the model's context of %d", n_ids, m->config.max_position_embeddings);
     RunState s;
-    runstate_init(&s, &m->config, context_for(&m->config, n_ids, opt->n_new));
+    runstate_init_kv(&s, &m->config, context_for(&m->config, n_ids, opt->n_new), opt->kv);
     s.trace = opt->trace;
+    DSV2_SETUP(m, &s, sp);
     FILE *dump = NULL;
     if (opt->dump_logits && !(dump = fopen(opt->dump_logits, "wb"))) die("--dump-logits: cannot write %s", opt->dump_logits);
     printf("%s", prompt);
@@ -1952,7 +2086,7 @@ static void generate(const Model *m, Tokenizer *tok, Sampler *sp, const char *pr
     fflush(stdout);
     print_speed(&st, s.seq_len);
     if (dump) fclose(dump);
-    print_kv_cache_size(&m->config);
+    print_kv_cache_size(&m->config, opt->kv);
     print_memory_summary(m);
     runstate_free(&s);
     free(ids);
@@ -2018,8 +2152,9 @@ static void chat(const Model *m, Tokenizer *tok, Sampler *sp, const char *prompt
         die("--ctx %d is longer than the model's context of %d", ctx, m->config.max_position_embeddings);
     int room = opt->n_new < ctx / 2 ? opt->n_new : ctx / 2;  // kept free for each answer
     RunState s;
-    runstate_init(&s, &m->config, ctx);
+    runstate_init_kv(&s, &m->config, ctx, opt->kv);
     s.trace = opt->trace;
+    DSV2_SETUP(m, &s, sp);
     FILE *dump = NULL;
     if (opt->dump_logits && !(dump = fopen(opt->dump_logits, "wb"))) die("--dump-logits: cannot write %s", opt->dump_logits);
     ChatTurn *turns = NULL;
@@ -2096,7 +2231,7 @@ static void chat(const Model *m, Tokenizer *tok, Sampler *sp, const char *prompt
     free(turns);
     free(line);
     if (dump) fclose(dump);
-    print_kv_cache_size(&m->config);
+    print_kv_cache_size(&m->config, opt->kv);
     print_memory_summary(m);
     runstate_free(&s);
 }
@@ -2177,11 +2312,12 @@ static void print_kv_table(const Config *c, double mem_gib) {
 // exactly once and no window is longer than the context. tests/make_teach_golden.py does the same.
 typedef struct { long n_tokens, n_predicted; int n_windows; double nats; } Perplexity;
 
-static Perplexity perplexity(const Model *m, const int *ids, int n, int window, AttnForm form, Trace *trace, int progress) {
+static Perplexity perplexity(const Model *m, const int *ids, int n, int window, AttnForm form, KvFormat kv, Trace *trace,
+                             int progress) {
     const Config *c = &m->config;
     Perplexity r = {n, 0, 0, 0.0};
     RunState s;
-    runstate_init(&s, c, window);
+    runstate_init_kv(&s, c, window, kv);
     s.trace = trace;
     double t0 = now_s();
     for (long start = 0; start + 1 < n; start += window - 1) {
@@ -2219,22 +2355,29 @@ static int token_text(void *tok, int id, char *buf, int size) {
     return n;
 }
 
-// -f FILE: the whole file (a regular file or a pipe), which must be UTF-8 text
-static char *read_text_file(const char *path, size_t *len) {
+// -f FILE: the whole file's bytes (a regular file or a pipe), NUL-terminated; what = "text file", ...
+static char *read_file_bytes(const char *path, const char *what, size_t *len) {
     FILE *f = fopen(path, "rb");
-    if (!f) die("-f: cannot open text file %s: %s", path, strerror(errno));
+    if (!f) die("-f: cannot open %s %s: %s", what, path, strerror(errno));
     struct stat st;
-    if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) die("-f %s is a directory; expected a text file", path);
+    if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) die("-f %s is a directory; expected a %s", path, what);
     size_t n = 0, cap = 1 << 16;
     char *buf = (char *)xcalloc(cap, 1);
     for (size_t got; (got = fread(buf + n, 1, cap - 1 - n, f)) > 0;) {
         n += got;
         if (n + 1 == cap && !(buf = (char *)realloc(buf, cap *= 2))) die("-f %s: out of memory reading it", path);
     }
-    if (ferror(f)) die("-f: cannot read text file %s: %s", path, strerror(errno));
+    if (ferror(f)) die("-f: cannot read %s %s: %s", what, path, strerror(errno));
     fclose(f);
     buf[n] = '\0';
     *len = n;
+    return buf;
+}
+
+// -f FILE: the whole file (a regular file or a pipe), which must be UTF-8 text
+static char *read_text_file(const char *path, size_t *len) {
+    char *buf = read_file_bytes(path, "text file", len);
+    size_t n = *len;
     if (memchr(buf, 0, n)) die("-f %s is not a text file (it holds a zero byte)", path);
     long bad = utf8_invalid_offset(buf, n);
     if (bad >= 0) die("-f %s: invalid UTF-8 at byte %ld", path, bad);
@@ -2242,11 +2385,11 @@ static char *read_text_file(const char *path, size_t *len) {
 }
 
 static void ppl_cli(const Model *m, Tokenizer *tok, const char *text, size_t len, const char *what, int window,
-                    AttnForm form, Trace *trace) {
+                    const GenOptions *opt) {
     int n;
     int *ids = tokenizer_encode(tok, text, len, tok->add_bos, &n);
     if (n < 2) die("-m ppl: %s has %d token(s); perplexity needs at least 2", what, n);
-    Perplexity r = perplexity(m, ids, n, window, form, trace, 1);
+    Perplexity r = perplexity(m, ids, n, window, opt->form, opt->kv, opt->trace, 1);
     double loss = r.nats / r.n_predicted;
     printf("%s: %ld tokens, %ld predicted in %d window(s) of up to %d, %zu bytes\n", what, r.n_tokens, r.n_predicted,
            r.n_windows, window, len);
@@ -2324,6 +2467,248 @@ static Trace *teach_trace(Trace *tr, const TeachOptions *t, Tokenizer *tok) {
 }
 
 // ----------------------------------------------------------------------------
+// ---------------- Batched generation: -m batch
+//
+// ./dsv2 MODEL -m batch -f PROMPTS [-n N] [-t T -p P -s S] [--kv f32|bf16] [--kv-layout latent|mha]
+// PROMPTS holds one prompt per line; inside a line `\n` stands for a newline and `\\` for a
+// backslash. Every prompt runs to EOS, -n tokens or the end of its context, and stdout gets one JSON
+// line per prompt, in the file's order:
+//   {"id": 0, "prompt": "...", "completion": "...", "prompt_tokens": 7, "completion_tokens": 32}
+// completion: the generated text as -m generate prints it (EOS excluded, invalid UTF-8 as U+FFFD);
+// completion_tokens: the ids in it. stderr gets a progress line (sequences done, in flight, tok/s).
+// ./dsv2 runs one sequence after another (batch_run_cpu); ./dsv2cu runs up to --batch B at once over
+// a paged cache (batch_run_gpu, dsv2.cu). All the rest is shared, so the two compare token by token.
+//
+// The hook between this section and the engine, DSV2_BATCH(m, seqs, n, o, eos_id, run):
+// - it runs seqs[0..n) (n >= 1, each n_ids in 1..max_position_embeddings, checked by batch_cli), each
+//   from position 0 in a context of its own of ctx = min(n_ids + n_new, max_position_embeddings)
+//   positions, as ./dsv2 -m generate -s batch_seed(o->seed, i) runs that prompt: its tokens but the
+//   last through the prefill, then one token at a time; the sampler state starts at
+//   batch_seed(o->seed, i) and advances as sample() advances it (one random_f32 per token, only when
+//   temperature > 0); temperature 0 is the argmax (lowest id on ties);
+// - sequence i ends at EOS (eos_id; not stored, eos = 1), after n_new tokens, or when its context is
+//   full: the token sampled from the logits at the last position (ctx - 1) is kept, so a prompt of p
+//   tokens gets at most min(n_new, max_position_embeddings - p + 1) tokens (out has room for that);
+// - it fills out[0..n_out) and eos, calls batch_finished(run, i) as soon as sequence i is complete
+//   (in any order), and batch_progress(run, in_flight, sampled) as often as it likes (at most 4 lines
+//   a second are printed); sampled = tokens sampled so far over all sequences, EOS included.
+// The paged cache of ./dsv2cu keeps a sequence's rows in blocks of KV_BLOCK tokens: a sequence of
+// context ctx takes ceil(ctx / KV_BLOCK) blocks of n_layers x KV_BLOCK x kv_row_width values (4 bytes
+// each, 2 with --kv bf16). ./dsv2 does not page: each sequence has a RunState of its own.
+#define KV_BLOCK 64  // tokens per block (page) of ./dsv2cu's paged cache
+
+typedef struct {
+    int *ids;       // the prompt's token ids (BOS first when the tokenizer adds one)
+    int n_ids;
+    int *out;       // the generated ids, EOS excluded (room for min(n_new, max_position_embeddings - n_ids + 1))
+    int n_out;      // how many: set by the run
+    int eos;        // 1 when the sequence ended with EOS: set by the run
+} BatchSeq;
+
+typedef struct {
+    float temperature, topp;  // -t, -p, as sample() takes them (temperature 0: greedy)
+    uint64_t seed;            // -s: sequence i samples with batch_seed(seed, i)
+    int n_new;                // -n: the most tokens one sequence generates
+    int max_batch;            // --batch B (./dsv2cu): sequences in flight at once; 0: not given (./dsv2: one at a time)
+    int kv_bf16, kv_mha;      // --kv bf16, --kv-layout mha (KvFormat)
+    double kv_mem_gib;        // --kv-mem GIB (./dsv2cu): the paged cache's size; 0: its default
+    AttnForm form;            // -a (./dsv2, latent layout): how attention reads the cache
+} BatchOptions;
+
+typedef struct BatchRun BatchRun;  // the output side of a batch: JSON lines and the progress line
+static void batch_finished(BatchRun *run, int i);
+static void batch_progress(BatchRun *run, int in_flight, long sampled);
+static void batch_run_cpu(const Model *m, BatchSeq *seqs, int n, const BatchOptions *o, int eos_id, BatchRun *run);
+#ifdef DSV2_GPU
+static void batch_run_gpu(const Model *m, BatchSeq *seqs, int n, const BatchOptions *o, int eos_id, BatchRun *run);
+#define DSV2_BATCH batch_run_gpu
+#else
+#define DSV2_BATCH batch_run_cpu
+#endif
+
+// Sequence i's sampler seed: splitmix64 of (seed, i), halved into 1..2^63-1 so that it is a valid -s:
+// ./dsv2 -m generate -s batch_seed(seed, i) samples what sequence i of -m batch -s seed samples.
+// Never 0, where xorshift would stay.
+static uint64_t batch_seed(uint64_t seed, int i) {
+    uint64_t z = seed + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z = (z ^ (z >> 31)) >> 1;
+    return z ? z : 1;
+}
+
+// ./dsv2's engine: one sequence after another, each as generate_ids runs it, in a run state of its own
+static void batch_run_cpu(const Model *m, BatchSeq *seqs, int n, const BatchOptions *o, int eos_id, BatchRun *run) {
+    const Config *c = &m->config;
+    KvFormat kv = {o->kv_bf16, o->kv_mha};
+    int *order = (int *)xcalloc(c->vocab_size, sizeof(int));
+    long sampled = 0;
+    for (int i = 0; i < n; i++) {
+        BatchSeq *q = &seqs[i];
+        RunState s;
+        runstate_init_kv(&s, c, context_for(c, q->n_ids, o->n_new), kv);
+        Sampler sp = {o->temperature, o->topp, batch_seed(o->seed, i), order};
+        int pos = prefill(m, &s, q->ids, q->n_ids - 1, 0, o->form), token = q->ids[pos];
+        q->n_out = q->eos = 0;
+        while (pos < s.seq_len && q->n_out < o->n_new) {
+            float *logits = forward_token(m, &s, token, pos, o->form);
+            check_logits(logits, c->vocab_size, pos++);
+            token = sample(&sp, logits, c->vocab_size);
+            batch_progress(run, 1, ++sampled);
+            if (token == eos_id) { q->eos = 1; break; }
+            q->out[q->n_out++] = token;
+        }
+        runstate_free(&s);
+        batch_finished(run, i);
+    }
+    free(order);
+}
+
+// The prompt file: one prompt per line (also a last line without a newline; a \r before the newline
+// is dropped), `\n` in a line a newline and `\\` a backslash. A blank line, a zero byte, invalid UTF-8
+// or another backslash stops with one error line naming the line. Returns the n >= 1 prompts.
+static char **batch_read_prompts(const char *path, int *n_prompts) {
+    size_t len;
+    char *buf = read_file_bytes(path, "prompt file", &len), **prompts = NULL;
+    int n = 0;
+    for (size_t start = 0; start < len;) {
+        const char *line = buf + start, *nl = (const char *)memchr(line, '\n', len - start);
+        size_t k = nl ? (size_t)(nl - line) : len - start;
+        start += k + 1;
+        if (k > 0 && line[k - 1] == '\r') k--;
+        int number = n + 1;
+        if (memchr(line, 0, k)) die("-f %s, line %d: holds a zero byte; expected text", path, number);
+        long bad = utf8_invalid_offset(line, k);
+        if (bad >= 0) die("-f %s, line %d: invalid UTF-8 at byte %ld of the line (byte 0x%02x)", path, number, bad + 1,
+                          (unsigned char)line[bad]);
+        size_t blank = 0;
+        while (blank < k && (line[blank] == ' ' || line[blank] == '\t')) blank++;
+        if (blank == k) die("-f %s, line %d is blank; every line is a prompt (a newline inside one is written \\n)", path, number);
+        char *prompt = (char *)xcalloc(k + 1, 1);
+        size_t m = 0;
+        for (size_t j = 0; j < k; j++) {
+            if (line[j] != '\\') { prompt[m++] = line[j]; continue; }
+            if (j + 1 < k && (line[j + 1] == 'n' || line[j + 1] == '\\')) prompt[m++] = line[++j] == 'n' ? '\n' : '\\';
+            else die("-f %s, line %d: a backslash at byte %zu not followed by n or \\ (in a prompt \\n is a newline, "
+                     "\\\\ a backslash)", path, number, j + 1);
+        }
+        prompt[m] = '\0';
+        prompts = (char **)realloc(prompts, (size_t)(n + 1) * sizeof(char *));
+        if (!prompts) die("out of memory reading %s", path);
+        prompts[n++] = prompt;
+    }
+    free(buf);
+    if (n == 0) die("-f %s holds no prompts (one per line)", path);
+    *n_prompts = n;
+    return prompts;
+}
+
+struct BatchRun {
+    FILE *out;                 // the JSON lines (NULL: none, as in test_all)
+    int progress;              // 1: the progress line on stderr
+    Tokenizer *tok;
+    char *const *prompts;      // (n) the prompts' texts
+    const BatchSeq *seqs;      // (n)
+    int n, n_done, n_written;  // sequences; finished; written out (in input order)
+    char *done;                // (n) 1 once sequence i has finished
+    long sampled;              // tokens sampled so far, as batch_progress last heard
+    double t0, last_print;     // when the run started; when the progress line was last printed
+    int printed;               // 1 once the progress line has been printed
+};
+
+// s (n bytes of UTF-8) as a JSON string: quotes, backslashes and control characters escaped
+static void json_string(FILE *f, const char *s, size_t n) {
+    fputc('"', f);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch == '"' || ch == '\\') fprintf(f, "\\%c", ch);
+        else if (ch == '\n') fputs("\\n", f);
+        else if (ch == '\t') fputs("\\t", f);
+        else if (ch == '\r') fputs("\\r", f);
+        else if (ch < 0x20 || ch == 0x7f) fprintf(f, "\\u%04x", ch);
+        else fputc(ch, f);
+    }
+    fputc('"', f);
+}
+
+// sequence i's JSON line; the completion decoded as generate_ids prints it
+static void batch_write_json(BatchRun *run, int i) {
+    const BatchSeq *q = &run->seqs[i];
+    char *text = NULL;
+    size_t len = 0;
+    FILE *mem = open_memstream(&text, &len);
+    if (!mem) die("out of memory writing the output of prompt %d", i);
+    DecodeState ds;
+    memset(&ds, 0, sizeof(ds));
+    for (int k = 0; k < q->n_out; k++) put_token(run->tok, &ds, q->out[k], mem);
+    tokenizer_flush(run->tok, &ds, mem);
+    fclose(mem);
+    fprintf(run->out, "{\"id\": %d, \"prompt\": ", i);
+    json_string(run->out, run->prompts[i], strlen(run->prompts[i]));
+    fprintf(run->out, ", \"completion\": ");
+    json_string(run->out, text, len);
+    fprintf(run->out, ", \"prompt_tokens\": %d, \"completion_tokens\": %d}\n", q->n_ids, q->n_out);
+    free(text);
+}
+
+// sequence i is complete: every JSON line that can now go out in input order goes out
+static void batch_finished(BatchRun *run, int i) {
+    if (i < 0 || i >= run->n || run->done[i]) die("batch: sequence %d finished twice, or there is no such sequence", i);
+    run->done[i] = 1;
+    run->n_done++;
+    for (; run->n_written < run->n && run->done[run->n_written]; run->n_written++)
+        if (run->out) batch_write_json(run, run->n_written);
+    if (run->out) fflush(run->out);
+}
+
+// the progress line on stderr, rewritten in place: sequences done, in flight, tokens sampled per second
+static void batch_progress(BatchRun *run, int in_flight, long sampled) {
+    run->sampled = sampled;
+    double t = now_s();
+    if (!run->progress || t - run->last_print < 0.25) return;
+    run->last_print = t;
+    run->printed = 1;
+    fprintf(stderr, "\rbatch: %d/%d done, %d in flight, %ld tokens, %.1f tok/s   ", run->n_done, run->n, in_flight,
+            sampled, sampled / (t - run->t0 + 1e-9));
+}
+
+// -m batch: every prompt read and checked before anything runs, then DSV2_BATCH, then the summary
+static void batch_cli(const Model *m, Tokenizer *tok, const char *path, const BatchOptions *o) {
+    const Config *c = &m->config;
+    int n;
+    char **prompts = batch_read_prompts(path, &n);
+    BatchSeq *seqs = (BatchSeq *)xcalloc(n, sizeof(BatchSeq));
+    long prompt_tokens = 0, generated = 0;
+    for (int i = 0; i < n; i++) {
+        BatchSeq *q = &seqs[i];
+        q->ids = tokenizer_encode(tok, prompts[i], strlen(prompts[i]), tok->add_bos, &q->n_ids);
+        if (q->n_ids == 0) die("-f %s, line %d: the prompt gives no tokens", path, i + 1);
+        if (q->n_ids > c->max_position_embeddings)
+            die("-f %s, line %d: the prompt is %d tokens, longer than the model's context of %d", path, i + 1, q->n_ids,
+                c->max_position_embeddings);
+        int room = c->max_position_embeddings - q->n_ids + 1;
+        q->out = (int *)xcalloc(o->n_new < room ? o->n_new : room, sizeof(int));
+        prompt_tokens += q->n_ids;
+    }
+    BatchRun run = {.out = stdout, .progress = 1, .tok = tok, .prompts = prompts, .seqs = seqs, .n = n,
+                    .done = (char *)xcalloc(n, 1), .t0 = now_s()};
+    run.last_print = run.t0;
+    DSV2_BATCH(m, seqs, n, o, tok->eos_id, &run);
+    if (run.n_written != n) die("batch: %d of %d sequences never finished", n - run.n_written, n);
+    double secs = now_s() - run.t0;
+    for (int i = 0; i < n; i++) generated += seqs[i].n_out + seqs[i].eos;
+    fprintf(stderr, "%sbatch: %d sequences, %ld prompt tokens, %ld tokens generated in %.2f s: %.1f tok/s\n",
+            run.printed ? "\r" : "", n, prompt_tokens, generated, secs, generated / (secs > 0 ? secs : 1e-9));
+    KvFormat kv = {o->kv_bf16, o->kv_mha};
+    print_kv_cache_size(c, kv);
+    print_memory_summary(m);
+    for (int i = 0; i < n; i++) { free(prompts[i]); free(seqs[i].ids); free(seqs[i].out); }
+    free(prompts);
+    free(seqs);
+    free(run.done);
+}
+
+// ----------------------------------------------------------------------------
 // ---------------- The command line
 
 #ifdef DSV2_GPU
@@ -2339,20 +2724,30 @@ static void error_usage(FILE *out, int status) {
         "options ([modes] where an option has an effect; elsewhere it is refused):\n"
         "  -z TOK        tokenizer file (default: tokenizer.bin)\n"
         "  -i TEXT       the prompt, the text or the ids (default prompt: \"%s\")\n"
-        "  -f FILE       read the input text from FILE instead\n"
-        "  -m MODE       generate | chat | ppl | encode | decode (default generate)\n"
-        "  -n N          [generate, chat] new tokens, per answer in chat, 0..16777216;\n"
+        "  -f FILE       read the input text from FILE instead; -m batch: the prompts, one a line\n"
+        "                (\\n in a line is a newline, \\\\ a backslash)\n"
+        "  -m MODE       generate | chat | ppl | batch | encode | decode (default generate);\n"
+        "                batch: every prompt of -f FILE, one JSON line each on stdout\n"
+        "  -n N          [generate, chat, batch] new tokens, per answer in chat, 0..16777216;\n"
         "                0 = only read the prompt (default 256)\n"
-        "  -t TEMP       [generate, chat] temperature in [0, 100], 0 = greedy (default 1.0)\n"
-        "  -p TOPP       [generate, chat; -t > 0] top-p threshold in (0, 1], 1 = off (default 0.9)\n"
-        "  -s SEED       [generate, chat; -t > 0] random seed >= 1 (default: the time)\n"
+        "  -t TEMP       [generate, chat, batch] temperature in [0, 100], 0 = greedy (default 1.0)\n"
+        "  -p TOPP       [generate, chat, batch; -t > 0] top-p threshold in (0, 1], 1 = off\n"
+        "                (default 0.9)\n"
+        "  -s SEED       [generate, chat, batch; -t > 0] random seed >= 1 (default: the time);\n"
+        "                batch: prompt i samples with its own seed, derived from SEED and i\n"
         "  -y SYSTEM     [chat] system prompt\n"
         "  --ctx N       [chat, ppl] context of N >= 2 tokens (default: the model's; chat\n"
         "                at most 4096); ppl reads the text in windows of N\n"
-        "  -a FORM       [generate, chat, ppl] attention form: absorbed (paper Appendix C,\n"
+        "  -a FORM       [generate, chat, ppl, batch] attention form: absorbed (paper Appendix C,\n"
         "                default) | naive (eqs. 10-11)\n"
+        "  --kv f32|bf16 [generate, chat, ppl, batch] cache values in float32 (default) or\n"
+        "                rounded to bf16\n"
+        "  --kv-layout latent|mha   [generate, chat, ppl, batch] cache the latent (default) or\n"
+        "                every head's key and value, as multi-head attention would (no -a then)\n"
+        "  --batch B     [batch, ./dsv2cu only] sequences in flight at once\n"
+        "  --kv-mem GIB  [batch, ./dsv2cu only] GiB for the paged KV cache\n"
         "  --dump-logits FILE   [generate, chat] every position's logits, float32 [pos][vocab]\n"
-        "  --threads N   [generate, chat, ppl] OpenMP threads (default: all cores, or\n"
+        "  --threads N   [generate, chat, ppl, batch] OpenMP threads (default: all cores, or\n"
         "                OMP_NUM_THREADS)\n"
         "teaching (docs/WORKSHOP.md):\n"
         "  -m ppl        perplexity and bits per byte of the text (-f FILE or -i TEXT)\n"
@@ -2368,7 +2763,8 @@ static void error_usage(FILE *out, int status) {
         "  --no-shared   drop the shared experts;  --no-routed: drop the routed experts\n"
         "  --no-yarn     plain RoPE and softmax scale, even beyond the trained context\n"
         "./dsv2cu, the GPU build, refuses what it cannot do: -m ppl, -a naive, --trace,\n"
-        "--trace-pos, --routing-out and the knobs (use ./dsv2 for those).\n",
+        "--trace-pos, --routing-out and the knobs (use ./dsv2 for those); --kv and\n"
+        "--kv-layout only with -m batch.\n",
         "Once upon a time");
     exit(status);
 }
@@ -2402,20 +2798,24 @@ static long parse_int(const char *flag, const char *v, long lo, long hi) {
 }
 
 // Every option, whether a value follows it, the modes in which it has an effect (given in any
-// other it is refused: it would be silently ignored) and whether ./dsv2cu implements it.
-enum { GENERATE = 1, CHAT = 2, PPL = 4, TOKENIZER = 8, KV_TABLE = 16 };
+// other it is refused: it would be silently ignored) and which build implements it: on_gpu 0 only
+// ./dsv2, 1 both, GPU_ONLY only ./dsv2cu.
+enum { GENERATE = 1, CHAT = 2, PPL = 4, TOKENIZER = 8, KV_TABLE = 16, BATCH = 32 };
+enum { GPU_ONLY = 2 };
 typedef struct { const char *name; int takes_value, modes, on_gpu; } Option;
 static const Option options[] = {
-    {"-z", 1, GENERATE | CHAT | PPL | TOKENIZER, 1},  {"-i", 1, GENERATE | CHAT | PPL | TOKENIZER, 1},
-    {"-f", 1, GENERATE | CHAT | PPL | TOKENIZER, 1},  {"-m", 1, GENERATE | CHAT | PPL | TOKENIZER, 1},
-    {"-n", 1, GENERATE | CHAT, 1},  {"-t", 1, GENERATE | CHAT, 1},  {"-p", 1, GENERATE | CHAT, 1},
-    {"-s", 1, GENERATE | CHAT, 1},  {"-y", 1, CHAT, 1},  {"--ctx", 1, CHAT | PPL, 1},
-    {"-a", 1, GENERATE | CHAT | PPL, 1},  {"--dump-logits", 1, GENERATE | CHAT, 1},
+    {"-z", 1, GENERATE | CHAT | PPL | TOKENIZER | BATCH, 1},  {"-i", 1, GENERATE | CHAT | PPL | TOKENIZER, 1},
+    {"-f", 1, GENERATE | CHAT | PPL | TOKENIZER | BATCH, 1},  {"-m", 1, GENERATE | CHAT | PPL | TOKENIZER | BATCH, 1},
+    {"-n", 1, GENERATE | CHAT | BATCH, 1},  {"-t", 1, GENERATE | CHAT | BATCH, 1},  {"-p", 1, GENERATE | CHAT | BATCH, 1},
+    {"-s", 1, GENERATE | CHAT | BATCH, 1},  {"-y", 1, CHAT, 1},  {"--ctx", 1, CHAT | PPL, 1},
+    {"-a", 1, GENERATE | CHAT | PPL | BATCH, 1},  {"--dump-logits", 1, GENERATE | CHAT, 1},
+    {"--kv", 1, GENERATE | CHAT | PPL | BATCH, 1},  {"--kv-layout", 1, GENERATE | CHAT | PPL | BATCH, 1},
+    {"--batch", 1, BATCH, GPU_ONLY},  {"--kv-mem", 1, BATCH, GPU_ONLY},
     {"--trace", 1, GENERATE | CHAT | PPL, 0},  {"--trace-pos", 1, GENERATE | CHAT | PPL, 0},
     {"--routing-out", 1, GENERATE | CHAT | PPL, 0},  {"--kv-table", 0, KV_TABLE, 1},  {"--mem", 1, KV_TABLE, 1},
     {"--topk", 1, GENERATE | CHAT | PPL, 0},  {"--topk-group", 1, GENERATE | CHAT | PPL, 0},
     {"--no-shared", 0, GENERATE | CHAT | PPL, 0},  {"--no-routed", 0, GENERATE | CHAT | PPL, 0},
-    {"--no-yarn", 0, GENERATE | CHAT | PPL, 0},  {"--threads", 1, GENERATE | CHAT | PPL, 0},
+    {"--no-yarn", 0, GENERATE | CHAT | PPL, 0},  {"--threads", 1, GENERATE | CHAT | PPL | BATCH, 0},
 };
 #define N_OPTIONS (int)(sizeof(options) / sizeof(options[0]))
 
@@ -2429,7 +2829,9 @@ int main(int argc, char **argv) {
     const char *model_path = NULL, *tok_path = "tokenizer.bin", *prompt = NULL, *system = NULL, *mode = "generate";
     float temperature = 1.0f, topp = 0.9f;
     long seed = 0;
-    GenOptions opt = {NULL, ATTN_ABSORBED, 256, 0, NULL};
+    GenOptions opt = {NULL, ATTN_ABSORBED, 256, 0, NULL, {0, 0}};
+    int max_batch = 0;      // --batch (./dsv2cu)
+    double kv_mem_gib = 0;  // --kv-mem (./dsv2cu)
     TeachOptions teach;
     memset(&teach, 0, sizeof(teach));
     teach.mem_gib = 1.0;
@@ -2475,13 +2877,26 @@ int main(int argc, char **argv) {
             else if (!strcmp(v, "naive")) opt.form = ATTN_NAIVE;
             else die("-a expects absorbed or naive, got '%s'", v);
         }
+        else if (!strcmp(flag, "--kv")) {
+            if (!strcmp(v, "f32")) opt.kv.bf16 = 0;
+            else if (!strcmp(v, "bf16")) opt.kv.bf16 = 1;
+            else die("--kv expects f32 or bf16, got '%s'", v);
+        }
+        else if (!strcmp(flag, "--kv-layout")) {
+            if (!strcmp(v, "latent")) opt.kv.mha = 0;
+            else if (!strcmp(v, "mha")) opt.kv.mha = 1;
+            else die("--kv-layout expects latent or mha, got '%s'", v);
+        }
+        else if (!strcmp(flag, "--batch")) max_batch = (int)parse_int("--batch", v, 1, 65536);
+        else if (!strcmp(flag, "--kv-mem")) kv_mem_gib = parse_float("--kv-mem", v, 1e-3f, 1e6f);
     }
     int is_gen = !strcmp(mode, "generate"), is_chat = !strcmp(mode, "chat"), is_ppl = !strcmp(mode, "ppl");
-    if (!is_gen && !is_chat && !is_ppl && strcmp(mode, "encode") && strcmp(mode, "decode"))
-        die("-m expects generate, chat, ppl, encode or decode, got '%s'", mode);
+    int is_batch = !strcmp(mode, "batch");
+    if (!is_gen && !is_chat && !is_ppl && !is_batch && strcmp(mode, "encode") && strcmp(mode, "decode"))
+        die("-m expects generate, chat, ppl, batch, encode or decode, got '%s'", mode);
 
     // what each mode reads, and the options that would have no effect in it
-    int mode_bit = teach.kv_table ? KV_TABLE : is_gen ? GENERATE : is_chat ? CHAT : is_ppl ? PPL : TOKENIZER;
+    int mode_bit = teach.kv_table ? KV_TABLE : is_gen ? GENERATE : is_chat ? CHAT : is_ppl ? PPL : is_batch ? BATCH : TOKENIZER;
     char mode_text[32];
     if (teach.kv_table) snprintf(mode_text, sizeof(mode_text), "--kv-table");
     else snprintf(mode_text, sizeof(mode_text), "-m %s", mode);
@@ -2493,7 +2908,17 @@ int main(int argc, char **argv) {
     if (temperature == 0.0f && given[option_index("-s")]) usage_error("-s has no effect with -t 0 (greedy)");
     if (given[option_index("--trace-pos")] && !teach.trace_path && !teach.routing_out)
         usage_error("--trace-pos has no effect without --trace or --routing-out");
-#ifdef DSV2_GPU
+    if (opt.kv.mha && given[option_index("-a")])
+        usage_error("-a has no effect with --kv-layout mha (its attention reads the cached keys and values)");
+    if (is_batch && !teach.text_file) usage_error("-m batch needs the prompt file: -f PROMPTS (one prompt a line)");
+#ifndef DSV2_GPU
+    for (int k = 0; k < N_OPTIONS; k++)
+        if (given[k] && options[k].on_gpu == GPU_ONLY)
+            die("%s is implemented by ./dsv2cu only (./dsv2 runs the sequences one after another)", options[k].name);
+#else
+    if (!is_batch && (given[option_index("--kv")] || given[option_index("--kv-layout")]))
+        die("%s is implemented by ./dsv2cu with -m batch only: run ./dsv2 for it",
+            given[option_index("--kv")] ? "--kv" : "--kv-layout");
     // what the GPU path does not implement is refused, never ignored or run on the CPU instead
     for (int k = 0; k < N_OPTIONS; k++)
         if (given[k] && !options[k].on_gpu) die("%s is not implemented by ./dsv2cu (the GPU build): run ./dsv2 for it", options[k].name);
@@ -2502,7 +2927,7 @@ int main(int argc, char **argv) {
 #endif
 
     size_t text_len = 0;
-    char *text = teach.text_file ? read_text_file(teach.text_file, &text_len) : NULL;
+    char *text = teach.text_file && !is_batch ? read_text_file(teach.text_file, &text_len) : NULL;  // batch: its own reader
     if (text && prompt) die("-f %s and -i: give the input text one way", teach.text_file);
     if (text) prompt = text;
     else if (prompt) text_len = strlen(prompt);
@@ -2538,12 +2963,16 @@ int main(int argc, char **argv) {
         int window = teach.ctx ? teach.ctx : model.config.max_position_embeddings;
         if (window > model.config.max_position_embeddings)
             die("--ctx %d is longer than the model's context of %d", window, model.config.max_position_embeddings);
-        ppl_cli(&model, &tok, prompt, text_len, teach.text_file ? teach.text_file : "-i text", window, opt.form, opt.trace);
+        ppl_cli(&model, &tok, prompt, text_len, teach.text_file ? teach.text_file : "-i text", window, &opt);
     }
     Sampler sp = {temperature, topp, (uint64_t)(seed ? seed : (long)time(NULL)), NULL};
     sp.order = (int *)xcalloc(model.config.vocab_size, sizeof(int));
     if (is_gen) generate(&model, &tok, &sp, prompt ? prompt : "Once upon a time", &opt);
     else if (is_chat) chat(&model, &tok, &sp, prompt, system, &opt);
+    else if (is_batch) {
+        BatchOptions bo = {temperature, topp, sp.rng_state, opt.n_new, max_batch, opt.kv.bf16, opt.kv.mha, kv_mem_gib, opt.form};
+        batch_cli(&model, &tok, teach.text_file, &bo);
+    }
     if (opt.trace && opt.trace->out && opt.trace->out != stderr) fclose(opt.trace->out);
     if (opt.trace && opt.trace->routing_csv) fclose(opt.trace->routing_csv);
     free(text);

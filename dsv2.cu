@@ -1,9 +1,11 @@
 /* dsv2.cu: DeepSeek-V2 inference on an NVIDIA Hopper GPU (sm_90), next to dsv2.c.
  *
  * The loader, tokenizer, sampler, generation loop and command line are dsv2.c's: this file
- * includes it with DSV2_GPU defined, which points the generation loop's two hooks at
- * forward_gpu() (one token, the decode step, replayed as a CUDA graph) and prefill_gpu()
- * (the prompt, one pass per layer with cuBLAS matrix products). Same model file, same flags.
+ * includes it with DSV2_GPU defined, which points the generation loop's hooks at
+ * forward_gpu() (one token, the decode step, replayed as a CUDA graph), forward_sample_gpu() (the
+ * same step with dsv2.c's sample() on the GPU at its end: only the token id comes back),
+ * prefill_gpu() (the prompt, one pass per layer with cuBLAS matrix products) and gpu_setup() (the
+ * upload, before the clock starts). Same model file, same flags.
  *
  * On the GPU: weights in bf16 (fp32 files are rounded at upload), the latent KV cache in float32
  * [layers][seq][kv_lora_rank + qk_rope_head_dim], activations and accumulation in float32.
@@ -29,9 +31,16 @@
  *                     setup, decode_step (dsv2.c's forward, one token) and prefill_pass (the prompt)
  *   dsv2_mla.cuh      Multi-head Latent Attention: mla_prep, mla_attention + mla_combine (split-KV with
  *                     a log-sum-exp merge, tensor cores, double buffering), v_up
- *   dsv2_moe.cuh      DeepSeekMoE at decode: the router, gate/up/SwiGLU, down + residual
+ *   dsv2_mla_decode.cuh  the attention of a batch of queries over the paged cache (the batch engine):
+ *                     latent rows (a plan balances the splits; bf16 or float32 cache) and expanded MHA rows
+ *   dsv2_moe.cuh      DeepSeekMoE at decode: the router, gate/up/SwiGLU, down + residual; and over a batch
+ *                     of tokens (moe_batch_forward): grouping by expert on the GPU, grouped tensor-core products
  *   dsv2_prefill.cuh  the prefill's products on tensor cores at float32 accuracy (bf16 x 3), expert rows
+ *   dsv2_sample.cuh   dsv2.c's sample() for B rows of logits (argmax, softmax, top-p by a radix select),
+ *                     run inside the decode graph so that only the drawn token id comes back to the host
  *   dsv2_bench.cuh    --bench: self-checks and benchmarks (tools/bench_cuda.sh)
+ *   dsv2_serve.cuh    -m batch: many sequences at once over a paged cache (forward_batch, continuous
+ *                     batching, decode graphs per batch size), --bench-serve, --serve-check
  *   dev/cuda/         the MLA decode kernel version by version, from dsv2.c's loop to mla_attention_kernel
  *
  * Paper equation -> kernel (decode step; the prefill is named where it differs):
@@ -52,6 +61,10 @@
  * Build: nvcc -O3 -arch=sm_90 -o dsv2cu dsv2.cu -lcublas   (or make dsv2cu)
  * Extra modes (before the usual flags): ./dsv2cu --gpu-check   exit 0 if a GPU is usable
  *                                      ./dsv2cu --bench MODEL  benchmarks (tools/bench_cuda.sh)
+ *                                      ./dsv2cu --check-sampler  the GPU sampler against dsv2.c's sample()
+ *                                      ./dsv2cu --bench-serve MODEL ...  batched decode steps (dsv2_serve.cuh)
+ *                                      ./dsv2cu --serve-check MODEL [N]  the batch engine against dsv2.c
+ *                                      ./dsv2cu --bench-attn [CTX]  the batch attention over a paged cache, checked and timed
  */
 #define DSV2_GPU
 #define main dsv2_main  // dsv2.c's main is the CLI; ours adds --gpu-check and --bench first
@@ -77,6 +90,12 @@ typedef struct {
 #define PF_QUERIES 128    // prefill: queries per attention launch
 #define PF_CHUNK 256      // prefill: at most this many cache rows per attention block
 
+// the single-sequence decode step's inputs on the device, and what the sampling graph leaves there
+typedef struct {
+    int token, pos;      // the token to run and its position; after a sampling step: the drawn token, pos + 1
+    uint64_t rng;        // the sampler's xorshift state (dsv2.c's Sampler.rng_state)
+} StepIO;
+
 typedef struct {
     int ready, seq_len, n_sm, pdl;
     Config c;
@@ -87,7 +106,10 @@ typedef struct {
     float *kv_cache;          // (n_layers, seq_len, W) float32: c^KV then k^R, exactly dsv2.c's kv_cache
     float *inv_freq;          // (d_h^R / 2), from dsv2.c's rope_init
     float rope_mscale, softmax_scale;
-    int *step;                // device [token, pos]: the decode graph reads them, so one graph serves every step
+    int *step;                // device StepIO: the decode graph reads token and pos there, so one graph serves every step
+    StepIO *step_host;        // pinned: the sampling graph copies the StepIO of the next step here (only the id crosses)
+    StepIO *step_upload;      // pinned: what the host sends when the device's StepIO is not the step it asks for
+    int step_known;           // step_host holds the device's StepIO (no upload needed if the step asks for it)
     int *pf_step;             // device [unused, pos0] for the prefill
     // decode activations (one token)
     float *x, *xb, *c_q, *q, *kv_a, *q_lat, *o_lat, *o, *hb, *hb_shared, *logits;
@@ -97,7 +119,9 @@ typedef struct {
     float *part_o, *part_ml;  // split-sequence partial results of the attention
     int dec_splits;
     cudaStream_t stream;
-    cudaGraphExec_t graph;
+    cudaGraphExec_t graph;       // decode_step: the logits (--dump-logits, --bench)
+    cudaGraphExec_t graph_next;  // decode_step, then the draw of the next token (sample_forward)
+    float next_temperature, next_topp;  // the sampler graph_next was captured with
     cublasHandle_t blas;
     // prefill activations (PF_MAX tokens), allocated on the first prefill
     int pf_ready, pf_compact;  // pf_compact: always the compact expert layout (the benchmark checks both)
@@ -277,8 +301,10 @@ static void matvec_forward(float *out1, const bf16 *W1, int d1, float *out2, con
 }
 
 #include "dsv2_mla.cuh"      // MLA: absorbed query, cache row, attention (split-KV), W^UV
-#include "dsv2_moe.cuh"      // DeepSeekMoE decode: router, gate/up, down
+#include "dsv2_mla_decode.cuh"  // attention of a batch over the paged cache: latent (MLA) and expanded (MHA) rows
 #include "dsv2_prefill.cuh"  // prefill products on tensor cores (bf16 x 3) and the expert grouping
+#include "dsv2_moe.cuh"      // DeepSeekMoE: decode (router, gate/up, down) and over a batch (split3 from the prefill)
+#include "dsv2_sample.cuh"   // dsv2.c's sample() for B rows of logits, inside the decode graph
 
 // ----------------------------------------------------------------------------
 // ---------------- Setup: upload the model, allocate the cache and activations
@@ -367,7 +393,11 @@ static void gpu_init(const Model *m, int seq_len) {
     // the latent cache and the decode activations
     g->kv_cache = dev_floats((size_t)c->n_layers * seq_len * g->W);
     cudaCheck(cudaMemset(g->kv_cache, 0, (size_t)c->n_layers * seq_len * g->W * sizeof(float)));
-    g->step = dev_ints(2); g->pf_step = dev_ints(2);
+    cudaCheck(cudaMalloc(&g->step, sizeof(StepIO)));
+    cudaCheck(cudaMallocHost(&g->step_host, sizeof(StepIO)));
+    cudaCheck(cudaMallocHost(&g->step_upload, sizeof(StepIO)));
+    g->pf_step = dev_ints(2);
+    sample_init(1, c->vocab_size);
     g->x = dev_floats(dim); g->xb = dev_floats(dim); g->c_q = dev_floats(c->q_lora_rank);
     g->q = dev_floats((size_t)H * g->qk_head); g->kv_a = dev_floats(g->W);
     g->q_lat = dev_floats((size_t)H * g->W); g->o_lat = dev_floats((size_t)H * c->kv_lora_rank);
@@ -445,20 +475,44 @@ static void decode_step(void) {
     matvec_forward(gpu.logits, gpu.lm_head, c->vocab_size, NULL, NULL, 0, gpu.x, dim, gpu.norm, NULL);
 }
 
-static void decode_graph_build(void) {
-    if (gpu.graph) cudaCheck(cudaGraphExecDestroy(gpu.graph));
+// after a sampling step: the next step runs the drawn token (already in StepIO.token) at pos + 1
+__global__ void step_advance_kernel(StepIO *io) {
+    pdl_launch_next();
+    pdl_wait();
+    io->pos++;
+}
+
+// decode_step captured as a CUDA graph; with a sampler, followed by dsv2.c's sample() on the logits
+// (sample_forward: the token into StepIO, which then moves to the next position) and the copy of the
+// StepIO to pinned host memory: per token, 16 bytes cross to the host instead of the logits
+static cudaGraphExec_t decode_capture(const Sampler *sp) {
     cudaGraph_t graph;
+    cudaGraphExec_t exec;
     cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
     decode_step();
+    if (sp) {
+        StepIO *io = (StepIO *)gpu.step;
+        sample_forward(&io->token, gpu.logits, 1, gpu.c.vocab_size, sp->temperature, sp->topp, &io->rng);
+        launch(step_advance_kernel, 1, 32, 0, io);
+        cudaCheck(cudaMemcpyAsync(gpu.step_host, io, sizeof(StepIO), cudaMemcpyDeviceToHost, gpu.stream));
+    }
     cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
-    cudaCheck(cudaGraphInstantiate(&gpu.graph, graph, 0));
+    cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
     cudaCheck(cudaGraphDestroy(graph));
+    cudaCheck(cudaGraphUpload(exec, gpu.stream));
+    return exec;
+}
+
+static void decode_graph_build(void) {
+    if (gpu.graph) cudaCheck(cudaGraphExecDestroy(gpu.graph));
+    gpu.graph = decode_capture(NULL);
 }
 
 static void decode_launch(int token, int pos) {
     int step[2] = {token, pos};
     cudaCheck(cudaMemcpyAsync(gpu.step, step, sizeof step, cudaMemcpyHostToDevice, gpu.stream));
     cudaCheck(cudaGraphLaunch(gpu.graph, gpu.stream));
+    gpu.step_known = 0;
 }
 
 // dsv2.c's forward() on the GPU: logits of token at pos, copied into s->logits
@@ -473,6 +527,35 @@ static float *forward_gpu(const Model *m, RunState *s, int token, int pos, AttnF
     cudaCheck(cudaStreamSynchronize(gpu.stream));
     return s->logits;
 }
+
+// dsv2.c's forward() and sample() in one step on the GPU (the generation loop's DSV2_NEXT): the token
+// drawn after token at pos; sp->rng_state advances as sample() advances it. Only the token id and the
+// sampler's state come back; the step's inputs go to the GPU only when the device does not hold them
+// already (the first step, or after the host did not take a draw).
+static int forward_sample_gpu(const Model *m, RunState *s, Sampler *sp, int token, int pos) {
+    gpu_init(m, s->seq_len);
+    if (pos < 0 || pos >= gpu.seq_len) die("dsv2cu: position %d outside the context of %d", pos, gpu.seq_len);
+    if (token < 0 || token >= gpu.c.vocab_size) die("dsv2cu: token %d outside the vocabulary", token);
+    if (!gpu.graph_next || sp->temperature != gpu.next_temperature || sp->topp != gpu.next_topp) {
+        if (gpu.graph_next) cudaCheck(cudaGraphExecDestroy(gpu.graph_next));
+        gpu.graph_next = decode_capture(sp);
+        gpu.next_temperature = sp->temperature;
+        gpu.next_topp = sp->topp;
+    }
+    StepIO *known = gpu.step_host;
+    if (!gpu.step_known || known->token != token || known->pos != pos || known->rng != sp->rng_state) {
+        *gpu.step_upload = (StepIO){token, pos, sp->rng_state};
+        cudaCheck(cudaMemcpyAsync(gpu.step, gpu.step_upload, sizeof(StepIO), cudaMemcpyHostToDevice, gpu.stream));
+    }
+    cudaCheck(cudaGraphLaunch(gpu.graph_next, gpu.stream));
+    cudaCheck(cudaStreamSynchronize(gpu.stream));
+    gpu.step_known = 1;
+    if (known->token < 0)  // dsv2.c's check_logits
+        die("the logits at position %d are not finite (token %d): the model's weights are corrupt", pos, -1 - known->token);
+    sp->rng_state = known->rng;
+    return known->token;
+}
+
 
 // ----------------------------------------------------------------------------
 // ---------------- Prefill: the prompt in one pass per layer
@@ -635,7 +718,26 @@ static int prefill_gpu(const Model *m, RunState *s, const int *ids, int n, int p
     return n;
 }
 
+// before generation (the generation loop's DSV2_SETUP): the model upload and every one-time cost of
+// the GPU path, so that the prompt's tok/s measures the prompt alone
+static void gpu_setup(const Model *m, RunState *s, const Sampler *sp) {
+    gpu_init(m, s->seq_len);  // prints the upload's time
+    double t0 = now_s();
+    if (!gpu.pf_ready) prefill_alloc();
+    if (!gpu.graph_next) {
+        gpu.graph_next = decode_capture(sp);
+        gpu.next_temperature = sp->temperature;
+        gpu.next_topp = sp->topp;
+    }
+    // the first use of cuBLAS and of the prefill's kernels (loaded lazily) on two tokens: the cache rows
+    // they write, 0 and 1, are written again by the prompt before anything reads them
+    int warm[2] = {0, 0};
+    if (s->seq_len >= 2) prefill_gpu(m, s, warm, 2, 0, ATTN_ABSORBED);
+    fprintf(stderr, "dsv2cu: graphs captured and first use warmed up in %.0f ms\n", (now_s() - t0) * 1e3);
+}
+
 #include "dsv2_bench.cuh"  // --bench: benchmarks and self-checks for tools/bench_cuda.sh
+#include "dsv2_serve.cuh"  // many sequences at once: paged cache, forward_batch, continuous batching, --bench-serve
 
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "--gpu-check")) {  // exit 0 when a GPU is usable (test_all asks)
@@ -647,5 +749,9 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (argc >= 3 && !strcmp(argv[1], "--bench")) return bench_main(argc - 2, argv + 2);
+    if (argc >= 3 && !strcmp(argv[1], "--bench-serve")) return bench_serve_main(argc - 2, argv + 2);
+    if (argc >= 3 && !strcmp(argv[1], "--serve-check")) return serve_check_main(argc - 2, argv + 2);
+    if (argc == 2 && !strcmp(argv[1], "--check-sampler")) return check_sampler_main();  // GPU sampler vs dsv2.c's sample()
+    if (argc >= 2 && !strcmp(argv[1], "--bench-attn")) return bench_attn_main(argc - 2, argv + 2);
     return dsv2_main(argc, argv);
 }

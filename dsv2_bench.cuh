@@ -1,6 +1,8 @@
 // dsv2_bench.cuh: ./dsv2cu --bench MODEL, included by dsv2.cu (tools/bench_cuda.sh runs it).
 // Self-checks first (GPU against dsv2.c's CPU forward on this model, prefill against decode,
-// the MLA kernel against a float64 reference), then the timings, one "BENCH key value" line each.
+// the MLA kernel against a float64 reference), then the timings, one "BENCH key value" line each;
+// last the batch attention over a paged cache (dsv2_mla_decode.cuh), checked and timed.
+// ./dsv2cu --bench-attn [CTX] runs only that last part, on V2-Lite's and V2's attention shapes, no model needed.
 
 static double median(std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; }
 
@@ -137,13 +139,415 @@ static void bench_mla_kernel(const Config *c, int ctx_max, double copy_gbs, uint
     gpu.part_o = po; gpu.part_ml = pml;
 }
 
+// 7. the MoE over a batch of tokens (moe_batch_forward, dsv2_moe.cuh) on the model's first MoE layer.
+// Checks, for T random tokens: against dsv2.c's moe_ffn on the CPU (the FFN's output x_after - x_before,
+// max relative error; the same experts chosen), against the T tokens one at a time through the decode
+// kernels (moe_router/gate_up/down), deterministic (two runs bitwise equal), and a CUDA graph of it equal
+// to the direct launches; each for the shape chosen by T and for both shapes (moe_shapes). A dense layer
+// too, when the model has one. Timings: graph replays at several T, the chosen shape and both, against
+// the same tokens one at a time through the decode kernels (CUDA cores), in one graph; bytes = the
+// weights the step must read (router, the chosen experts once, the shared experts). --moe-only 1 runs
+// this section alone (after the copy bandwidth), --moe-only 2 its checks alone.
+
+// one check: T random tokens through layer l (MoE or dense) three ways; returns 1 when all agree
+static int check_moe_batch(const Model *m, RunState *s, int l, int T, float *dx, float *dxn, uint64_t *rng) {
+    const Config *c = &m->config;
+    const GpuLayer *L = &gpu.layers[l];
+    int dim = c->dim, K = L->is_moe ? c->n_experts_per_tok : 0;
+    size_t n = (size_t)T * dim;
+    std::vector<float> h(n), u(n), ref(n), got(n), got2(n), one(n), gdelta(n), odelta(n);
+    std::vector<int> ref_idx((size_t)T * K), got_idx((size_t)T * K), one_idx((size_t)T * K);
+    for (auto &v : h) v = (random_f32(rng) * 2 - 1) * 0.1f;
+    for (int t = 0; t < T; t++)
+        rmsnorm(u.data() + (size_t)t * dim, h.data() + (size_t)t * dim, m->layers[l].post_attention_layernorm, dim, c->rms_norm_eps);
+    for (int t0 = 0; t0 < T; t0 += s->max_T) {  // dsv2.c's moe_ffn (dense_ffn), max_T tokens at a time
+        int tc = std::min(s->max_T, T - t0);
+        memcpy(s->u, u.data() + (size_t)t0 * dim, (size_t)tc * dim * sizeof(float));
+        if (L->is_moe) moe_ffn(m, s, l, tc);
+        else dense_ffn(m, s, l, tc);
+        memcpy(ref.data() + (size_t)t0 * dim, s->ffn_out, (size_t)tc * dim * sizeof(float));
+        memcpy(ref_idx.data() + (size_t)t0 * K, s->topk_idx, (size_t)tc * K * sizeof(int));
+    }
+    cudaCheck(cudaMemcpy(dxn, u.data(), n * 4, cudaMemcpyHostToDevice));
+    // the same tokens one at a time through the decode kernels (x: the residual, normalised by the router)
+    cudaCheck(cudaMemcpy(dx, h.data(), n * 4, cudaMemcpyHostToDevice));
+    for (int t = 0; t < T; t++) {
+        float *xt = dx + (size_t)t * dim;
+        if (K) moe_router_forward(gpu.topk_idx, gpu.topk_w, L->gate, xt, L->post_attention_layernorm, gpu.xb);
+        else rmsnorm_forward(gpu.xb, xt, L->post_attention_layernorm, dim, 1);
+        moe_gate_up_forward(gpu.hb, gpu.hb_shared, gpu.xb, L, gpu.topk_idx, K);
+        moe_down_forward(xt, L, gpu.topk_idx, gpu.topk_w, gpu.hb, K, gpu.hb_shared);
+        if (K) cudaCheck(cudaMemcpy(one_idx.data() + (size_t)t * K, gpu.topk_idx, K * sizeof(int), cudaMemcpyDeviceToHost));
+    }
+    cudaCheck(cudaMemcpy(one.data(), dx, n * 4, cudaMemcpyDeviceToHost));
+    int all_ok = 1;
+    for (int v = -1; v < 2; v++) {  // the shape chosen by T, then each shape
+        moe_batch.shape = v;
+        for (int run = 0; run < 2; run++) {  // twice: bitwise the same
+            cudaCheck(cudaMemcpy(dx, h.data(), n * 4, cudaMemcpyHostToDevice));
+            moe_batch_forward(dx, dxn, L, T);
+            cudaCheck(cudaMemcpy(run ? got2.data() : got.data(), dx, n * 4, cudaMemcpyDeviceToHost));
+        }
+        cudaCheck(cudaMemcpy(got_idx.data(), moe_batch.idx, got_idx.size() * 4, cudaMemcpyDeviceToHost));
+        for (size_t i = 0; i < n; i++) { gdelta[i] = got[i] - h[i]; odelta[i] = one[i] - h[i]; }
+        int same_cpu = 0, same_one = 0;
+        for (int t = 0; t < T; t++) {
+            same_cpu += !memcmp(got_idx.data() + (size_t)t * K, ref_idx.data() + (size_t)t * K, K * sizeof(int));
+            same_one += !memcmp(got_idx.data() + (size_t)t * K, one_idx.data() + (size_t)t * K, K * sizeof(int));
+        }
+        double e_cpu = rel_err_f(gdelta.data(), ref.data(), n), e_one = rel_err_f(gdelta.data(), odelta.data(), n);
+        int det = !memcmp(got.data(), got2.data(), n * 4);
+        // float32 accuracy: 1e-5 of the output's scale is far above float32 rounding and far below a bf16 error (~4e-3)
+        int ok = e_cpu < 1e-5 && e_one < 1e-5 && same_cpu == T && same_one == T && det;
+        all_ok &= ok;
+        printf("BENCH check_moe_batch layer %d (%s) T %d shape %d vs_cpu max_rel_err %.3e experts_same %d/%d vs_decode "
+               "max_rel_err %.3e experts_same %d/%d deterministic %d %s\n", l, L->is_moe ? "moe" : "dense", T, v, e_cpu,
+               same_cpu, T, e_one, same_one, T, det, ok ? "OK" : "NOT OK");
+    }
+    moe_batch.shape = -1;
+    fflush(stdout);
+    return all_ok;
+}
+
+static void bench_moe_batch(const Model *m, double copy_gbs, int checks_only) {
+    const Config *c = &m->config;
+    int l = 0;
+    while (l < c->n_layers && !is_moe_layer(c, l)) l++;
+    if (l == c->n_layers) { printf("SKIPPED: moe_batch: the model has no MoE layer\n"); return; }
+    const GpuLayer *L = &gpu.layers[l];
+    int dim = c->dim, K = c->n_experts_per_tok, E = c->n_routed_experts, mi = c->moe_intermediate_size;
+    int max_T = PF_MAX;
+    moe_batch_init(c, max_T);
+    cudaEvent_t e0, e1;
+    cudaCheck(cudaEventCreate(&e0));
+    cudaCheck(cudaEventCreate(&e1));
+    float *dx = dev_floats((size_t)max_T * dim), *dxn = dev_floats((size_t)max_T * dim);
+    uint64_t rng = 4242;
+    RunState s;
+    runstate_init(&s, c, 160);
+    int all_ok = 1;
+    for (int T : {1, 3, 16, 64, 256}) all_ok &= check_moe_batch(m, &s, l, T, dx, dxn, &rng);
+    if (!is_moe_layer(c, 0)) all_ok &= check_moe_batch(m, &s, 0, 16, dx, dxn, &rng);  // a dense layer too
+    runstate_free(&s);
+    // a CUDA graph of moe_batch_forward gives what the direct launches give (T = 64)
+    {
+        int T = 64;
+        size_t n = (size_t)T * dim;
+        std::vector<float> a(n), b(n);
+        fill_random(dxn, n, 5, 1.7f);
+        fill_random(dx, n, 6, 0.1f);
+        moe_batch_forward(dx, dxn, L, T);
+        cudaCheck(cudaMemcpy(a.data(), dx, n * 4, cudaMemcpyDeviceToHost));
+        fill_random(dx, n, 6, 0.1f);
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
+        moe_batch_forward(dx, dxn, L, T);
+        cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
+        cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+        cudaCheck(cudaGraphLaunch(exec, gpu.stream));
+        cudaCheck(cudaMemcpy(b.data(), dx, n * 4, cudaMemcpyDeviceToHost));
+        int same = !memcmp(a.data(), b.data(), n * 4);
+        printf("BENCH check_moe_batch_graph T %d bitwise_equal %d %s\n", T, same, same ? "OK" : "NOT OK");
+        all_ok &= same;
+        cudaCheck(cudaGraphExecDestroy(exec));
+        cudaCheck(cudaGraphDestroy(graph));
+    }
+    printf("BENCH check_moe_batch_all %s\n", all_ok ? "OK" : "NOT OK");
+    fflush(stdout);
+    // timings
+    const int Ts[] = {1, 8, 64, 256, 512, 2048};
+    if (checks_only) return;
+    for (int T : Ts) {
+        size_t n = (size_t)T * dim;
+        fill_random(dxn, n, 100 + T, 1.7f);
+        fill_random(dx, n, 200 + T, 0.1f);
+        double best_ms[3];
+        for (int v = -1; v < 2; v++) {  // the shape chosen by T, then each shape
+            moe_batch.shape = v;
+            cudaGraph_t graph;
+            cudaGraphExec_t exec;
+            cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
+            moe_batch_forward(dx, dxn, L, T);
+            cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
+            cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+            std::vector<double> t;
+            for (int i = 0; i < 13; i++) {
+                float ms;
+                cudaCheck(cudaEventRecord(e0, gpu.stream));
+                cudaCheck(cudaGraphLaunch(exec, gpu.stream));
+                cudaCheck(cudaEventRecord(e1, gpu.stream));
+                cudaCheck(cudaEventSynchronize(e1));
+                cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+                if (i >= 3) t.push_back(ms);
+            }
+            best_ms[v + 1] = median(t);
+            cudaCheck(cudaGraphExecDestroy(exec));
+            cudaCheck(cudaGraphDestroy(graph));
+        }
+        moe_batch.shape = -1;
+        // the weights this step must read: the router, each chosen expert once, the shared experts
+        std::vector<int> idx((size_t)T * K);
+        cudaCheck(cudaMemcpy(idx.data(), moe_batch.idx, idx.size() * 4, cudaMemcpyDeviceToHost));
+        std::vector<char> chosen(E, 0);
+        for (int e : idx) chosen[e] = 1;
+        int n_chosen = 0;
+        for (char ch : chosen) n_chosen += ch;
+        double bytes = 2.0 * ((double)E * dim + 3.0 * dim * mi * n_chosen + 3.0 * dim * L->ffn_width);
+        // the same T tokens one at a time through the decode kernels (one graph of T x 3 launches)
+        double one_ms = 0;
+        if (T <= 512) {
+            cudaGraph_t graph;
+            cudaGraphExec_t exec;
+            cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
+            for (int t = 0; t < T; t++) {
+                float *xt = dx + (size_t)t * dim;
+                moe_router_forward(gpu.topk_idx, gpu.topk_w, L->gate, xt, L->post_attention_layernorm, gpu.xb);
+                moe_gate_up_forward(gpu.hb, gpu.hb_shared, gpu.xb, L, gpu.topk_idx, K);
+                moe_down_forward(xt, L, gpu.topk_idx, gpu.topk_w, gpu.hb, K, gpu.hb_shared);
+            }
+            cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
+            cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+            std::vector<double> t;
+            for (int i = 0; i < 5; i++) {
+                float ms;
+                cudaCheck(cudaEventRecord(e0, gpu.stream));
+                cudaCheck(cudaGraphLaunch(exec, gpu.stream));
+                cudaCheck(cudaEventRecord(e1, gpu.stream));
+                cudaCheck(cudaEventSynchronize(e1));
+                cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+                if (i >= 1) t.push_back(ms);
+            }
+            one_ms = median(t);
+            cudaCheck(cudaGraphExecDestroy(exec));
+            cudaCheck(cudaGraphDestroy(graph));
+        }
+        double gbs = bytes / (best_ms[0] * 1e-3) / 1e9;
+        int sh = moe_shape_for(T, K, E, 1);
+        printf("BENCH moe_batch T %d ms %.4f shape %d (NG %d, KS %d) experts_read %d/%d weight_bytes %.0f GBps %.1f "
+               "ratio_to_copy %.3f one_at_a_time_ms %.4f speedup %.2f | shape0_ms %.4f shape1_ms %.4f\n", T, best_ms[0], sh,
+               moe_shapes[sh].NG, moe_shapes[sh].KS, n_chosen, E, bytes, gbs, gbs / copy_gbs, one_ms,
+               one_ms > 0 ? one_ms / best_ms[0] : 0.0, best_ms[1], best_ms[2]);
+        fflush(stdout);
+    }
+    cudaCheck(cudaFree(dx)); cudaCheck(cudaFree(dxn));
+}
+
+// ---------------- 8. The batch attention over a paged cache (dsv2_mla_decode.cuh): checks and speed
+
+// the same hash as fill_random_kernel, rounded to bf16 (round to nearest even)
+__global__ void fill_random_bf16_kernel(bf16 *p, size_t n, uint32_t seed, float scale) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
+        p[i] = __float2bfloat16_rn(((h >> 8) / 16777216.0f * 2.0f - 1.0f) * scale);
+    }
+}
+
+// One case: B queries with lengths lens over a random paged pool of the given layout and element type:
+// each query its own slot (a random permutation of slots 1..B), or all queries on one slot (one_slot: a
+// prefill, query b sees rows 0..lens[b]-1 of the same sequence); the slots' pages a random permutation
+// of the pool's blocks (block 0, the scratch block, unused); the unused rows of every last page NaN, so
+// reading past a length fails the check. The output is poisoned (NaN), computed, and the queries
+// `check` compared with a float64 host reference (all heads; max |diff| / max |ref| per head); a NaN
+// anywhere in the output also fails. With reps > 0, *ms = median time of reps launches (after one warm-up).
+static double attn_case(const Config *c, int mha, int kv_bf16, const std::vector<int> &lens, int one_slot,
+                        const std::vector<int> &check, int reps, double *ms, double *bytes, uint64_t *rng) {
+    int B = (int)lens.size(), H = c->n_heads, W = gpu.W, d_c = c->kv_lora_rank, vdim = c->v_head_dim;
+    int qk = c->qk_nope_head_dim + c->qk_rope_head_dim, max_len = *std::max_element(lens.begin(), lens.end());
+    int row = mha ? H * (qk + vdim) : W, qw = mha ? qk : W, ow = mha ? vdim : d_c, es = kv_bf16 ? 2 : 4;
+    int n_slots = one_slot ? 2 : B + 1, max_blocks = ceil_div(max_len, KV_BLOCK), n_used = 0;
+    std::vector<int> seq_of(B), slot_len(n_slots, 0);
+    for (int b = 0; b < B; b++) seq_of[b] = one_slot ? 1 : b + 1;
+    for (int b = B - 1; b > 0 && !one_slot; b--) std::swap(seq_of[b], seq_of[random_u32(rng) % (b + 1)]);
+    for (int b = 0; b < B; b++) slot_len[seq_of[b]] = std::max(slot_len[seq_of[b]], lens[b]);
+    for (int s = 1; s < n_slots; s++) n_used += ceil_div(slot_len[s], KV_BLOCK);
+    std::vector<int> perm(n_used), tab((size_t)n_slots * max_blocks, 0);
+    for (int i = 0; i < n_used; i++) perm[i] = i + 1;
+    for (int i = n_used - 1; i > 0; i--) std::swap(perm[i], perm[random_u32(rng) % (i + 1)]);
+    for (int s = 1, u = 0; s < n_slots; s++)
+        for (int j = 0; j < ceil_div(slot_len[s], KV_BLOCK); j++) tab[(size_t)s * max_blocks + j] = perm[u++];
+    size_t row_bytes = (size_t)row * es, block_bytes = row_bytes * KV_BLOCK, n_pool = (size_t)(n_used + 1) * KV_BLOCK * row;
+    void *pool;
+    cudaCheck(cudaMalloc(&pool, n_pool * es));
+    if (kv_bf16) fill_random_bf16_kernel<<<1024, 256, 0, gpu.stream>>>((bf16 *)pool, n_pool, random_u32(rng), 1.0f);
+    else fill_random_kernel<<<1024, 256, 0, gpu.stream>>>((float *)pool, n_pool, random_u32(rng), 1.0f);
+    launchCheck();
+    for (int s = 1; s < n_slots; s++) {  // NaN past the end of each slot's rows
+        int j = slot_len[s], blk = tab[(size_t)s * max_blocks + (j - 1) / KV_BLOCK];
+        if (j % KV_BLOCK)
+            cudaCheck(cudaMemsetAsync((char *)pool + blk * block_bytes + (j % KV_BLOCK) * row_bytes, 0xff,
+                                      (KV_BLOCK - j % KV_BLOCK) * row_bytes, gpu.stream));
+    }
+    float *q = dev_floats((size_t)B * H * qw), *o = dev_floats((size_t)B * H * ow);
+    int *d_tab = dev_ints(tab.size()), *d_seq = dev_ints(B), *d_lens = dev_ints(B);
+    std::vector<float> hq((size_t)B * H * qw);
+    for (auto &v : hq) v = random_f32(rng) * 2 - 1;
+    cudaCheck(cudaMemcpy(q, hq.data(), hq.size() * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d_tab, tab.data(), tab.size() * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d_seq, seq_of.data(), B * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d_lens, lens.data(), B * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemset(o, 0xff, (size_t)B * H * ow * 4));
+    auto run = [&]() {
+        if (mha) mha_decode_forward(o, q, pool, kv_bf16, d_tab, max_blocks, d_seq, d_lens, B);
+        else mla_decode_forward(o, q, pool, kv_bf16, d_tab, max_blocks, d_seq, d_lens, B);
+    };
+    run();
+    cudaCheck(cudaStreamSynchronize(gpu.stream));
+    std::vector<float> ho((size_t)B * H * ow);
+    cudaCheck(cudaMemcpy(ho.data(), o, ho.size() * 4, cudaMemcpyDeviceToHost));
+    double worst = 0;
+    for (float v : ho)
+        if (!std::isfinite(v)) worst = INFINITY;
+    for (int b : check) {  // the float64 reference of query b: its slot's rows, page by page
+        int len = lens[b];
+        std::vector<float> rows((size_t)len * row);
+        std::vector<uint16_t> tmp((size_t)KV_BLOCK * row);
+        for (int j0 = 0; j0 < len; j0 += KV_BLOCK) {
+            int n = std::min(KV_BLOCK, len - j0), blk = tab[(size_t)seq_of[b] * max_blocks + j0 / KV_BLOCK];
+            if (kv_bf16) {
+                cudaCheck(cudaMemcpy(tmp.data(), (char *)pool + blk * block_bytes, n * row_bytes, cudaMemcpyDeviceToHost));
+                for (size_t i = 0; i < (size_t)n * row; i++) { uint32_t u = (uint32_t)tmp[i] << 16; memcpy(&rows[(size_t)j0 * row + i], &u, 4); }
+            } else {
+                cudaCheck(cudaMemcpy(&rows[(size_t)j0 * row], (char *)pool + blk * block_bytes, n * row_bytes, cudaMemcpyDeviceToHost));
+            }
+        }
+        #pragma omp parallel for reduction(max : worst)
+        for (int h = 0; h < H; h++) {
+            const float *qh = hq.data() + ((size_t)b * H + h) * qw;
+            int koff = mha ? h * qk : 0, voff = mha ? H * qk + h * vdim : 0;  // key and value columns in a row
+            std::vector<double> p(len), ref(ow, 0.0);
+            double mx = -1e300, sum = 0;
+            for (int j = 0; j < len; j++) {
+                double d = 0;
+                for (int k = 0; k < qw; k++) d += (double)qh[k] * rows[(size_t)j * row + koff + k];
+                p[j] = d * gpu.softmax_scale;
+                mx = fmax(mx, p[j]);
+            }
+            for (int j = 0; j < len; j++) { p[j] = exp(p[j] - mx); sum += p[j]; }
+            for (int j = 0; j < len; j++)
+                for (int k = 0; k < ow; k++) ref[k] += p[j] / sum * rows[(size_t)j * row + voff + k];
+            double dm = 0, rm = 0;
+            for (int k = 0; k < ow; k++) {
+                dm = fmax(dm, fabs(ho[((size_t)b * H + h) * ow + k] - ref[k]));
+                rm = fmax(rm, fabs(ref[k]));
+            }
+            worst = fmax(worst, dm / rm);
+        }
+    }
+    *bytes = 4.0 * B * H * (qw + ow);
+    for (int b = 0; b < B && !one_slot; b++) *bytes += (double)lens[b] * row_bytes;  // each query's rows, once
+    if (one_slot) *bytes += (double)max_len * row_bytes;                                // the one sequence's rows
+    if (reps > 0) {
+        cudaEvent_t e0, e1;
+        cudaCheck(cudaEventCreate(&e0));
+        cudaCheck(cudaEventCreate(&e1));
+        std::vector<double> t;
+        for (int i = 0; i <= reps; i++) {
+            float m;
+            cudaCheck(cudaEventRecord(e0, gpu.stream));
+            run();
+            cudaCheck(cudaEventRecord(e1, gpu.stream));
+            cudaCheck(cudaEventSynchronize(e1));
+            cudaCheck(cudaEventElapsedTime(&m, e0, e1));
+            if (i > 0) t.push_back(m);
+        }
+        *ms = median(t);
+        cudaCheck(cudaEventDestroy(e0)); cudaCheck(cudaEventDestroy(e1));
+    }
+    cudaCheck(cudaFree(pool)); cudaCheck(cudaFree(q)); cudaCheck(cudaFree(o));
+    cudaCheck(cudaFree(d_tab)); cudaCheck(cudaFree(d_seq)); cudaCheck(cudaFree(d_lens));
+    return worst;
+}
+
+// mla_decode_forward and mha_decode_forward on this config's heads: checks on mixed lengths (each layout,
+// each element type, and a prefill's queries on one slot), then timings at 64 sequences x ctx (and mixed
+// lengths averaging ctx); the MHA layout also at the largest batch whose cache fits 40 GB over all layers.
+static void bench_attn_decode(const Config *c, int ctx, double copy_gbs, uint64_t *rng) {
+    int H = c->n_heads, qk = c->qk_nope_head_dim + c->qk_rope_head_dim;
+    attn_decode_init(c, 300, 2 * ctx);
+    const char *layout[2] = {"latent", "mha"}, *kv[2] = {"f32", "bf16"};
+    std::vector<int> mixed = {1, 31, 33, 64, 65, 1000, 4099}, all = {0, 1, 2, 3, 4, 5, 6}, pf(300);
+    for (int b = 0; b < 300; b++) pf[b] = b + 1;
+    double ms, bytes;
+    for (int mha = 0; mha <= 1; mha++)
+        for (int bf = 0; bf <= 1; bf++) {
+            // float32 accuracy: 1e-5 is well above float32 rounding, far below a single tf32 product's ~1e-3
+            double e = attn_case(c, mha, bf, mixed, 0, all, 0, &ms, &bytes, rng);
+            printf("BENCH check_attn_vs_float64 layout %s kv %s heads %d queries 7 lengths 1..4099 max_rel_err %.3e %s\n",
+                   layout[mha], kv[bf], H, e, e < 1e-5 ? "OK" : "NOT OK");
+            e = attn_case(c, mha, bf, pf, 1, {0, 1, 150, 299}, 0, &ms, &bytes, rng);
+            printf("BENCH check_attn_vs_float64 layout %s kv %s heads %d prefill queries 300 on one slot max_rel_err %.3e %s\n",
+                   layout[mha], kv[bf], H, e, e < 1e-5 ? "OK" : "NOT OK");
+            fflush(stdout);
+        }
+    std::vector<int> rnd(64);
+    for (auto &x : rnd) x = 1 + (int)(random_u32(rng) % (2 * ctx - 1));
+    for (int bf = 1; bf >= 0; bf--) {
+        for (int mixed_lens = 0; mixed_lens <= 1; mixed_lens++) {
+            const std::vector<int> &lens = mixed_lens ? rnd : std::vector<int>(64, ctx);
+            double e = attn_case(c, 0, bf, lens, 0, {0, 63}, 20, &ms, &bytes, rng);
+            double gbs = bytes / (ms * 1e-3) / 1e9;
+            printf("BENCH attn layout latent kv %s heads %d batch 64 ctx %s%d ms %.3f GBps %.1f ratio_to_copy %.3f max_rel_err %.2e %s\n",
+                   kv[bf], H, mixed_lens ? "mixed_mean_" : "", ctx, ms, gbs, gbs / copy_gbs, e, e < 1e-5 ? "OK" : "NOT OK");
+            fflush(stdout);
+        }
+    }
+    for (int bf = 1; bf >= 0; bf--) {
+        // the largest batch whose MHA cache (all layers, context ctx) fits 40 GB, and 64 (capped at 300)
+        double per_seq = (double)c->n_layers * ctx * H * (qk + c->v_head_dim) * (bf ? 2 : 4);
+        int fit = (int)(40e9 / per_seq);
+        for (int B : {fit, 64, 4}) {
+            if (B < 1 || B > 300 || (double)B * per_seq / c->n_layers > 30e9) continue;
+            double e = attn_case(c, 1, bf, std::vector<int>(B, ctx), 0, {0, B - 1}, 10, &ms, &bytes, rng);
+            double gbs = bytes / (ms * 1e-3) / 1e9;
+            printf("BENCH attn layout mha kv %s heads %d batch %d%s ctx %d ms %.3f GBps %.1f ratio_to_copy %.3f max_rel_err %.2e %s\n",
+                   kv[bf], H, B, B == fit ? " (fits_40GB)" : "", ctx, ms, gbs, gbs / copy_gbs, e, e < 1e-5 ? "OK" : "NOT OK");
+            fflush(stdout);
+        }
+    }
+}
+
+// ./dsv2cu --bench-attn [CTX]: bench_attn_decode without a model file, on DeepSeek-V2-Lite's attention
+// (16 heads, 27 layers) and DeepSeek-V2's (128 heads, 60 layers): d_c 512, d_h^R 64, nope 128, v 128,
+// DeepSeek-V2's softmax scale (YaRN mscale^2 / sqrt(192), mscale = 0.1 ln 40 + 1); then the test fixture
+// lite's odd shapes (4 heads, d_c 32, d_h^R 8, nope 16, v 12), which take the kernels' padded paths
+static int bench_attn_main(int argc, char **argv) {
+    int ctx = argc >= 1 ? atoi(argv[0]) : 8192;
+    if (ctx < 64 || ctx > 65536) die("--bench-attn: context %s out of range (64..65536)", argc >= 1 ? argv[0] : "");
+    cudaDeviceProp prop;
+    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    printf("BENCH device %s\n", prop.name);
+    cudaCheck(cudaStreamCreate(&gpu.stream));
+    cudaCheck(cudaDeviceGetAttribute(&gpu.n_sm, cudaDevAttrMultiProcessorCount, 0));
+    gpu.pdl = getenv("DSV2_NO_PDL") == NULL;
+    double mscale = 0.1 * log(40.0) + 1.0;
+    gpu.softmax_scale = (float)(mscale * mscale / sqrt(192.0));
+    double copy_gbs = bench_copy_bandwidth();
+    uint64_t rng = 4242;
+    for (int heads : {16, 128, 4}) {
+        Config c;
+        memset(&c, 0, sizeof c);
+        c.n_heads = heads; c.n_layers = heads == 16 ? 27 : 60;
+        c.kv_lora_rank = 512; c.qk_rope_head_dim = 64; c.qk_nope_head_dim = 128; c.v_head_dim = 128;
+        if (heads == 4) {  // the test fixture "lite": rows of 40 values (W = 8 mod 16), v_head_dim 12 (not 16-byte pieces)
+            c.n_layers = 2; c.kv_lora_rank = 32; c.qk_rope_head_dim = 8; c.qk_nope_head_dim = 16; c.v_head_dim = 12;
+        }
+        gpu.c = c;
+        gpu.W = kv_cache_width(&c);
+        bench_attn_decode(&c, ctx, copy_gbs, &rng);
+    }
+    return 0;
+}
+
 static int bench_main(int argc, char **argv) {
     const char *path = argv[0];
-    int check_tokens = 4, ctx_max = 8192, prompt = 2048, decode_only = 0, mla_only = 0;
+    int check_tokens = 4, ctx_max = 8192, prompt = 2048, decode_only = 0, mla_only = 0, moe_only = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--check")) check_tokens = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--decode-only")) decode_only = atoi(argv[i + 1]);  // N graph replays, nothing else (for ncu)
         else if (!strcmp(argv[i], "--mla-only")) mla_only = atoi(argv[i + 1]);        // the MLA kernel benchmark alone
+        else if (!strcmp(argv[i], "--moe-only")) moe_only = atoi(argv[i + 1]);        // the batched MoE section alone (2: its checks only)
         else if (!strcmp(argv[i], "--ctx")) ctx_max = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--prompt")) prompt = atoi(argv[i + 1]);
         else die("--bench: unknown option %s", argv[i]);
@@ -161,7 +565,7 @@ static int bench_main(int argc, char **argv) {
     uint64_t rng = 12345;
     std::vector<int> ids(prompt);
     for (int i = 0; i < prompt; i++) ids[i] = (int)(random_u32(&rng) % c->vocab_size);
-    if (decode_only || mla_only) forward_gpu(&m, &s, ids[0], 0, ATTN_ABSORBED);  // sets the GPU up
+    if (decode_only || mla_only || moe_only) forward_gpu(&m, &s, ids[0], 0, ATTN_ABSORBED);  // sets the GPU up
     if (decode_only) {  // the decode step alone at context ctx_max, for a profiler
         fill_random(gpu.kv_cache, (size_t)c->n_layers * gpu.seq_len * gpu.W, 777, 1.0f);
         for (int i = 0; i < decode_only; i++) decode_launch(ids[i % prompt], ctx_max);
@@ -170,6 +574,10 @@ static int bench_main(int argc, char **argv) {
     }
     if (mla_only) {
         bench_mla_kernel(c, ctx_max, bench_copy_bandwidth(), &rng);
+        return 0;
+    }
+    if (moe_only) {
+        bench_moe_batch(&m, bench_copy_bandwidth(), moe_only == 2);
         return 0;
     }
 
@@ -259,5 +667,148 @@ static int bench_main(int argc, char **argv) {
     gpu.pdl = pdl_default;
     decode_graph_build();
     bench_mla_kernel(c, ctx_max, copy_gbs, &rng);
+    bench_moe_batch(&m, copy_gbs, 0);
+    bench_attn_decode(c, ctx_max, copy_gbs, &rng);
     return 0;
+}
+
+// Where sample_forward's token t differs from dsv2.c's for a row: is the difference one of float rounding?
+// dsv2.c's walk (sample_mult: index order; sample_topp: its sorted candidates up to the nucleus' end) adds
+// the p (which dsv2.c has left in p) one after another in float; the GPU sums the exps in another order
+// and the walk exactly. Both can be off by at most about (terms added) * 2^-24 of the sum (first order),
+// so r (dsv2.c's coin * cum, or the coin) must lie within that of t's interval [cdf before t, cdf after t]
+// in dsv2.c's order, computed here in double. Returns |distance| / allowed (<= 1: rounding), or 1e30 when
+// t is not in dsv2.c's nucleus at all.
+static double sampler_rounding_gap(const float *p, int V, float topp, float coin, int t, int *order) {
+    int n = 0, last;
+    float cum = 0.0f;
+    if (topp <= 0.0f || topp >= 1.0f) {
+        for (int i = 0; i < V; i++) order[n++] = i;
+        last = V - 1;
+        cum = 1.0f;
+    } else {
+        float cutoff = (1.0f - topp) / (V - 1 > 0 ? V - 1 : 1);
+        for (int i = 0; i < V; i++) if (p[i] >= cutoff) order[n++] = i;
+        topp_probs = p;
+        qsort(order, n, sizeof(int), topp_cmp);
+        last = n - 1;
+        for (int i = 0; i < n; i++) { cum += p[order[i]]; if (cum > topp) { last = i; break; } }
+    }
+    double r = (topp <= 0.0f || topp >= 1.0f) ? coin : (double)(coin * cum), before = 0.0;
+    for (int i = 0; i <= last; i++) {
+        if (order[i] == t) {
+            double after = before + p[t], allowed = (double)(i + 1 + V) / 16777216.0 * fmax(cum, 1.0);
+            double gap = r < before ? before - r : r > after ? r - after : 0.0;
+            return gap / allowed;
+        }
+        before += p[order[i]];
+    }
+    return 1e30;
+}
+
+// ./dsv2cu --check-sampler: sample_forward (dsv2_sample.cuh) against dsv2.c's sample() on random rows of
+// logits, B = 64 rows of eight kinds (below) for each (V, temperature, topp); then its time per call.
+// V = 4096 (summed in dsv2.c's order): the same token and rng state for every row. V = 102400 (summed in
+// parallel): the same rng state, and the same token or one that float rounding explains
+// (sampler_rounding_gap <= 1). One "BENCH check_sampler ..." line per case; exit status 1 if one fails.
+static int check_sampler_main(void) {
+    const int B = 64, Vs[2] = {4096, 102400};
+    const float cases[][2] = {{0.0f, 0.9f}, {0.8f, 0.9f}, {1.0f, 0.5f}, {0.6f, 0.99f}, {2.0f, 0.3f},
+                              {1.0f, 0.9999f}, {1.2f, 1.0f}, {0.7f, 0.0f}};
+    const int n_cases = sizeof cases / sizeof *cases;
+    cudaCheck(cudaStreamCreate(&gpu.stream));
+    cudaCheck(cudaDeviceGetAttribute(&gpu.n_sm, cudaDevAttrMultiProcessorCount, 0));
+    gpu.pdl = 1;
+    int failed = 0;
+    cudaEvent_t e0, e1;
+    cudaCheck(cudaEventCreate(&e0));
+    cudaCheck(cudaEventCreate(&e1));
+    for (int vi = 0; vi < 2; vi++) {
+        int V = Vs[vi];
+        sample_init(B, V);
+        std::vector<float> rows((size_t)B * V), cpu_row(V);
+        uint64_t r = 7 + vi;
+        for (int b = 0; b < B; b++) {
+            float *l = rows.data() + (size_t)b * V;
+            for (int i = 0; i < V; i++) {
+                float g = random_f32(&r) + random_f32(&r) + random_f32(&r) + random_f32(&r) - 2.0f;  // about normal, sd 0.58
+                switch (b % 8) {
+                case 0: l[i] = 4.0f * g; break;                              // a trained model's spread
+                case 1: l[i] = g + (i == 77 ? 25.0f : 0.0f); break;          // one token holds nearly all
+                case 2: l[i] = roundf(6.0f * g) * 0.5f; break;               // many ties at every level
+                case 3: l[i] = 0.1f * g; break;                              // flat: the nucleus is most of the row
+                case 4: l[i] = 1.0f; break;                                  // all equal
+                case 5: l[i] = (i == 5 || i == V - 3) ? 9.0f : 2.0f * g; break;  // two tied top tokens
+                case 6: l[i] = 8.0f * g; break;                              // peaked
+                default: l[i] = 2.0f * random_f32(&r) - 1.0f; break;         // uniform
+                }
+            }
+        }
+        float *d_rows, *d_work;
+        int *d_tok;
+        uint64_t *d_rng;
+        cudaCheck(cudaMalloc(&d_rows, rows.size() * 4));
+        cudaCheck(cudaMalloc(&d_work, rows.size() * 4));
+        cudaCheck(cudaMalloc(&d_tok, B * sizeof(int)));
+        cudaCheck(cudaMalloc(&d_rng, B * sizeof(uint64_t)));
+        cudaCheck(cudaMemcpy(d_rows, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice));
+        Sampler sp = {0, 0, 0, (int *)xcalloc(V, sizeof(int))};
+        for (int k = 0; k < n_cases; k++) {
+            float T = cases[k][0], topp = cases[k][1];
+            std::vector<uint64_t> rng(B);
+            for (int b = 0; b < B; b++) rng[b] = 1000 + 17 * b + k;
+            cudaCheck(cudaMemcpy(d_work, d_rows, rows.size() * 4, cudaMemcpyDeviceToDevice));
+            cudaCheck(cudaMemcpy(d_rng, rng.data(), B * sizeof(uint64_t), cudaMemcpyHostToDevice));
+            sample_forward(d_tok, d_work, B, V, T, topp, d_rng);
+            std::vector<int> tok(B);
+            std::vector<uint64_t> rng_gpu(B);
+            cudaCheck(cudaMemcpy(tok.data(), d_tok, B * sizeof(int), cudaMemcpyDeviceToHost));
+            cudaCheck(cudaMemcpy(rng_gpu.data(), d_rng, B * sizeof(uint64_t), cudaMemcpyDeviceToHost));
+            int same = 0, rng_same = 0, rounding = 0;
+            double worst_gap = 0.0;
+            for (int b = 0; b < B; b++) {
+                memcpy(cpu_row.data(), rows.data() + (size_t)b * V, V * 4);
+                sp.temperature = T; sp.topp = topp; sp.rng_state = rng[b];
+                int want = sample(&sp, cpu_row.data(), V);  // leaves p in cpu_row (temperature > 0)
+                same += tok[b] == want;
+                rng_same += rng_gpu[b] == sp.rng_state;
+                if (tok[b] != want) {
+                    uint64_t state = rng[b];
+                    float coin = random_f32(&state);
+                    double gap = T > 0.0f && tok[b] >= 0 && tok[b] < V && V > SAMPLE_SERIAL_MAX
+                                     ? sampler_rounding_gap(cpu_row.data(), V, topp, coin, tok[b], sp.order) : 1e30;
+                    rounding += gap <= 1.0;
+                    worst_gap = fmax(worst_gap, gap);
+                    if (gap > 1.0)
+                        printf("BENCH check_sampler mismatch V %d t %g p %g row %d (kind %d): gpu %d cpu %d, gap %.3g of the rounding allowed\n",
+                               V, T, topp, b, b % 8, tok[b], want, gap);
+                }
+            }
+            // time per call at B = 1 and B = 64 (the row restored before each call, outside the timing)
+            double us[2];
+            for (int bi = 0; bi < 2; bi++) {
+                int nb = bi ? B : 1;
+                std::vector<double> t;
+                for (int it = 0; it < 15; it++) {
+                    cudaCheck(cudaMemcpyAsync(d_work, d_rows, (size_t)nb * V * 4, cudaMemcpyDeviceToDevice, gpu.stream));
+                    cudaCheck(cudaEventRecord(e0, gpu.stream));
+                    sample_forward(d_tok, d_work, nb, V, T, topp, d_rng);
+                    cudaCheck(cudaEventRecord(e1, gpu.stream));
+                    cudaCheck(cudaEventSynchronize(e1));
+                    float ms;
+                    cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+                    if (it >= 3) t.push_back(ms * 1e3);
+                }
+                us[bi] = median(t);
+            }
+            int ok = same + rounding == B && rng_same == B;
+            failed += !ok;
+            printf("BENCH check_sampler V %d t %g p %g rows %d same_token %d rounding %d (worst gap %.2f) same_rng %d us_B1 %.1f "
+                   "us_B64 %.1f %s\n", V, T, topp, B, same, rounding, worst_gap, rng_same, us[0], us[1], ok ? "OK" : "NOT OK");
+            fflush(stdout);
+        }
+        free(sp.order);
+        cudaCheck(cudaFree(d_rows)); cudaCheck(cudaFree(d_work)); cudaCheck(cudaFree(d_tok)); cudaCheck(cudaFree(d_rng));
+    }
+    return failed ? 1 : 0;
 }

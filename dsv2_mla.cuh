@@ -354,10 +354,12 @@ static void mla_attention_forward(float *o_lat, const float *q_lat, const float 
 
 // dsv2.c mla_attention's last matmul_rows: W^UV applied once per head, after the sum (eq. 11 absorbed),
 //   o (H * vdim) : o[h * vdim + v] = W^UV_h[v, :] . o_lat[h]   with W^UV_h = rows nope.. of head h in kv_b_proj
-// One warp per output value (warp_dot over d_c bf16 weights); 8 per block. Decode only (the prefill
-// does it as one batched product).
+// One warp per output value (warp_dot over d_c bf16 weights); 8 per block; grid row y = token y (the
+// batch engine's few-token steps; the decode step has one). The prefill does it as one batched product.
 __global__ void v_up_kernel(float *o, const float *o_lat, const bf16 *kv_b, int H, int d_c, int nope, int vdim) {
     pdl_launch_next();
+    o += (size_t)blockIdx.y * H * vdim;
+    o_lat += (size_t)blockIdx.y * H * d_c;
     int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int h = r / vdim, v = r % vdim;
     const bf16 *row = kv_b + ((size_t)h * (nope + vdim) + nope + v) * d_c;

@@ -244,3 +244,385 @@ static void moe_down_forward(float *x, const GpuLayer *L, const int *idx, const 
     launch(moe_down_kernel, ceil_div(gpu.c.dim, 8), 256, smem <= STAGE_MAX_BYTES ? smem : 0, x, (const bf16 *)L->expert_down, idx, w, hb, K, mi,
            (const bf16 *)(si ? L->ffn_down : NULL), hbs, si, P, gpu.c.dim);
 }
+
+// ---------------- The MoE over a batch of tokens (eqs. 20-22 for T tokens of any mix of sequences)
+// moe_batch_forward: x (T, dim) += sum_k g_t,k FFN_{e_t,k}(xn_t) + shared FFN(xn_t), for the batched decode
+// step and the prefill, in seven launches and no host round trip (so a CUDA graph can hold it):
+//   1. split3        xn -> xs (T, 3, dim): each activation as three bf16 parts (dsv2_prefill.cuh)
+//   2. moe_grouped   the affinities u^T e_i (T, E) on the tensor cores (the gate as one dense group)
+//   3. moe_route     top-K per token (route_token, as the decode router: the same experts as dsv2.c)
+//   4. moe_plan      the (token, slot) pairs grouped by expert on the GPU: counts, offsets, the
+//                    permutation, and the list of work units
+//   5. moe_grouped   gate and up of every unit, SwiGLU, split again: hs (rows, 3, piece)
+//   6. moe_grouped   down of every unit: y (rows, dim)
+//   7. moe_combine   x[t] += the shared rows + sum_k g_t,k y[row of (t, k)], in a fixed order
+// Slots and groups: token t has S = K + N_s slots, its K routed experts, then the N_s shared experts as
+// "pieces" (the shared FFN of width N_s * mi split into N_s FFNs of width mi, each hidden unit being
+// independent: the same sum in another order). So every slot is a pair (token, group) with G = E + N_s
+// groups, and the shared experts are groups E.. that every token chose. A dense layer (not MoE) is the
+// same with K = 0 and one piece, its whole FFN. Rows: the pairs sorted by group, in token order within
+// a group (stable, so the result does not depend on timing); perm[row] = token, inv[t * S + s] = row.
+// Work unit: up to NT rows of one group. The grouped products run one block per (unit, block of rows
+// of the weight): a unit's block reads its rows of its group's matrix once, for all the unit's rows (a
+// group with more than NT rows has several units, which read its matrix again, mostly from L2); groups
+// nobody chose have no unit, so their weights are never read. The grids depend on T and on static sizes
+// only (the unit count is bounded from T); blocks past the device's unit count return at once.
+// Usage: moe_batch_init(c, max_T) once after gpu_init; then moe_batch_forward on gpu.stream, any T <= max_T.
+
+// A grouped product's operands (one launch, passed by value). Group g < G_r: the matrix at W + g *
+// stride (m rows of k, row stride ld); group g >= G_r: the shared piece g - G_r, at Ws + (g - G_r) *
+// s_stride, row stride s_ld. W2 / Ws2: the second matrix of gate/up (up), the same offsets.
+typedef struct {
+    const bf16 *W, *W2, *Ws, *Ws2;
+    long stride, s_stride;
+    int ld, s_ld, G_r, m, k;
+    const bf16 *X;       // split activations: row a's parts at X + (3 a + p) k
+    const int *x_row;    // grouped row -> row of X (NULL: the same row)
+    float *Y; int ldy;   // one matrix: Y[row * ldy + r] = W_r . x_row
+    bf16 *H;             // two matrices: H (rows, 3, m) = split3(silu(W_r . x) * (W2_r . x))
+} GroupedArgs;
+
+// One tensor-core product, d (16x8) += a (16x16) b (16x8), bf16 in, float32 accumulate (mma.sync
+// m16n8k16). Fragments as for m16n8k8 (dsv2_common.cuh) with k doubled: lane (g, t) holds
+//   a = A[g][2t..2t+1], A[g+8][2t..2t+1], A[g][2t+8..2t+9], A[g+8][2t+8..2t+9]   (two bf16 per register)
+//   b = B[2t..2t+1][g], B[2t+8..2t+9][g];  d = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]
+__device__ __forceinline__ void mma_bf16(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t u4_at(const uint4 &v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
+// The grouped product (dsv2.c's matmul in ffn, for every work unit): for unit (g, row0, n) and the
+// weight rows r of this block, y[row0 + i][r] = W_g[r] . x[x_row(row0 + i)] for i < n (and the SwiGLU of
+// gate and up when TWO), at float32 accuracy: x = x1 + x2 + x3 in bf16 (split3), W x = W x1 + (W x2 + W x3),
+// two accumulators (big, small) as in mma_3xtf32.
+// Block: 8 warps = RW row groups x KS splits of k. Warp (rw, ks): 16 weight rows (r0 = 16 (RW blockIdx.x
+// + rw)) against the unit's NT = 8 NG rows; the KS partial sums are added in shared memory in a fixed
+// order. Grid: (m / (16 RW), units).
+// Fragments straight from 16-byte pieces: lane (g, t) takes k = 8t..8t+7 of a 32-wide chunk of weight rows
+// g and g + 8 and of activation row g. The k order inside a chunk may be any permutation (the same for
+// both operands), so step s (0, 1) of the chunk's two k16 products takes the lane's registers 2s, 2s + 1
+// (elements 4s..4s+3) as its k = 2t, 2t+1, 2t+8, 2t+9.
+// Rounds of 4 chunks (128 values of k); in round r, warp ks multiplies chunks 4r + ks + KS jj (jj < J =
+// 4 / KS). Operands come through shared memory by cp.async (dsv2_common.cuh), two rounds in flight:
+// round r + 1 is asked for before round r is multiplied, so memory latency overlaps the products.
+//   - weights: each thread copies the 16-byte pieces it will itself use into its own slots, [round & 1]
+//     [slot][256 threads] (consecutive threads, consecutive 16 bytes);
+//   - activations: the block copies the round's pieces of its NT unit rows once, for all its warps,
+//     piece ((cc NT + i) 3 + p) 4 + quarter = 16 bytes of chunk cc, unit row i, part p.
+// Measured against loads straight into registers (the compiler then interleaved loads and products, and
+// each lane waited for one load before it asked for the next) and other shapes: docs/BENCHMARKS.md.
+template <int NG, int KS, int TWO>
+__global__ void __launch_bounds__(256) moe_grouped_kernel(GroupedArgs a, const int4 *units, const int *n_units, int T) {
+    constexpr int RW = 8 / KS, NM = TWO ? 2 : 1, NT = 8 * NG, J = 4 / KS;
+    constexpr int SLOTS = J * 2 * NM;     // each thread's 16-byte weight pieces per round
+    constexpr int XTILE = NT * 3 * 4 * 4;  // the block's 16-byte activation pieces per round
+    extern __shared__ uint4 slot[];        // [round & 1][SLOTS x 256 threads, then XTILE]
+    __shared__ size_t xoff[NT];            // where each unit row's split activations start in X
+    pdl_launch_next();
+    pdl_wait();
+    int4 u;  // (group, first row, rows)
+    if (units) {
+        if ((int)blockIdx.y >= *n_units) return;
+        u = units[blockIdx.y];
+    } else {  // one dense group over the T tokens (the router's affinities)
+        u = make_int4(0, blockIdx.y * NT, min(NT, T - (int)blockIdx.y * NT), 0);
+    }
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int rw = warp % RW, ks = warp / RW, m = a.m, k = a.k;
+    int r0 = (blockIdx.x * RW + rw) * 16;
+    const bf16 *Wm[NM];
+    int ld = u.x < a.G_r ? a.ld : a.s_ld;
+    Wm[0] = u.x < a.G_r ? a.W + u.x * a.stride : a.Ws + (u.x - a.G_r) * a.s_stride;
+    if (TWO) Wm[NM - 1] = u.x < a.G_r ? a.W2 + u.x * a.stride : a.Ws2 + (u.x - a.G_r) * a.s_stride;
+    const bf16 *wrow[NM][2];  // rows g and g + 8 (clamped: rows past m are computed and not stored)
+    for (int q = 0; q < NM; q++) {
+        wrow[q][0] = Wm[q] + (size_t)min(r0 + g, m - 1) * ld;
+        wrow[q][1] = Wm[q] + (size_t)min(r0 + g + 8, m - 1) * ld;
+    }
+    if (threadIdx.x < NT) {
+        int i = threadIdx.x;
+        xoff[i] = i < u.z ? (size_t)3 * (a.x_row ? a.x_row[u.y + i] : u.y + i) * k : 0;
+    }
+    __syncthreads();
+    float acc[NM][NG][2][4];  // [matrix][8 rows][big, small][fragment]
+    #pragma unroll
+    for (int q = 0; q < NM; q++)
+        #pragma unroll
+        for (int j = 0; j < NG; j++)
+            #pragma unroll
+            for (int b = 0; b < 2; b++)
+                #pragma unroll
+                for (int e = 0; e < 4; e++) acc[q][j][b][e] = 0.0f;
+    int chunks = (k + 31) / 32;
+    // ask for round r's operands into buffer r & 1 (k % 8 == 0: a lane's 8 values are all inside k or all
+    // outside; outside ones are zero-filled, cp.async reading nothing)
+    auto stage = [&](int r) {
+        uint4 *sl = slot + (size_t)(r & 1) * (SLOTS * 256 + XTILE);
+        #pragma unroll
+        for (int jj = 0; jj < J; jj++) {
+            int col = (4 * r + ks + jj * KS) * 32 + 8 * t, in = col < k;
+            #pragma unroll
+            for (int q = 0; q < NM; q++)
+                #pragma unroll
+                for (int h = 0; h < 2; h++)
+                    cp_async16(sl + (size_t)((jj * NM + q) * 2 + h) * 256 + threadIdx.x, in ? wrow[q][h] + col : wrow[q][h], in ? 16 : 0);
+        }
+        for (int pc = threadIdx.x; pc < XTILE; pc += 256) {
+            int quarter = pc & 3, p = (pc >> 2) % 3, i = (pc >> 2) / 3 % NT, cc = (pc >> 2) / 3 / NT;
+            int col = (4 * r + cc) * 32 + 8 * quarter, ok = col < k && i < u.z;
+            cp_async16(sl + SLOTS * 256 + pc, ok ? a.X + xoff[i] + (size_t)p * k + col : a.X, ok ? 16 : 0);
+        }
+        cp_async_commit();
+    };
+    stage(0);
+    for (int r = 0; 4 * r < chunks; r++) {
+        if (r > 0) __syncthreads();    // every warp is done with round r - 1's buffer, refilled now
+        if (4 * (r + 1) < chunks) stage(r + 1);
+        else cp_async_commit();        // an empty group keeps the count
+        cp_async_wait<1>();            // this thread's copies of round r have landed
+        __syncthreads();               // and every thread's: the activations are visible
+        const uint4 *sl = slot + (size_t)(r & 1) * (SLOTS * 256 + XTILE);
+        uint4 w[J][NM][2], xh[J][NG][3];
+        #pragma unroll
+        for (int jj = 0; jj < J; jj++) {
+            #pragma unroll
+            for (int q = 0; q < NM; q++)
+                #pragma unroll
+                for (int h = 0; h < 2; h++) w[jj][q][h] = sl[(size_t)((jj * NM + q) * 2 + h) * 256 + threadIdx.x];
+            #pragma unroll
+            for (int j = 0; j < NG; j++)
+                #pragma unroll
+                for (int p = 0; p < 3; p++) xh[jj][j][p] = sl[SLOTS * 256 + (((jj * KS + ks) * NT + j * 8 + g) * 3 + p) * 4 + t];
+        }
+        #pragma unroll
+        for (int jj = 0; jj < J; jj++) {
+            #pragma unroll
+            for (int j = 0; j < NG; j++) {
+                const uint4 *x = xh[jj][j];
+                #pragma unroll
+                for (int s = 0; s < 2; s++)
+                    #pragma unroll
+                    for (int q = 0; q < NM; q++) {
+                        uint32_t a0 = u4_at(w[jj][q][0], 2 * s), a1 = u4_at(w[jj][q][1], 2 * s);
+                        uint32_t a2 = u4_at(w[jj][q][0], 2 * s + 1), a3 = u4_at(w[jj][q][1], 2 * s + 1);
+                        mma_bf16(acc[q][j][0], a0, a1, a2, a3, u4_at(x[0], 2 * s), u4_at(x[0], 2 * s + 1));  // W x1
+                        mma_bf16(acc[q][j][1], a0, a1, a2, a3, u4_at(x[1], 2 * s), u4_at(x[1], 2 * s + 1));  // W x2
+                        mma_bf16(acc[q][j][1], a0, a1, a2, a3, u4_at(x[2], 2 * s), u4_at(x[2], 2 * s + 1));  // W x3
+                    }
+            }
+        }
+    }
+    float v[NM][NG][4];
+    #pragma unroll
+    for (int q = 0; q < NM; q++)
+        #pragma unroll
+        for (int j = 0; j < NG; j++)
+            #pragma unroll
+            for (int e = 0; e < 4; e++) v[q][j][e] = acc[q][j][0][e] + acc[q][j][1][e];
+    if (KS > 1) {  // the k splits' sums, added by warp ks = 0 in the order ks = 1, 2, ..., in the slots once all are done
+        typedef float Part[NM * NG * 4][32];
+        Part *part = (Part *)slot;
+        cp_async_wait<0>();
+        __syncthreads();
+        if (ks > 0)
+            #pragma unroll
+            for (int q = 0; q < NM; q++)
+                #pragma unroll
+                for (int j = 0; j < NG; j++)
+                    #pragma unroll
+                    for (int e = 0; e < 4; e++) part[warp][(q * NG + j) * 4 + e][lane] = v[q][j][e];
+        __syncthreads();
+        if (ks > 0) return;
+        for (int o = 1; o < KS; o++)
+            #pragma unroll
+            for (int q = 0; q < NM; q++)
+                #pragma unroll
+                for (int j = 0; j < NG; j++)
+                    #pragma unroll
+                    for (int e = 0; e < 4; e++) v[q][j][e] += part[rw + o * RW][(q * NG + j) * 4 + e][lane];
+    }
+    #pragma unroll
+    for (int j = 0; j < NG; j++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int r = r0 + g + (e >= 2 ? 8 : 0), i = j * 8 + 2 * t + (e & 1);
+            if (r >= m || i >= u.z) continue;
+            size_t row = u.y + i;
+            if (TWO) store_split3(a.H + 3 * row * m + r, m, silu_dev(v[0][j][e]) * v[NM - 1][j][e]);  // dsv2.c ffn's hb
+            else a.Y[row * a.ldy + r] = v[0][j][e];
+        }
+}
+
+// The grouping, by one block (1024 threads): the pairs (t, s) of T tokens x S slots, slot s < K being the
+// routed expert idx[t * K + s] and slot K + p the shared piece p (group E + p), sorted by group:
+//   count (G), offset (G) of each group's rows; perm (T S): row -> token; inv (T S): pair -> row;
+//   units, *n_units: each group's rows cut in units of up to NT, group by group.
+// Counting: integer atomics (exact in any order). Placing: one warp per group scans the pairs in order,
+// 32 at a time, and each pair of its group takes the next row (a ballot and a popcount): stable, so the
+// rows of a group are in token order whatever the timing. The routed choices are staged in shared memory.
+__global__ void moe_plan_kernel(int4 *units, int *n_units, int *perm, int *inv, int *count, int *offset, int *ustart,
+                                const int *idx, int T, int K, int E, int n_pieces, int NT, int staged) {
+    pdl_launch_next();
+    pdl_wait();
+    extern __shared__ int sidx[];
+    int S = K + n_pieces, G = E + n_pieces, P = T * S;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    if (staged) {
+        for (int i = threadIdx.x; i < T * K; i += blockDim.x) sidx[i] = idx[i];
+        idx = sidx;
+    }
+    for (int gi = threadIdx.x; gi < G; gi += blockDim.x) count[gi] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < P; i += blockDim.x) {
+        int t = i / S, s = i % S;
+        atomicAdd(&count[s < K ? idx[t * K + s] : E + s - K], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int rows = 0, n = 0;
+        for (int gi = 0; gi < G; gi++) {
+            offset[gi] = rows; ustart[gi] = n;
+            rows += count[gi]; n += (count[gi] + NT - 1) / NT;
+        }
+        *n_units = n;
+    }
+    __syncthreads();
+    for (int gi = warp; gi < G; gi += warps) {
+        int row = offset[gi], n = count[gi];
+        for (int c = lane; c * NT < n; c += 32) units[ustart[gi] + c] = make_int4(gi, row + c * NT, min(NT, n - c * NT), 0);
+        if (gi >= E) {  // a shared piece: every token, in order
+            for (int t = lane; t < T; t += 32) { perm[row + t] = t; inv[t * S + K + gi - E] = row + t; }
+            continue;
+        }
+        for (int i0 = 0; i0 < T * K; i0 += 32) {
+            int i = i0 + lane, mine = i < T * K && idx[i] == gi;
+            unsigned b = __ballot_sync(0xffffffffu, mine);
+            if (mine) {
+                int r = row + __popc(b & ((1u << lane) - 1));
+                perm[r] = i / K;
+                inv[(i / K) * S + i % K] = r;
+            }
+            row += __popc(b);
+        }
+    }
+}
+
+// eq. (20) with its residual, for T tokens: x[t] (dim) += sum_p y[inv[t, K + p]] + sum_k g_t,k y[inv[t, k]]
+// (y (rows, dim): the down products; the shared pieces first, then the routed experts in rank order, as
+// dsv2.c's moe_ffn adds them). One block per token, its threads over dim; no atomics: deterministic.
+__global__ void moe_batch_combine_kernel(float *x, const float *y, const int *inv, const float *w, int K, int S, int dim) {
+    pdl_launch_next();
+    pdl_wait();
+    size_t t = blockIdx.x;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = K; s < S; s++) acc += y[(size_t)inv[t * S + s] * dim + i];
+        for (int k = 0; k < K; k++) acc += w[t * K + k] * y[(size_t)inv[t * S + k] * dim + i];
+        x[t * dim + i] += acc;
+    }
+}
+
+// The grouped product's two shapes, rows of 8 per unit (NG) x splits of k (KS), chosen by T:
+//   (1, 4) while a routed expert gets fewer than 3 rows on average (T K < 3 E), and for a dense layer;
+//   (2, 2) above. (4, 1) was faster still at T >= 256 but sums 2048 products per tensor-core accumulator:
+//   its error grew to 5e-6 (MoE) and 1.6e-5 (dense down, k = 10944) against dsv2.c, where (2, 2) stays at
+//   3e-6 and 9e-6, (1, 4) at 2e-6 and 5e-6 (docs/BENCHMARKS.md).
+typedef void (*GroupedKernel)(GroupedArgs, const int4 *, const int *, int);
+typedef struct { int NG, KS; GroupedKernel one, two; } MoeShape;
+static const MoeShape moe_shapes[] = {{1, 4, moe_grouped_kernel<1, 4, 0>, moe_grouped_kernel<1, 4, 1>},
+                                      {2, 2, moe_grouped_kernel<2, 2, 0>, moe_grouped_kernel<2, 2, 1>}};
+static int moe_shape_for(int T, int K, int E, int moe) { return moe && (long)T * K >= 3L * E ? 1 : 0; }
+// dynamic shared memory: two rounds of weight slots and activation pieces (at least the k splits' sums)
+static size_t moe_shape_smem(const MoeShape *sh, int two) {
+    int NM = two ? 2 : 1, J = 4 / sh->KS;
+    size_t rounds = (size_t)2 * ((size_t)J * 2 * NM * 256 + 8 * sh->NG * 3 * 4 * 4) * 16;
+    return std::max(rounds, (size_t)8 * NM * sh->NG * 4 * 32 * 4);
+}
+
+// scratch of the batched MoE, sized for max_T tokens
+static struct {
+    int max_T, shape;      // the grouped product's shape (moe_shapes); -1: chosen by T (moe_shape_for)
+    bf16 *xs, *hs;         // xn split (max_T, 3, dim); the SwiGLU outputs split (rows, 3, piece)
+    float *logits, *w, *y; // affinities (max_T, E); g_t,k (max_T, K); down products (rows, dim)
+    int *idx, *perm, *inv, *count, *offset, *ustart, *n_units;
+    int4 *units;
+} moe_batch;
+
+// units of up to NT rows: at most one partial unit per group that has rows, plus rows / NT full ones
+static int moe_units_max(int T, int S, int G, int NT) { return std::min(G, T * S) + T * S / NT; }
+
+static void moe_batch_init(const Config *c, int max_T) {
+    int dim = c->dim, E = c->n_routed_experts, K = c->n_experts_per_tok, mi = c->moe_intermediate_size;
+    int S = K + c->n_shared_experts, G = E + c->n_shared_experts;
+    if (dim % 8 || mi % 8 || c->intermediate_size % 8)
+        die("dsv2cu: the batched MoE needs hidden and FFN sizes that are multiples of 8 (%d, %d, %d)", dim, mi,
+            c->intermediate_size);
+    size_t hs = std::max((size_t)S * mi, (size_t)c->intermediate_size), rows = (size_t)max_T * std::max(S, 1);
+    moe_batch.max_T = max_T;
+    moe_batch.xs = dev_bf16((size_t)3 * max_T * dim);
+    moe_batch.hs = dev_bf16((size_t)3 * max_T * hs);
+    moe_batch.y = dev_floats(rows * dim);
+    moe_batch.logits = dev_floats((size_t)max_T * E);
+    moe_batch.w = dev_floats((size_t)max_T * K);
+    moe_batch.idx = dev_ints((size_t)max_T * K);
+    moe_batch.perm = dev_ints(rows); moe_batch.inv = dev_ints(rows);
+    moe_batch.count = dev_ints(G + 1); moe_batch.offset = dev_ints(G + 1); moe_batch.ustart = dev_ints(G + 1);
+    moe_batch.n_units = dev_ints(1);
+    moe_batch.units = (int4 *)dev_ints(4 * (size_t)moe_units_max(max_T, std::max(S, 1), std::max(G, 1), 8));
+    cudaCheck(cudaFuncSetAttribute(moe_plan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, STAGE_MAX_BYTES));
+    moe_batch.shape = -1;
+    std::vector<const void *> kernels = {(const void *)moe_plan_kernel, (const void *)moe_batch_combine_kernel};
+    for (const MoeShape &sh : moe_shapes)
+        for (int two = 0; two < 2; two++) {
+            GroupedKernel kern = two ? sh.two : sh.one;
+            cudaCheck(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)moe_shape_smem(&sh, two)));
+            kernels.push_back((const void *)kern);
+        }
+    for (const void *k : kernels)  // one L1/shared split for every kernel (gpu_init says why)
+        cudaCheck(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+}
+
+// one grouped product of shape sh (two: gate and up); units NULL = one dense group over T tokens
+static void moe_grouped_forward(const GroupedArgs &a, const MoeShape *sh, int two, const int4 *units, int n_units_max, int T) {
+    dim3 grid(ceil_div(a.m, 16 * (8 / sh->KS)), units ? n_units_max : ceil_div(T, 8 * sh->NG));
+    launch(two ? sh->two : sh->one, grid, 256, moe_shape_smem(sh, two), a, units, (const int *)moe_batch.n_units, T);
+}
+
+// eqs. (20)-(22) for T tokens, with the residual: x (T, dim) += sum_k g_t,k FFN_{e_t,k}(xn_t) + shared FFN(xn_t),
+// xn (T, dim) the RMSNorm'd input. A dense layer (L->is_moe == 0): x += FFN(xn). Capturable in a CUDA graph.
+static void moe_batch_forward(float *x, const float *xn, const GpuLayer *L, int T) {
+    const Config *c = &gpu.c;
+    if (T < 1 || T > moe_batch.max_T) die("dsv2cu: moe_batch_forward of %d tokens (room for %d)", T, moe_batch.max_T);
+    int dim = c->dim, mi = c->moe_intermediate_size, moe = L->is_moe;
+    int E = moe ? c->n_routed_experts : 0, K = moe ? c->n_experts_per_tok : 0;
+    int piece = moe ? mi : L->ffn_width, n_pieces = L->ffn_width / piece;  // shared experts (or the dense FFN)
+    int S = K + n_pieces, G = E + n_pieces;
+    const MoeShape *sh = &moe_shapes[moe_batch.shape >= 0 ? moe_batch.shape : moe_shape_for(T, K, E, moe)];
+    int NT = 8 * sh->NG;
+    split3_forward(moe_batch.xs, xn, T, dim);
+    if (moe) {
+        GroupedArgs r = {};  // eq. (22)'s u_t^T e_i: the gate (E, dim) as one dense group
+        r.W = L->gate; r.G_r = 1; r.ld = dim; r.m = E; r.k = dim; r.X = moe_batch.xs; r.Y = moe_batch.logits; r.ldy = E;
+        moe_grouped_forward(r, sh, 0, NULL, 0, T);
+        moe_route_forward(moe_batch.idx, moe_batch.w, moe_batch.logits, T);   // eqs. (21)-(22)
+    }
+    size_t smem = (size_t)T * K * sizeof(int);
+    int staged = smem <= STAGE_MAX_BYTES;
+    launch(moe_plan_kernel, 1, 1024, staged ? smem : 0, moe_batch.units, moe_batch.n_units, moe_batch.perm, moe_batch.inv,
+           moe_batch.count, moe_batch.offset, moe_batch.ustart, (const int *)moe_batch.idx, T, K, E, n_pieces, NT, staged);
+    int units_max = moe_units_max(T, S, G, NT);
+    GroupedArgs gu = {};  // eq. (20)'s FFNs, first half: hs = split3(silu(gate x) * up x), per unit
+    gu.W = L->expert_gate; gu.W2 = L->expert_up; gu.stride = (long)mi * dim; gu.ld = dim; gu.G_r = E;
+    gu.Ws = L->ffn_gate; gu.Ws2 = L->ffn_up; gu.s_stride = (long)piece * dim; gu.s_ld = dim;
+    gu.m = piece; gu.k = dim; gu.X = moe_batch.xs; gu.x_row = moe_batch.perm; gu.H = moe_batch.hs;
+    moe_grouped_forward(gu, sh, 1, moe_batch.units, units_max, T);
+    GroupedArgs dn = {};  // second half: y = down hs, per unit (a shared piece: its columns of ffn_down)
+    dn.W = L->expert_down; dn.stride = (long)dim * mi; dn.ld = mi; dn.G_r = E;
+    dn.Ws = L->ffn_down; dn.s_stride = piece; dn.s_ld = L->ffn_width;
+    dn.m = dim; dn.k = piece; dn.X = moe_batch.hs; dn.Y = moe_batch.y; dn.ldy = dim;
+    moe_grouped_forward(dn, sh, 0, moe_batch.units, units_max, T);
+    launch(moe_batch_combine_kernel, T, 256, 0, x, (const float *)moe_batch.y, (const int *)moe_batch.inv,
+           (const float *)moe_batch.w, K, S, dim);                                                     // eq. (20)
+}

@@ -19,12 +19,18 @@
  *      (float32 accuracy). One shared tile: load, wait, compute.
  *   5  double buffering: cp.async brings tile i+1 while tile i is used. This is dsv2_mla.cuh's
  *      mla_attention_kernel, copied verbatim below (run_mla.sh checks the copy with same_as_dsv2.py).
+ *   6  the paged cache of the batch engine, float32 or bf16 elements, splits balanced by a plan, a
+ *      deeper pipeline, bf16 read as tf32 (two products, not three): dsv2_mla_decode.cuh's
+ *      mla_decode_kernel, included (it is what dsv2cu's batch engine runs).
  * The tricks (online softmax, split-KV with the log-sum-exp merge, the mma fragment layout, 3xTF32,
  * cp.async) are explained once, in dsv2_mla.cuh and dsv2_common.cuh, which this file includes or copies.
  *
  * Build: make -C dev/cuda (nvcc -arch=sm_90). Run:
  *   dev/cuda/mla_attention             every version on the standard shapes; prints a markdown table
  *   dev/cuda/mla_attention V B L H     version V (1-5) on B sequences of L tokens, H heads
+ *   dev/cuda/mla_attention paged       versions 5 and 6 (paged, float32 and bf16 cache): checks, then a table
+ *   dev/cuda/mla_attention paged-check the checks alone (small: for compute-sanitizer)
+ *   dev/cuda/mla_attention paged-profile  dsv2cu's float32 and bf16 variants once, 64 x 8192 (for ncu)
  * dev/cuda/run_mla.sh does both checks and the table in one call on the GPU machine.
  */
 #include <stdio.h>
@@ -517,6 +523,21 @@ __global__ void mla_combine_kernel(float *o_lat, const float *part_o, const floa
 // <<< end of the verbatim copy
 
 // ----------------------------------------------------------------------------
+// Version 6: the paged cache of the batch engine (issue 13), float32 or bf16 elements: dsv2_mla_decode.cuh's
+// mla_decode_plan_kernel + mla_decode_kernel<T, STAGES> + mla_decode_combine_kernel, included here, not
+// copied (so this IS what dsv2cu runs; its host launcher mla_decode_forward is left out, it needs dsv2.cu's
+// state). What it adds to version 5, each explained in that header:
+//   - pages: a 32-row tile is inside one 64-row page, one block-table lookup per tile;
+//   - balanced splits from a plan: one chunk per multiprocessor, each the same number of tiles of
+//     whatever sequences (mixed lengths cost no idle multiprocessors), partials only for cut sequences;
+//   - a STAGES-deep cp.async pipeline that runs across sequence boundaries;
+//   - a bf16 cache read as tf32 without a split: two tensor-core products instead of three.
+// Variants timed below: float32 cache (2 stages, what fits) and bf16 cache (2 and 4 stages), 8 and 16
+// warps per block (dsv2cu: 16 warps; 2 stages for float32, 4 for bf16).
+#define MLA_DECODE_KERNELS_ONLY
+#include "../../dsv2_mla_decode.cuh"
+
+// ----------------------------------------------------------------------------
 // The harness: random inputs, a float64 reference, a check and a timing of each version
 
 #define W_ROW 576  // cache row width of DeepSeek-V2 and V2-Lite: d_c 512 + d_h^R 64
@@ -702,6 +723,277 @@ static int run_shape(const std::vector<int> &versions, int B, int L, int H, cons
     return failed;
 }
 
+// ----------------------------------------------------------------------------
+// Version 6 against version 5 on a paged cache: the same random rows, scattered into pages
+
+typedef struct { const char *name; int bf16; } PagedVariant;
+static const PagedVariant g_paged[] = {{"6 paged, float32 cache, 2 stages, 8 warps", 0},
+                                       {"6 paged, float32 cache, 2 stages, 16 warps (dsv2cu)", 0},
+                                       {"6 paged, bf16 cache, 2 stages, 8 warps", 1},
+                                       {"6 paged, bf16 cache, 4 stages, 8 warps", 1},
+                                       {"6 paged, bf16 cache, 2 stages, 16 warps", 1},
+                                       {"6 paged, bf16 cache, 4 stages, 16 warps (dsv2cu)", 1}};
+
+typedef struct { float *part_o, *part_ml; int *tile_start; } PagedScratch;
+
+// the plan, the attention over N = one chunk per multiprocessor, the merge of the cut sequences
+template <typename T, int STAGES, int WARPS>
+static void run_v6(float *o, PagedScratch sc, const float *q, const T *pool, const int *tables, int max_blocks,
+                   const int *seq_of, const int *lens, int B, int H) {
+    static bool attr_set = false;  // one per instantiation
+    size_t smem = dec_smem_bytes<T, STAGES, WARPS>(W_ROW);
+    if (!attr_set) {
+        cudaCheck(cudaFuncSetAttribute(mla_decode_kernel<T, STAGES, WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        attr_set = true;
+    }
+    mla_decode_plan_kernel<<<1, 1024>>>(sc.tile_start, lens, B);
+    launchCheck();
+    mla_decode_kernel<T, STAGES, WARPS><<<dim3(ceil_div(H, MLA_HEADS), g_n_sm), WARPS * 32, smem>>>(
+        o, sc.part_o, sc.part_ml, q, pool, tables, max_blocks, seq_of, lens, sc.tile_start, B, H, W_ROW, D_C, g_scale);
+    launchCheck();
+    mla_decode_combine_kernel<<<dim3(H, g_n_sm), 256, (g_n_sm + 4) * sizeof(float)>>>(o, sc.part_o, sc.part_ml, sc.tile_start, B, H, D_C);
+    launchCheck();
+}
+static void run_paged_variant(int i, float *o, PagedScratch sc, const float *q, const float *pool_f, const bf16 *pool_b,
+                              const int *tables, int max_blocks, const int *seq_of, const int *lens, int B, int H) {
+    switch (i) {
+    case 0: run_v6<float, 2, 8>(o, sc, q, pool_f, tables, max_blocks, seq_of, lens, B, H); break;
+    case 1: run_v6<float, 2, 16>(o, sc, q, pool_f, tables, max_blocks, seq_of, lens, B, H); break;
+    case 2: run_v6<bf16, 2, 8>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
+    case 3: run_v6<bf16, 4, 8>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
+    case 4: run_v6<bf16, 2, 16>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
+    default: run_v6<bf16, 4, 16>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
+    }
+}
+
+// row j of sequence b of the contiguous cache (B, L, W) -> block tables[seq_of[b]][j / KV_BLOCK], row j % KV_BLOCK,
+// of both pools (float32, and bf16 rounded to nearest even)
+__global__ void scatter_kernel(float *pool_f, bf16 *pool_b, const float *cache, const int *tables, int max_blocks,
+                               const int *seq_of, const int *lens, int L) {
+    int b = blockIdx.y;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)lens[b] * W_ROW; i += (size_t)gridDim.x * blockDim.x) {
+        int j = (int)(i / W_ROW), k = (int)(i % W_ROW);
+        size_t dst = ((size_t)tables[(size_t)seq_of[b] * max_blocks + j / KV_BLOCK] * KV_BLOCK + j % KV_BLOCK) * W_ROW + k;
+        float v = cache[((size_t)b * L + j) * W_ROW + k];
+        pool_f[dst] = v;
+        pool_b[dst] = __float2bfloat16_rn(v);
+    }
+}
+static float bf16_round(float x) { uint32_t u = (uint32_t)float_to_bf16(x) << 16; float f; memcpy(&f, &u, 4); return f; }
+
+// Version 5 (contiguous float32 cache) and the version 6 variants (paged) on B sequences of lengths hl (at
+// most L), H heads: the pages are a random permutation of the pool's blocks (block 0, the scratch block,
+// never used), the slots a random permutation of the sequences, and every pool row that no sequence owns
+// (the tails of last pages) is NaN, so a kernel that reads past a length fails the check. Each version's
+// output is poisoned, computed, checked against float64 on a few sequences (all heads; the bf16 cache's
+// reference uses the bf16-rounded rows), then timed as run_shape does. Returns the failures.
+static int run_paged(int B, int L, int H, const std::vector<int> &hl, const char *label, double copy_gbs, uint32_t seed, int timed,
+                     unsigned mask = ~0u) {  // mask: bit 0 version 5, bit 1 + i variant i of g_paged
+    int n_split = n_splits(B, L, H), groups = ceil_div(H, MLA_HEADS), max_blocks = ceil_div(L, KV_BLOCK), n_used = 0;
+    for (int b = 0; b < B; b++) n_used += ceil_div(hl[b], KV_BLOCK);
+    size_t n_blocks = n_used + 1, n_pool = n_blocks * KV_BLOCK * W_ROW;
+    uint64_t rng = seed * 2654435761ull + 1;
+    auto next = [&rng](int n) { rng = rng * 6364136223846793005ull + 1442695040888963407ull; return (int)((rng >> 33) % n); };
+    std::vector<int> perm(n_used), slot(B), tab((size_t)B * max_blocks, 0);
+    for (int i = 0; i < n_used; i++) perm[i] = i + 1;
+    for (int i = 0; i < B; i++) slot[i] = i;
+    for (int i = n_used - 1; i > 0; i--) std::swap(perm[i], perm[next(i + 1)]);
+    for (int i = B - 1; i > 0; i--) std::swap(slot[i], slot[next(i + 1)]);
+    for (int b = 0, u = 0; b < B; b++)
+        for (int j = 0; j < ceil_div(hl[b], KV_BLOCK); j++) tab[(size_t)slot[b] * max_blocks + j] = perm[u++];
+    size_t n_cache = (size_t)B * L * W_ROW, n_q = (size_t)B * H * W_ROW, n_o = (size_t)B * H * D_C;
+    float *cache, *pool_f, *q, *o, *flush;
+    bf16 *pool_b;
+    int *lens, *tables, *seq_of;
+    Scratch sc5;
+    PagedScratch sc6;
+    cudaCheck(cudaMalloc(&cache, n_cache * 4));
+    cudaCheck(cudaMalloc(&pool_f, n_pool * 4));
+    cudaCheck(cudaMalloc(&pool_b, n_pool * 2));
+    cudaCheck(cudaMalloc(&q, n_q * 4));
+    cudaCheck(cudaMalloc(&o, n_o * 4));
+    cudaCheck(cudaMalloc(&lens, B * sizeof(int)));
+    cudaCheck(cudaMalloc(&seq_of, B * sizeof(int)));
+    cudaCheck(cudaMalloc(&tables, tab.size() * sizeof(int)));
+    sc5.att = NULL;
+    cudaCheck(cudaMalloc(&sc5.part_o, (size_t)B * n_split * groups * MLA_HEADS * D_C * 4));
+    cudaCheck(cudaMalloc(&sc5.part_ml, (size_t)B * n_split * groups * MLA_HEADS * 2 * 4));
+    cudaCheck(cudaMalloc(&sc6.part_o, (size_t)2 * g_n_sm * H * D_C * 4));
+    cudaCheck(cudaMalloc(&sc6.part_ml, (size_t)2 * g_n_sm * H * 2 * 4));
+    cudaCheck(cudaMalloc(&sc6.tile_start, (B + 1) * sizeof(int)));
+    size_t flush_bytes = (size_t)256 << 20;
+    cudaCheck(cudaMalloc(&flush, flush_bytes));
+    cudaCheck(cudaMemcpy(lens, hl.data(), B * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(seq_of, slot.data(), B * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(tables, tab.data(), tab.size() * sizeof(int), cudaMemcpyHostToDevice));
+    fill_random_kernel<<<1024, 256>>>(cache, n_cache, seed);
+    fill_random_kernel<<<1024, 256>>>(q, n_q, seed ^ 0x9e3779b9u);
+    cudaCheck(cudaMemset(pool_f, 0xff, n_pool * 4));  // NaN (and a bf16 NaN) wherever no sequence's row is
+    cudaCheck(cudaMemset(pool_b, 0xff, n_pool * 2));
+    scatter_kernel<<<dim3(256, B), 256>>>(pool_f, pool_b, cache, tables, max_blocks, seq_of, lens, L);
+    launchCheck();
+    // float64 references (float32 rows and bf16-rounded rows) of a few sequences
+    std::vector<int> checked = {0, B / 2, B - 1};
+    checked.erase(std::unique(checked.begin(), checked.end()), checked.end());
+    std::vector<float> hq(n_q), ho(n_o), hc;
+    cudaCheck(cudaMemcpy(hq.data(), q, n_q * 4, cudaMemcpyDeviceToHost));
+    std::vector<std::vector<double>> ref_f(checked.size()), ref_b(checked.size());
+    for (size_t i = 0; i < checked.size(); i++) {
+        int b = checked[i];
+        hc.resize((size_t)hl[b] * W_ROW);
+        cudaCheck(cudaMemcpy(hc.data(), cache + (size_t)b * L * W_ROW, hc.size() * 4, cudaMemcpyDeviceToHost));
+        ref_f[i].resize((size_t)H * D_C);
+        reference(ref_f[i].data(), hq.data() + (size_t)b * H * W_ROW, hc.data(), hl[b], H);
+        for (auto &v : hc) v = bf16_round(v);
+        ref_b[i].resize((size_t)H * D_C);
+        reference(ref_b[i].data(), hq.data() + (size_t)b * H * W_ROW, hc.data(), hl[b], H);
+    }
+    double rows = 0;
+    for (int b = 0; b < B; b++) rows += hl[b];
+    cudaEvent_t e0, e1;
+    cudaCheck(cudaEventCreate(&e0));
+    cudaCheck(cudaEventCreate(&e1));
+    int failed = 0;
+    double v5_ms = 0;
+    int n_var = (int)(sizeof g_paged / sizeof g_paged[0]);
+    for (int vi = -1; vi < n_var; vi++) {  // -1: version 5
+        if (!(mask >> (vi + 1) & 1)) continue;
+        int is_bf16 = vi >= 0 && g_paged[vi].bf16;
+        auto run = [&]() {
+            if (vi < 0) run_version(5, o, q, cache, lens, B, L, H, n_split, sc5);
+            else run_paged_variant(vi, o, sc6, q, pool_f, pool_b, tables, max_blocks, seq_of, lens, B, H);
+        };
+        cudaCheck(cudaMemset(o, 0xff, n_o * 4));
+        run();
+        cudaCheck(cudaDeviceSynchronize());
+        cudaCheck(cudaMemcpy(ho.data(), o, n_o * 4, cudaMemcpyDeviceToHost));
+        double worst = 0;
+        for (size_t i = 0; i < checked.size(); i++)
+            for (int h = 0; h < H; h++) {
+                const double *r = (is_bf16 ? ref_b[i] : ref_f[i]).data() + (size_t)h * D_C;
+                double dm = 0, rm = 0;
+                for (int k = 0; k < D_C; k++) {
+                    double gv = ho[((size_t)checked[i] * H + h) * D_C + k];
+                    dm = std::isfinite(gv) ? fmax(dm, fabs(gv - r[k])) : INFINITY;
+                    rm = fmax(rm, fabs(r[k]));
+                }
+                worst = fmax(worst, dm / rm);
+            }
+        // a NaN anywhere in the output (an unwritten head of an unchecked sequence, a NaN row read) fails too
+        for (size_t i = 0; i < n_o; i++)
+            if (!std::isfinite(ho[i])) { worst = INFINITY; break; }
+        bool ok = worst < 1e-5;
+        failed += !ok;
+        const char *name = vi < 0 ? "5 contiguous float32 cache (dsv2.cu today)" : g_paged[vi].name;
+        if (!timed) {
+            printf("%s %s, %d sequences (%s), %d heads: max rel err vs float64 %.2e\n", ok ? "OK    " : "NOT OK", name, B, label, H, worst);
+            continue;
+        }
+        std::vector<double> t;
+        double total = 0;
+        for (int r = 0; r < 10 && (r < 3 || total < 2000); r++) {
+            float ms;
+            cudaCheck(cudaMemsetAsync(flush, r, flush_bytes));
+            cudaCheck(cudaEventRecord(e0));
+            run();
+            cudaCheck(cudaEventRecord(e1));
+            cudaCheck(cudaEventSynchronize(e1));
+            cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+            t.push_back(ms);
+            total += ms;
+        }
+        double ms = median(t), bytes = rows * W_ROW * (is_bf16 ? 2 : 4) + 4.0 * (n_q + n_o), gbs = bytes / (ms * 1e-3) / 1e9;
+        if (vi < 0) v5_ms = ms;
+        printf("| %d x %s | %d | %s | %.3f | %.0f | %.0f%% | %.2fx | %.1e %s |\n", B, label, H, name, ms, gbs, 100 * gbs / copy_gbs,
+               v5_ms / ms, worst, ok ? "OK" : "NOT OK");
+        fflush(stdout);
+    }
+    cudaCheck(cudaFree(cache)); cudaCheck(cudaFree(pool_f)); cudaCheck(cudaFree(pool_b)); cudaCheck(cudaFree(q));
+    cudaCheck(cudaFree(o)); cudaCheck(cudaFree(lens)); cudaCheck(cudaFree(seq_of)); cudaCheck(cudaFree(tables));
+    cudaCheck(cudaFree(sc5.part_o)); cudaCheck(cudaFree(sc5.part_ml)); cudaCheck(cudaFree(sc6.part_o));
+    cudaCheck(cudaFree(sc6.part_ml)); cudaCheck(cudaFree(sc6.tile_start)); cudaCheck(cudaFree(flush));
+    cudaCheck(cudaEventDestroy(e0)); cudaCheck(cudaEventDestroy(e1));
+    return failed;
+}
+
+// The tensor cores' rate through mma.sync, measured: every warp runs 8 independent accumulators of
+// m16n8k8 tf32 (or m16n8k16 bf16) products, 4096 times, from registers (no memory traffic). The
+// ceiling of versions 4-6, whose products are all mma.sync; FLOPs = 2 m n k per product.
+template <int BF16>
+__global__ void mma_peak_kernel(float *out, int iters) {
+    uint32_t a[4], b[2];
+    float d[8][4];
+    for (int i = 0; i < 4; i++) a[i] = 0x3f800000u ^ (threadIdx.x * 7919u + i) << 8;
+    for (int i = 0; i < 2; i++) b[i] = 0x3f800000u ^ (threadIdx.x * 104729u + i) << 8;
+    for (int j = 0; j < 8; j++) d[j][0] = d[j][1] = d[j][2] = d[j][3] = 0.0f;
+    for (int it = 0; it < iters; it++)
+        #pragma unroll
+        for (int j = 0; j < 8; j++) {
+            if (BF16)
+                asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                             : "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+                             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+            else
+                mma_tf32(d[j], a, b);
+        }
+    float s = 0;
+    for (int j = 0; j < 8; j++) s += d[j][0] + d[j][1] + d[j][2] + d[j][3];
+    if (s == 12345.678f) out[0] = s;  // keeps the products alive
+}
+static void mma_peak(void) {
+    float *out;
+    cudaCheck(cudaMalloc(&out, 4));
+    cudaEvent_t e0, e1;
+    cudaCheck(cudaEventCreate(&e0));
+    cudaCheck(cudaEventCreate(&e1));
+    int iters = 4096, blocks = g_n_sm * 8, threads = 256;
+    for (int bf = 0; bf <= 1; bf++) {
+        std::vector<double> t;
+        for (int r = 0; r < 6; r++) {
+            float ms;
+            cudaCheck(cudaEventRecord(e0));
+            if (bf) mma_peak_kernel<1><<<blocks, threads>>>(out, iters);
+            else mma_peak_kernel<0><<<blocks, threads>>>(out, iters);
+            cudaCheck(cudaEventRecord(e1));
+            cudaCheck(cudaEventSynchronize(e1));
+            launchCheck();
+            cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+            if (r > 0) t.push_back(ms);
+        }
+        double flops = 2.0 * 16 * 8 * (bf ? 16 : 8) * 8 * iters * (double)blocks * threads / 32;
+        printf("mma.sync %s: %.0f TFLOP/s (%d blocks of %d threads, 8 independent products per warp)\n",
+               bf ? "m16n8k16 bf16" : "m16n8k8 tf32", flops / (median(t) * 1e-3) / 1e12, blocks, threads);
+    }
+    cudaCheck(cudaFree(out));
+}
+
+// `mla_attention paged`: version 5 and the version 6 variants: checks on ragged batches, then the table
+static int paged_main(double copy_gbs, int timed) {
+    int failed = 0;
+    auto ragged = [](int B, int lo, int hi, uint32_t seed) {  // B lengths, uniform in [lo, hi]
+        std::vector<int> v(B);
+        uint64_t r = seed;
+        for (auto &x : v) { r = r * 6364136223846793005ull + 1442695040888963407ull; x = lo + (int)((r >> 33) % (hi - lo + 1)); }
+        return v;
+    };
+    failed += run_paged(5, 4099, 20, {1, 31, 33, 1000, 4099}, "1..4099", copy_gbs, 81, 0);
+    failed += run_paged(3, 300, 128, {300, 17, 299}, "17..300", copy_gbs, 82, 0);
+    std::vector<int> pf(700);  // a prefill's queries: query b sees rows 0..b (many sequences per chunk)
+    for (int b = 0; b < 700; b++) pf[b] = b + 1;
+    failed += run_paged(700, 700, 16, pf, "1..700, a prefill", copy_gbs, 83, 0);
+    failed += run_paged(1, 8192, 16, {8192}, "8192", copy_gbs, 84, 0);
+    if (!timed) { printf("\n%d checks failed\n", failed); return failed ? 1 : 0; }
+    mma_peak();
+    printf("\n| sequences x tokens | heads | version | ms | GB/s | of copy | vs version 5 | max rel err |\n|---|---|---|---|---|---|---|---|\n");
+    for (int H : {16, 128}) {
+        failed += run_paged(64, 8192, H, std::vector<int>(64, 8192), "8192", copy_gbs, 1000 + H, 1);
+        failed += run_paged(64, 16383, H, ragged(64, 1, 16383, 7), "1..16383 (mixed, mean ~8K)", copy_gbs, 2000 + H, 1);
+    }
+    failed += run_paged(1, 32768, 16, {32768}, "32768", copy_gbs, 3000, 1);
+    printf("\n%d checks failed\n", failed);
+    return failed ? 1 : 0;
+}
+
 int main(int argc, char **argv) {
     double mscale = 0.1 * log(40.0) + 1.0;
     g_scale = (float)(mscale * mscale / sqrt(192.0));
@@ -717,13 +1009,18 @@ int main(int argc, char **argv) {
            g_n_sm, copy_gbs);
     printf("cache rows of %d floats (d_c %d + d_h^R %d), softmax scale %.4f (DeepSeek-V2's)\n", W_ROW, D_C, W_ROW - D_C, g_scale);
     std::vector<int> all = {1, 2, 3, 4, 5};
+    if (argc == 2 && !strcmp(argv[1], "paged")) return paged_main(copy_gbs, 1);
+    if (argc == 2 && !strcmp(argv[1], "paged-check")) return paged_main(copy_gbs, 0);  // small, for compute-sanitizer
+    if (argc == 2 && !strcmp(argv[1], "paged-profile"))  // for Nsight Compute: dsv2cu's two variants once each, 64 x 8192, 16 heads
+        return run_paged(64, 8192, 16, std::vector<int>(64, 8192), "8192", copy_gbs, 1016, 0, 1u << 2 | 1u << 6) ? 1 : 0;
     if (argc == 5) {  // one version, one shape
         int v = atoi(argv[1]), B = atoi(argv[2]), L = atoi(argv[3]), H = atoi(argv[4]);
         if (v < 1 || v > 5 || B < 1 || L < 1 || H < 1) die("usage: %s [VERSION B L H]  (VERSION 1-5)", argv[0]);
         printf("| sequences x tokens | heads | version | splits | ms | GB/s | of copy | speedup | max rel err |\n|---|---|---|---|---|---|---|---|---|\n");
         return run_shape({v}, B, L, H, std::vector<int>(B, L), copy_gbs, 1234, 1) ? 1 : 0;
     }
-    if (argc != 1) die("usage: %s [VERSION B L H]  (VERSION 1-5; no arguments: every version on the standard shapes)", argv[0]);
+    if (argc != 1) die("usage: %s [VERSION B L H | paged | paged-check | paged-profile]  (VERSION 1-5; no arguments: every version on the standard shapes; "
+                         "paged: versions 5 and 6 on paged caches, float32 and bf16)", argv[0]);
     int failed = 0;
     // ragged lengths (1 row, tails that are not whole tiles) and a head count that is not a multiple of 16
     failed += run_shape(all, 5, 4099, 20, {1, 31, 33, 1000, 4099}, copy_gbs, 77, 0);

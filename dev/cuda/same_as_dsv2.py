@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Checks that every block of dev/cuda/mla_attention.cu marked '>>> verbatim from dsv2_mla.cuh' appears,
-character for character, in dsv2_mla.cuh: version 5 must stay the kernel that dsv2.cu runs."""
+character for character, in dsv2_mla.cuh: version 5 must stay the kernel that dsv2.cu runs. Version 6 is
+not copied: the file must include dsv2_mla_decode.cuh (the batch engine's kernels) itself."""
 import argparse
 import os
 import sys
@@ -36,7 +37,10 @@ def main():
         print(f"same_as_dsv2.py: no verbatim blocks in {args.dev}")
     print(f"{'OK    ' if found and not bad else 'NOT OK'} dev/cuda version 5 is dsv2_mla.cuh's kernel: "
           f"{len(found) - len(bad)}/{len(found)} verbatim blocks found in {os.path.basename(args.main)}")
-    sys.exit(0 if found and not bad else 1)
+    included = '#include "../../dsv2_mla_decode.cuh"' in open(args.dev).read()
+    print(f"{'OK    ' if included else 'NOT OK'} dev/cuda version 6 is dsv2_mla_decode.cuh's kernel: "
+          f"{'included' if included else 'the include of ../../dsv2_mla_decode.cuh is missing'}")
+    sys.exit(0 if found and not bad and included else 1)
 
 
 if __name__ == "__main__":
