@@ -2,14 +2,14 @@
 from the config.json that tools/make_random_model.py wrote) decoding a batch with `generate`, the
 way a user who already has transformers would serve B prompts at once.
 
-    python3 tools/bench_hf_serve.py CONFIG_DIR --ctx 2048 --batch 1 4 16 [--new 8 40] [--budget-s 200]
+    python3 tools/bench_hf_serve.py CONFIG_DIR --ctx 2048 8192 --batch 1 4 16 [--new 8 40] [--budget-s 200]
 
-For each batch size B: B random prompts of ctx - n2 tokens each, then generate(max_new_tokens=n1) and
+For each context and batch size B: B random prompts of ctx - n2 tokens each, then generate(max_new_tokens=n1) and
 generate(max_new_tokens=n2) (greedy, min_new_tokens = max_new_tokens, so no early stop). Decode tok/s =
 B (n2 - n1) / (t2 - t1): the prompt's cost cancels and what is left is n2 - n1 decode steps at contexts
 up to ctx. Prints one BENCH line per batch size; a batch that runs out of memory prints
-"BENCH hf_serve ... oom" and the larger ones are skipped; --budget-s stops before a run that
-would not finish in the time left (estimated from the last one).
+"BENCH hf_serve ... oom" and the larger ones (at that context) are skipped; --budget-s (for the
+whole script) skips a run that would not finish in the time left (estimated from the last one).
 """
 import argparse, time
 import torch
@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config_dir")
-    ap.add_argument("--ctx", type=int, required=True)
+    ap.add_argument("--ctx", type=int, nargs="+", required=True)
     ap.add_argument("--batch", type=int, nargs="+", required=True)
     ap.add_argument("--new", type=int, nargs=2, default=[8, 40], metavar=("N1", "N2"))
     ap.add_argument("--budget-s", type=float, default=200.0)
@@ -35,34 +35,35 @@ def main():
     model.eval()
     print(f"BENCH hf_init_seconds {time.time() - t_start:.1f}", flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
-    last = 0.0
-    for B in args.batch:
-        left = args.budget_s - (time.time() - t_start)
-        if last * B > left:  # the previous batch's time, scaled: would not finish
-            print(f"BENCH hf_serve ctx {args.ctx} batch {B} skipped (about {last * B:.0f} s, {left:.0f} s left)", flush=True)
-            break
-        ids = torch.randint(0, cfg.vocab_size, (B, args.ctx - n2), device="cuda", generator=g)
-        mask = torch.ones_like(ids)
-        try:
-            t0 = time.time()
-            times = []
-            with torch.no_grad():
-                for n in (n1, n2):
-                    torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                   pad_token_id=0)
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t)
-            last = (time.time() - t0) / B
-        except torch.OutOfMemoryError:
-            print(f"BENCH hf_serve ctx {args.ctx} batch {B} oom", flush=True)
-            break
-        finally:
-            torch.cuda.empty_cache()
-        tps = B * (n2 - n1) / (times[1] - times[0])
-        print(f"BENCH hf_serve ctx {args.ctx} batch {B} tok_per_s {tps:.1f} gen_{n1}_s {times[0]:.2f} gen_{n2}_s {times[1]:.2f}",
-              flush=True)
+    for ctx in args.ctx:
+        last = 0.0  # seconds per sequence of the previous batch at this context
+        for B in args.batch:
+            left = args.budget_s - (time.time() - t_start)
+            if last * B > left:
+                print(f"BENCH hf_serve ctx {ctx} batch {B} skipped (about {last * B:.0f} s, {left:.0f} s left)", flush=True)
+                break
+            ids = torch.randint(0, cfg.vocab_size, (B, ctx - n2), device="cuda", generator=g)
+            try:
+                t0 = time.time()
+                times = []
+                with torch.no_grad():
+                    for n in (n1, n2):
+                        torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                       do_sample=False, pad_token_id=0)
+                        torch.cuda.synchronize()
+                        times.append(time.perf_counter() - t)
+                last = (time.time() - t0) / B
+            except torch.OutOfMemoryError:
+                print(f"BENCH hf_serve ctx {ctx} batch {B} oom", flush=True)
+                break
+            finally:
+                del ids
+                torch.cuda.empty_cache()
+            tps = B * (n2 - n1) / (times[1] - times[0])
+            print(f"BENCH hf_serve ctx {ctx} batch {B} tok_per_s {tps:.1f} gen_{n1}_s {times[0]:.2f} gen_{n2}_s {times[1]:.2f}",
+                  flush=True)
 
 
 if __name__ == "__main__":
