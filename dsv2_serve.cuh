@@ -33,11 +33,13 @@
 // not bit for bit: a near-tie can flip (--serve-check counts the sequences where that happened).
 
 // KV_BLOCK (tokens per block) is dsv2.c's, next to the batch hook's contract.
-#define SMALL_T 64        // batches of at most this many tokens use the CUDA-core products below
+#define SMALL_T 64        // default of sv.small_t: batches of at most this many tokens use the CUDA-core products below
+static int serve_small_t = SMALL_T;  // what serve_init sets sv.small_t to (--bench-serve --small-t changes it)
 #define MM_TB 8           // tokens per pass of matmul_small_kernel over a weight row
 
 typedef struct {
     int ready, kv_bf16, kv_mha;
+    int small_t;                  // batches of at most this many tokens: CUDA-core products (SMALL_T; --bench-serve --small-t)
     int row;                      // cache row elements: W (latent) or H (nope + rope + vdim) (mha)
     int n_slots, max_blocks;      // slots (slot 0: padding), blocks per slot's table
     long n_blocks;                // blocks per layer, block 0 included
@@ -137,7 +139,7 @@ __global__ void matmul_small_kernel(float *out, const bf16 *W, const float *x, i
 // Y (T, out) = [Y +] X (T, in) @ W^T for any T: the CUDA-core kernel above for T <= SMALL_T, else the
 // prefill's bf16 x 3 tensor-core product (dsv2_prefill.cuh), in chunks of tokens that fit sv.Y3.
 static void project_forward(float *Y, const float *X, const bf16 *W, int T, int in, int out, int accumulate) {
-    if (T <= SMALL_T) {
+    if (T <= sv.small_t) {
         static int wave = 0;
         if (!wave) wave = one_wave(matmul_small_kernel, 256, 0);
         launch(matmul_small_kernel, std::min(ceil_div(out, 8), wave), 256, 0, Y, W, X, in, out, T, accumulate);
@@ -246,7 +248,7 @@ __global__ void fill_pool_kernel(E *p, size_t n, uint32_t seed, float scale) {
 static void absorb_query_forward(float *q_lat, const float *q, const GpuLayer *L, int T) {
     const Config *c = &gpu.c;
     int H = c->n_heads, d_c = c->kv_lora_rank, nope = c->qk_nope_head_dim, qk = gpu.qk_head;
-    if (T <= SMALL_T) {
+    if (T <= sv.small_t) {
         int CT = ceil_div(d_c, ABS_COLS);
         launch(mla_prep_kernel, dim3(H * CT, T), 256, 0, q_lat, (float *)NULL, q, (const float *)NULL,
                (const bf16 *)L->kv_b_proj, (const float *)NULL, (const int *)NULL, CT, H, d_c, nope, c->qk_rope_head_dim,
@@ -267,7 +269,7 @@ static void absorb_query_forward(float *q_lat, const float *q, const GpuLayer *L
 static void v_up_batch_forward(float *o, const float *o_lat, const GpuLayer *L, int T) {
     const Config *c = &gpu.c;
     int H = c->n_heads, d_c = c->kv_lora_rank, nope = c->qk_nope_head_dim, vdim = c->v_head_dim;
-    if (T <= SMALL_T) {
+    if (T <= sv.small_t) {
         launch(v_up_kernel, dim3(ceil_div(H * vdim, 8), T), 256, 0, o, o_lat, (const bf16 *)L->kv_b_proj, H, d_c, nope, vdim);
         return;
     }
@@ -356,6 +358,7 @@ static void serve_init(const Model *m, int max_ctx, int kv_bf16, int kv_mha, int
     if (max_batch < 1 || max_batch > PF_MAX) die("dsv2cu: --batch %d outside [1, %d]", max_batch, PF_MAX);
     Serve *s = &sv;
     s->kv_bf16 = kv_bf16; s->kv_mha = kv_mha;
+    s->small_t = serve_small_t;
     int H = c->n_heads, nope = c->qk_nope_head_dim, vdim = c->v_head_dim, d_c = c->kv_lora_rank;
     s->row = kv_mha ? H * (gpu.qk_head + vdim) : gpu.W;
     s->n_slots = max_batch + 1;
@@ -586,8 +589,8 @@ static void serve_run(const Model *m, ServeSeq *seqs, int n, const ServeOptions 
 // ---------------- --bench-serve: decode steps over B sequences with synthetic caches
 
 // ./dsv2cu --bench-serve MODEL [--ctx L] [--batch B1,B2,..,max] [--kv f32|bf16] [--kv-layout latent|mha]
-//                              [--kv-mem GIB] [--steps N]     (defaults: --ctx 2048 --batch 1,2,4,..,64 --kv f32
-//                                                              --kv-layout latent --kv-mem 40 --steps 20)
+//                              [--kv-mem GIB] [--steps N] [--small-t N]   (defaults: --ctx 2048 --batch 1,2,4,..,64
+//                              --kv f32 --kv-layout latent --kv-mem 40 --steps 20 --small-t SMALL_T)
 // For each B: B sequences whose caches hold L rows of hashed values (distinct blocks each, so every byte is
 // read), one decode step at position L - 1 captured as a graph and replayed; prints the step time, tok/s,
 // the cache bytes and weight bytes (the experts actually chosen, counted on one step) it reads, and the
@@ -602,6 +605,7 @@ static int bench_serve_main(int argc, char **argv) {
         if (!strcmp(f, "--ctx")) L = (int)parse_int(f, v, 2, 1 << 20);
         else if (!strcmp(f, "--batch")) batches = v;
         else if (!strcmp(f, "--steps")) steps = (int)parse_int(f, v, 1, 100000);
+        else if (!strcmp(f, "--small-t")) serve_small_t = (int)parse_int(f, v, 0, PF_MAX);
         else if (!strcmp(f, "--kv-mem")) kv_mem = parse_float(f, v, 0.001f, 1e6f);
         else if (!strcmp(f, "--kv")) {
             if (!strcmp(v, "f32")) kv_bf16 = 0; else if (!strcmp(v, "bf16")) kv_bf16 = 1;
@@ -635,8 +639,8 @@ static int bench_serve_main(int argc, char **argv) {
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
     printf("BENCH device %s\n", prop.name);
-    printf("BENCH serve_config layout %s kv %s ctx %d kv_mem_GiB %.3f block_bytes %.0f max_batch_fit %ld\n",
-           kv_mha ? "mha" : "latent", kv_bf16 ? "bf16" : "f32", L, kv_mem, block_bytes, fit);
+    printf("BENCH serve_config layout %s kv %s ctx %d kv_mem_GiB %.3f block_bytes %.0f max_batch_fit %ld small_t %d\n",
+           kv_mha ? "mha" : "latent", kv_bf16 ? "bf16" : "f32", L, kv_mem, block_bytes, fit, serve_small_t);
     serve_init(&m, L, kv_bf16, kv_mha, maxB, std::min(kv_mem, (1 + (double)maxB * nb) * block_bytes / (1 << 30) + 1e-6));
     double copy_gbs = bench_copy_bandwidth();
     size_t pool_elems = (size_t)c->n_layers * sv.layer_elems;

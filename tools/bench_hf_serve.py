@@ -6,7 +6,7 @@ way a user who already has transformers would serve B prompts at once.
 
 For each context and batch size B: B random prompts of ctx - n2 tokens each, then generate(max_new_tokens=n1) and
 generate(max_new_tokens=n2) (greedy, min_new_tokens = max_new_tokens, so no early stop). Decode tok/s =
-B (n2 - n1) / (t2 - t1): the prompt's cost cancels and what is left is n2 - n1 decode steps at contexts
+B (n2 - n1) / (t2 - t1), after one warm-up generate at each context: the prompt's cost cancels and what is left is n2 - n1 decode steps at contexts
 up to ctx. Prints one BENCH line per batch size; a batch that runs out of memory prints
 "BENCH hf_serve ... oom" and the larger ones (at that context) are skipped; --budget-s (for the
 whole script) skips a run that would not finish in the time left (estimated from the last one).
@@ -36,6 +36,10 @@ def main():
     print(f"BENCH hf_init_seconds {time.time() - t_start:.1f}", flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     for ctx in args.ctx:
+        with torch.no_grad():  # warm-up at this context: the first generate pays for allocations and kernel choices
+            ids = torch.randint(0, cfg.vocab_size, (1, ctx - n2), device="cuda", generator=g)
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                           pad_token_id=0)
         last = 0.0  # seconds per sequence of the previous batch at this context
         for B in args.batch:
             left = args.budget_s - (time.time() - t_start)

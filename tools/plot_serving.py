@@ -20,8 +20,12 @@ STYLE = {"latent": ("tab:blue", "o", "dsv2cu, latent cache (MLA)"),
 def main():
     rows = list(csv.DictReader(open(sys.argv[1])))
     panels = sorted({(r["shape"], int(r["ctx"])) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
-    for ax, (shape, ctx) in zip(axes[0], panels):
+    cols = 2 if len(panels) > 1 else 1
+    rows_n = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6.0 * cols, 4.4 * rows_n), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (shape, ctx) in zip(axes.flat, panels):
         for system, (color, marker, label) in STYLE.items():
             pts = sorted((int(r["batch"]), float(r["tok_per_s"])) for r in rows
                          if r["shape"] == shape and int(r["ctx"]) == ctx and r["system"] == system)
