@@ -372,7 +372,14 @@ __device__ __forceinline__ void split3_bf16x2(float x0, float x1, uint32_t *p) {
 }
 
 // In, out, grid and the plan: as mla_decode_kernel<bf16, ...>. One block of WARPS warps (8 or 16).
-template <int STAGES, int WARPS>
+// OVERLAP (dsv2cu's choice): two barriers per tile instead of three. mla_decode_kernel's order per tile k
+// is [barrier] scores(k) [barrier] softmax(k) [barrier] values(k); here it is
+//   [barrier] softmax(k) [barrier] values(k), scores(k + 1)
+// so each warp has the values of one tile and the scores of the next between two barriers (independent
+// tensor-core products, one wait fewer). That needs STAGES >= 3 (tiles k and k + 1 are read while the
+// buffer of tile k - 1 is refilled), and m, l are never reset by a segment's start (another warp may still
+// be writing out the segment before): a segment's first softmax starts from m = -inf, l = 0 itself.
+template <int STAGES, int WARPS, bool OVERLAP>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 mla_decode_kernel_v7(float *o_lat, float *part_o, float *part_ml, const float *q_lat, const bf16 *pool, const int *tables,
                      int max_blocks, const int *seq_of, const int *lens, const int *tile_start, int B, int H, int W,
@@ -383,6 +390,7 @@ mla_decode_kernel_v7(float *o_lat, float *part_o, float *part_ml, const float *q
     constexpr int NT = 512 / 8 / WARPS;                 // 8-column n-tiles of the values per warp, d_c <= 512
     constexpr int HPW = MLA_HEADS / WARPS;              // heads per warp in the softmax
     static_assert(NT % 2 == 0 && HPW >= 1, "WARPS: 8 or 16");
+    static_assert(STAGES >= (OVERLAP ? 3 : 2), "too few stages");
     const int S = dec7_stride(W), n_ks = ceil_div(W, 16);
     int N = gridDim.y, ci = blockIdx.y, h0 = blockIdx.x * MLA_HEADS, tid = threadIdx.x;
     int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3, nh = min(MLA_HEADS, H - h0);
@@ -405,74 +413,69 @@ mla_decode_kernel_v7(float *o_lat, float *part_o, float *part_ml, const float *q
     const int ks0 = n_ks * warp / WARPS, ks1 = n_ks * (warp + 1) / WARPS;  // this warp's k-steps of the scores
     uint32_t qa[KC][3][4];  // its queries' three parts there, A fragments
     float acc[NT][4];
-    int len = 0;
     // this lane's ldmatrix row addresses (element offsets in a tile): the scores' x4 (rows r, columns k0 + c)
     // and the values' x4.trans (rows kr + r, columns c0 + c)
     const int sc_off = ((lane & 7) + ((lane >> 4) << 3)) * S + ((lane >> 3) & 1) * 8;
     const int v_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * S + (lane >> 4) * 8;
     const int p_off = (lane & 15) * DEC7_PS + (lane >> 4) * 8;  // P's x4: rows (heads) lane % 16, columns + 8 (lane / 16)
-    for (int k = 0; k < n; k++) {
-        int tau = t_beg + k;
-        cp_async_wait<STAGES - 2>();  // tile k has landed (this thread's pieces) ...
-        __syncthreads();              // ... everyone's, and every warp is done with tile k - 1's buffer
-        if (k + STAGES - 1 < n) {     // refill that buffer with tile k + STAGES - 1
-            int tn = tau + STAGES - 1;
+
+    auto refill = [&](int k) {  // tile k + STAGES - 1 into the buffer of tile k - 1, and a group for it
+        if (k + STAGES - 1 < n) {
+            int tn = t_beg + k + STAGES - 1;
             while (tile_start[lb + 1] <= tn) lb++;
             dec_load_tile(tiles + ((k + STAGES - 1) % STAGES) * MLA_TILE * S, pool, tables, max_blocks, seq_of[lb],
                           tn - tile_start[lb], lens[lb], W, S);
         }
         cp_async_commit();
-        if (k == 0 || tau >= tile_start[cb + 1]) {  // a new segment: sequence cb's queries, fresh m, l, o
-            while (tile_start[cb + 1] <= tau) cb++;
-            len = lens[cb];
-            const float *qb = q_lat + ((size_t)cb * H + h0) * W;
+    };
+    auto segment_start = [&]() {  // sequence cb's queries split in three, fresh o
+        const float *qb = q_lat + ((size_t)cb * H + h0) * W;
+        #pragma unroll
+        for (int i = 0; i < KC; i++)
             #pragma unroll
-            for (int i = 0; i < KC; i++)
+            for (int half = 0; half < 2; half++) {  // a[0], a[1]: columns 2t, 2t + 1; a[2], a[3]: + 8
+                int col = 16 * (ks0 + i) + 8 * half + 2 * t;
+                bool ok = ks0 + i < ks1 && col < W;  // zeros past W: the tile's padding is zeros too
+                float2 x = ok && g < nh ? *(const float2 *)(qb + (size_t)g * W + col) : make_float2(0.0f, 0.0f);
+                float2 y = ok && g + 8 < nh ? *(const float2 *)(qb + (size_t)(g + 8) * W + col) : make_float2(0.0f, 0.0f);
+                uint32_t px[3], py[3];
+                split3_bf16x2(x.x, x.y, px);
+                split3_bf16x2(y.x, y.y, py);
                 #pragma unroll
-                for (int half = 0; half < 2; half++) {  // a[0], a[1]: columns 2t, 2t + 1; a[2], a[3]: + 8
-                    int col = 16 * (ks0 + i) + 8 * half + 2 * t;
-                    bool ok = ks0 + i < ks1 && col < W;  // zeros past W: the tile's padding is zeros too
-                    float2 x = ok && g < nh ? *(const float2 *)(qb + (size_t)g * W + col) : make_float2(0.0f, 0.0f);
-                    float2 y = ok && g + 8 < nh ? *(const float2 *)(qb + (size_t)(g + 8) * W + col) : make_float2(0.0f, 0.0f);
-                    uint32_t px[3], py[3];
-                    split3_bf16x2(x.x, x.y, px);
-                    split3_bf16x2(y.x, y.y, py);
-                    #pragma unroll
-                    for (int p = 0; p < 3; p++) { qa[i][p][2 * half] = px[p]; qa[i][p][2 * half + 1] = py[p]; }
-                }
-            if (tid < MLA_HEADS) { m_s[tid] = -INFINITY; l_s[tid] = 0.0f; }
-            #pragma unroll
-            for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-        }
-        int r0 = (tau - tile_start[cb]) * MLA_TILE;  // the tile's first row in sequence cb
+                for (int p = 0; p < 3; p++) { qa[i][p][2 * half] = px[p]; qa[i][p][2 * half + 1] = py[p]; }
+            }
+        #pragma unroll
+        for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    };
+    auto scores = [&](int k) {  // 1. partial scores of tile k over this warp's k-steps -> s_part
         const bf16 *tile = tiles + (k % STAGES) * MLA_TILE * S;
-        {   // 1. partial scores over this warp's k-steps, rows 8 nn + g of the tile (nn < 4)
-            float sc[4][4];
+        float sc[4][4];  // rows 8 nn + .. of the tile
+        #pragma unroll
+        for (int nn = 0; nn < 4; nn++) sc[nn][0] = sc[nn][1] = sc[nn][2] = sc[nn][3] = 0.0f;
+        #pragma unroll
+        for (int i = 0; i < KC; i++) {
+            if (ks0 + i >= ks1) break;
             #pragma unroll
-            for (int nn = 0; nn < 4; nn++) sc[nn][0] = sc[nn][1] = sc[nn][2] = sc[nn][3] = 0.0f;
-            #pragma unroll
-            for (int i = 0; i < KC; i++) {
-                if (ks0 + i >= ks1) break;
+            for (int rh = 0; rh < 2; rh++) {  // tile rows 16 rh .. 16 rh + 15: n-tiles 2 rh and 2 rh + 1
+                uint32_t b[4];
+                ldmatrix_x4(b, tile + 16 * rh * S + 16 * (ks0 + i) + sc_off);
                 #pragma unroll
-                for (int rh = 0; rh < 2; rh++) {  // tile rows 16 rh .. 16 rh + 15: n-tiles 2 rh and 2 rh + 1
-                    uint32_t b[4];
-                    ldmatrix_x4(b, tile + 16 * rh * S + 16 * (ks0 + i) + sc_off);
-                    #pragma unroll
-                    for (int p = 2; p >= 0; p--) {  // the small parts first
-                        mma_bf16(sc[2 * rh], qa[i][p][0], qa[i][p][1], qa[i][p][2], qa[i][p][3], b[0], b[1]);
-                        mma_bf16(sc[2 * rh + 1], qa[i][p][0], qa[i][p][1], qa[i][p][2], qa[i][p][3], b[2], b[3]);
-                    }
+                for (int p = 2; p >= 0; p--) {  // the small parts first
+                    mma_bf16(sc[2 * rh], qa[i][p][0], qa[i][p][1], qa[i][p][2], qa[i][p][3], b[0], b[1]);
+                    mma_bf16(sc[2 * rh + 1], qa[i][p][0], qa[i][p][1], qa[i][p][2], qa[i][p][3], b[2], b[3]);
                 }
             }
-            float *sp = s_part + warp * MLA_HEADS * MLA_SP;  // d: heads g, g+8; rows 8nn + 2t, 8nn + 2t + 1
-            #pragma unroll
-            for (int nn = 0; nn < 4; nn++) {
-                *(float2 *)(sp + g * MLA_SP + 8 * nn + 2 * t) = make_float2(sc[nn][0], sc[nn][1]);
-                *(float2 *)(sp + (g + 8) * MLA_SP + 8 * nn + 2 * t) = make_float2(sc[nn][2], sc[nn][3]);
-            }
         }
-        __syncthreads();
-        // 2. online softmax: warp w takes heads HPW w .. HPW w + HPW - 1, lane = row; P stored as three bf16 parts
+        float *sp = s_part + warp * MLA_HEADS * MLA_SP;  // d: heads g, g+8; rows 8nn + 2t, 8nn + 2t + 1
+        #pragma unroll
+        for (int nn = 0; nn < 4; nn++) {
+            *(float2 *)(sp + g * MLA_SP + 8 * nn + 2 * t) = make_float2(sc[nn][0], sc[nn][1]);
+            *(float2 *)(sp + (g + 8) * MLA_SP + 8 * nn + 2 * t) = make_float2(sc[nn][2], sc[nn][3]);
+        }
+    };
+    auto softmax = [&](int k) {  // 2. online softmax of tile k: warp w takes heads HPW w .., lane = row; P in three parts
+        int tau = t_beg + k, r0 = (tau - tile_start[cb]) * MLA_TILE, len = lens[cb];  // the tile's first row in cb
+        bool first = k == 0 || tau == tile_start[cb];  // a segment's first tile: no m, l before it
         #pragma unroll
         for (int kk = 0; kk < HPW; kk++) {
             int h = HPW * warp + kk;
@@ -481,7 +484,7 @@ mla_decode_kernel_v7(float *o_lat, float *part_o, float *part_ml, const float *q
             #pragma unroll
             for (int w = 0; w < WARPS; w++) s += s_part[(w * MLA_HEADS + h) * MLA_SP + lane];
             s = ok ? s * scale : -INFINITY;
-            float m_old = m_s[h], m_new = fmaxf(m_old, warp_max(s));  // finite: row r0 < len
+            float m_old = first ? -INFINITY : m_s[h], m_new = fmaxf(m_old, warp_max(s));  // finite: row r0 < len
             float p = ok ? expf(s - m_new) : 0.0f;
             float sum = warp_sum(p);
             #pragma unroll
@@ -493,52 +496,94 @@ mla_decode_kernel_v7(float *o_lat, float *part_o, float *part_ml, const float *q
             __syncwarp();  // every lane has read m_s[h] before lane 0 overwrites it
             if (lane == 0) {
                 float a = expf(m_old - m_new);  // 0 on a segment's first tile (m_old = -inf)
-                a_s[h] = a; l_s[h] = l_s[h] * a + sum; m_s[h] = m_new;
+                a_s[h] = a; l_s[h] = (first ? 0.0f : l_s[h]) * a + sum; m_s[h] = m_new;
             }
         }
-        __syncthreads();
-        {   // 3. values: o_latent (16 x d_c) = a * o_latent + P (16 x 32) . tile (32 x d_c), n-tiles warp NT + j
-            float pv[NT][4];  // this tile's P . V (fresh accumulators: see mla_decode_kernel)
+    };
+    auto values = [&](int k) {  // 3. o_latent (16 x d_c) = a o_latent + P (16 x 32) . tile (32 x d_c), n-tiles warp NT + j
+        const bf16 *tile = tiles + (k % STAGES) * MLA_TILE * S;
+        float pv[NT][4];  // this tile's P . V (fresh accumulators: see mla_decode_kernel)
+        #pragma unroll
+        for (int j = 0; j < NT; j++) pv[j][0] = pv[j][1] = pv[j][2] = pv[j][3] = 0.0f;
+        #pragma unroll
+        for (int kr = 0; kr < MLA_TILE; kr += 16) {
+            uint32_t pa[3][4];
             #pragma unroll
-            for (int j = 0; j < NT; j++) pv[j][0] = pv[j][1] = pv[j][2] = pv[j][3] = 0.0f;
+            for (int p = 0; p < 3; p++) ldmatrix_x4(pa[p], p_s + p * MLA_HEADS * DEC7_PS + kr + p_off);
             #pragma unroll
-            for (int kr = 0; kr < MLA_TILE; kr += 16) {
-                uint32_t pa[3][4];
-                #pragma unroll
-                for (int p = 0; p < 3; p++) ldmatrix_x4(pa[p], p_s + p * MLA_HEADS * DEC7_PS + kr + p_off);
-                #pragma unroll
-                for (int j = 0; j < NT; j += 2) {
-                    int c0 = 8 * (warp * NT + j);
-                    if (c0 < d_c) {
-                        uint32_t b[4];
-                        ldmatrix_x4_trans(b, tile + kr * S + c0 + v_off);
-                        #pragma unroll
-                        for (int p = 2; p >= 0; p--) {
-                            mma_bf16(pv[j], pa[p][0], pa[p][1], pa[p][2], pa[p][3], b[0], b[1]);
-                            mma_bf16(pv[j + 1], pa[p][0], pa[p][1], pa[p][2], pa[p][3], b[2], b[3]);
-                        }
+            for (int j = 0; j < NT; j += 2) {
+                int c0 = 8 * (warp * NT + j);
+                if (c0 < d_c) {
+                    uint32_t b[4];
+                    ldmatrix_x4_trans(b, tile + kr * S + c0 + v_off);
+                    #pragma unroll
+                    for (int p = 2; p >= 0; p--) {
+                        mma_bf16(pv[j], pa[p][0], pa[p][1], pa[p][2], pa[p][3], b[0], b[1]);
+                        mma_bf16(pv[j + 1], pa[p][0], pa[p][1], pa[p][2], pa[p][3], b[2], b[3]);
                     }
                 }
             }
-            float sa = a_s[g], sb = a_s[g + 8];
-            #pragma unroll
-            for (int j = 0; j < NT; j++) {
-                acc[j][0] = acc[j][0] * sa + pv[j][0]; acc[j][1] = acc[j][1] * sa + pv[j][1];
-                acc[j][2] = acc[j][2] * sb + pv[j][2]; acc[j][3] = acc[j][3] * sb + pv[j][3];
-            }
         }
-        if (k == n - 1 || tau + 1 == tile_start[cb + 1]) {  // the segment's last tile: write it out
-            bool whole = tile_start[cb] >= t_beg && tile_start[cb + 1] <= t_end;
-            float *dst = whole ? o_lat : part_o;
-            size_t base = whole ? (size_t)cb * H + h0 : (size_t)(2 * ci + (tile_start[cb] < t_beg ? 0 : 1)) * H + h0;
-            float ig = whole ? 1.0f / l_s[g] : 1.0f, ig8 = whole ? 1.0f / l_s[g + 8] : 1.0f;
-            if (!whole && tid < nh) { part_ml[(base + tid) * 2] = m_s[tid]; part_ml[(base + tid) * 2 + 1] = l_s[tid]; }
-            #pragma unroll
-            for (int j = 0; j < NT; j++) {
-                int c = 8 * (warp * NT + j) + 2 * t;
-                if (c >= d_c) continue;
-                if (g < nh) *(float2 *)(dst + (base + g) * d_c + c) = make_float2(acc[j][0] * ig, acc[j][1] * ig);
-                if (g + 8 < nh) *(float2 *)(dst + (base + g + 8) * d_c + c) = make_float2(acc[j][2] * ig8, acc[j][3] * ig8);
+        float sa = a_s[g], sb = a_s[g + 8];
+        #pragma unroll
+        for (int j = 0; j < NT; j++) {
+            acc[j][0] = acc[j][0] * sa + pv[j][0]; acc[j][1] = acc[j][1] * sa + pv[j][1];
+            acc[j][2] = acc[j][2] * sb + pv[j][2]; acc[j][3] = acc[j][3] * sb + pv[j][3];
+        }
+    };
+    auto write_out = [&](int k) {  // after tile k: at a segment's last tile, o / l (or the partial) out
+        int tau = t_beg + k;
+        if (k != n - 1 && tau + 1 != tile_start[cb + 1]) return;
+        bool whole = tile_start[cb] >= t_beg && tile_start[cb + 1] <= t_end;
+        float *dst = whole ? o_lat : part_o;
+        size_t base = whole ? (size_t)cb * H + h0 : (size_t)(2 * ci + (tile_start[cb] < t_beg ? 0 : 1)) * H + h0;
+        float ig = whole ? 1.0f / l_s[g] : 1.0f, ig8 = whole ? 1.0f / l_s[g + 8] : 1.0f;
+        if (!whole && tid < nh) { part_ml[(base + tid) * 2] = m_s[tid]; part_ml[(base + tid) * 2 + 1] = l_s[tid]; }
+        #pragma unroll
+        for (int j = 0; j < NT; j++) {
+            int c = 8 * (warp * NT + j) + 2 * t;
+            if (c >= d_c) continue;
+            if (g < nh) *(float2 *)(dst + (base + g) * d_c + c) = make_float2(acc[j][0] * ig, acc[j][1] * ig);
+            if (g + 8 < nh) *(float2 *)(dst + (base + g + 8) * d_c + c) = make_float2(acc[j][2] * ig8, acc[j][3] * ig8);
+        }
+    };
+    auto next_segment = [&](int k) {  // before tile k: a new segment starts there -> cb, its queries
+        int tau = t_beg + k;
+        if (k == 0 || tau >= tile_start[cb + 1]) {
+            while (tile_start[cb + 1] <= tau) cb++;
+            segment_start();
+        }
+    };
+
+    if constexpr (!OVERLAP) {
+        for (int k = 0; k < n; k++) {
+            cp_async_wait<STAGES - 2>();  // tile k has landed (this thread's pieces) ...
+            __syncthreads();              // ... everyone's, and every warp is done with tile k - 1's buffer
+            refill(k);
+            next_segment(k);
+            scores(k);
+            __syncthreads();
+            softmax(k);
+            __syncthreads();
+            values(k);
+            write_out(k);
+        }
+    } else {
+        cp_async_wait<STAGES - 2>();  // tile 0
+        __syncthreads();
+        next_segment(0);
+        scores(0);
+        for (int k = 0; k < n; k++) {
+            __syncthreads();  // tile k's partial scores are in; every warp is done with tile k - 1 (its buffer, P, a)
+            refill(k);
+            softmax(k);
+            cp_async_wait<STAGES - 2>();  // tile k + 1 has landed (this thread's pieces) ...
+            __syncthreads();              // ... everyone's; P, a, m, l of tile k are in; s_part is free
+            values(k);
+            write_out(k);
+            if (k + 1 < n) {
+                next_segment(k + 1);
+                scores(k + 1);
             }
         }
     }
@@ -720,13 +765,14 @@ static int mha_splits(int B, int H, int max_len, int blocks_per_wave) {
 // ---------------- Host side: scratch, launches (gpu.stream, PDL; capturable in a CUDA graph)
 
 // Which latent kernel reads a bf16 cache: 6 (mla_decode_kernel, tf32) or 7 (mla_decode_kernel_v7, bf16
-// products); the environment variable DSV2_MLA_VERSION overrides it at attn_decode_init. A float32 cache
-// always takes version 6. `./dsv2cu --bench-attn` checks and times both.
+// products, the overlapped phases); the environment variable DSV2_MLA_VERSION = 6, 7 or 7s (version 7 with
+// the three phases in series) overrides it at attn_decode_init. A float32 cache always takes version 6.
+// `./dsv2cu --bench-attn` checks and times all three.
 #define MLA_DECODE_DEFAULT_VERSION 7
 
 static struct {
     int max_B, max_len, n_chunk, mha_wave, mha_parts_max;
-    int mla_version;          // 6 or 7: the kernel for a bf16 latent cache (MLA_DECODE_DEFAULT_VERSION)
+    int mla_version, v7_serial;  // the kernel for a bf16 latent cache: 6, 7 (v7_serial 0) or 7s (v7_serial 1)
     int *tile_start;          // (max_B + 1) the plan
     float *part_o, *part_ml;  // partials of both layouts: max of 2 N x H x d_c and the MHA splits'
 } dec;
@@ -744,16 +790,21 @@ static void attn_decode_init(const Config *c, int max_B, int max_len) {
     dec.max_B = max_B; dec.max_len = max_len;
     const char *version = getenv("DSV2_MLA_VERSION");
     dec.mla_version = MLA_DECODE_DEFAULT_VERSION;
+    dec.v7_serial = 0;
     if (version) {
-        if (strcmp(version, "6") && strcmp(version, "7")) die("dsv2cu: DSV2_MLA_VERSION=%s: expected 6 or 7", version);
-        dec.mla_version = atoi(version);
+        if (strcmp(version, "6") && strcmp(version, "7") && strcmp(version, "7s"))
+            die("dsv2cu: DSV2_MLA_VERSION=%s: expected 6, 7 or 7s", version);
+        dec.mla_version = version[0] - '0';
+        dec.v7_serial = version[1] == 's';
     }
     dec.n_chunk = gpu.n_sm;  // one chunk of the balanced MLA split per multiprocessor
     size_t smem[4] = {dec_smem_bytes<float, 2, DEC_WARPS>(gpu.W), dec_smem_bytes<bf16, 4, DEC_WARPS>(gpu.W), mha_smem_bytes<float>(qk, vdim),
                       mha_smem_bytes<bf16>(qk, vdim)};
     cudaCheck(cudaFuncSetAttribute(mla_decode_kernel<float, 2, DEC_WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem[0]));
     cudaCheck(cudaFuncSetAttribute(mla_decode_kernel<bf16, 4, DEC_WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem[1]));
-    cudaCheck(cudaFuncSetAttribute(mla_decode_kernel_v7<DEC7_STAGES, DEC7_WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    cudaCheck(cudaFuncSetAttribute(mla_decode_kernel_v7<DEC7_STAGES, DEC7_WARPS, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)dec7_smem_bytes<DEC7_STAGES, DEC7_WARPS>(gpu.W)));
+    cudaCheck(cudaFuncSetAttribute(mla_decode_kernel_v7<DEC7_STAGES, DEC7_WARPS, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    (int)dec7_smem_bytes<DEC7_STAGES, DEC7_WARPS>(gpu.W)));
     cudaCheck(cudaFuncSetAttribute(mha_decode_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem[2]));
     cudaCheck(cudaFuncSetAttribute(mha_decode_kernel<bf16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem[3]));
@@ -777,7 +828,7 @@ static void mla_decode_forward(float *o_lat, const float *q_lat, const void *poo
     launch(mla_decode_plan_kernel, 1, 1024, 0, dec.tile_start, lens, B);
     dim3 grid(ceil_div(H, MLA_HEADS), N);
     if (kv_bf16 && dec.mla_version == 7)
-        launch(mla_decode_kernel_v7<DEC7_STAGES, DEC7_WARPS>, grid, DEC7_WARPS * 32, dec7_smem_bytes<DEC7_STAGES, DEC7_WARPS>(W), o_lat,
+        launch(dec.v7_serial ? mla_decode_kernel_v7<DEC7_STAGES, DEC7_WARPS, false> : mla_decode_kernel_v7<DEC7_STAGES, DEC7_WARPS, true>, grid, DEC7_WARPS * 32, dec7_smem_bytes<DEC7_STAGES, DEC7_WARPS>(W), o_lat,
                dec.part_o, dec.part_ml, q_lat, (const bf16 *)pool_l, tables, max_blocks, seq_of, lens, (const int *)dec.tile_start,
                B, H, W, d_c, gpu.softmax_scale);
     else if (kv_bf16)

@@ -538,7 +538,7 @@ __global__ void mla_combine_kernel(float *o_lat, const float *part_o, const floa
 // Variants timed below: float32 cache (2 stages, what fits) and bf16 cache (2 and 4 stages), 8 and 16
 // warps per block (dsv2cu: 16 warps; 2 stages for float32, 4 for bf16).
 // Version 7 (bf16 cache): mla_decode_kernel_v7 from the same header, in the same plan and merge; variants
-// 4 stages x 16 warps (dsv2cu), 4 x 8 and 5 x 8.
+// 4 stages x 16 warps with the phases overlapped (dsv2cu) and in series (dsv2cu's 7s), 4 x 8 and 5 x 8 overlapped.
 #define MLA_DECODE_KERNELS_ONLY
 #include "../../dsv2_mla_decode.cuh"
 
@@ -738,9 +738,10 @@ static const PagedVariant g_paged[] = {{"6 paged, float32 cache, 2 stages, 8 war
                                        {"6 paged, bf16 cache, 4 stages, 8 warps", 1},
                                        {"6 paged, bf16 cache, 2 stages, 16 warps", 1},
                                        {"6 paged, bf16 cache, 4 stages, 16 warps (dsv2cu 6)", 1},
-                                       {"7 paged, bf16 cache, bf16 x 3 products, ldmatrix, 4 stages, 16 warps (dsv2cu 7)", 1},
-                                       {"7 paged, bf16 cache, bf16 x 3 products, ldmatrix, 4 stages, 8 warps", 1},
-                                       {"7 paged, bf16 cache, bf16 x 3 products, ldmatrix, 5 stages, 8 warps", 1}};
+                                       {"7 paged, bf16 cache, bf16 x 3 on ldmatrix, overlapped, 4 stages, 16 warps (dsv2cu 7)", 1},
+                                       {"7 paged, bf16 cache, bf16 x 3 on ldmatrix, serial phases, 4 stages, 16 warps (dsv2cu 7s)", 1},
+                                       {"7 paged, bf16 cache, bf16 x 3 on ldmatrix, overlapped, 4 stages, 8 warps", 1},
+                                       {"7 paged, bf16 cache, bf16 x 3 on ldmatrix, overlapped, 5 stages, 8 warps", 1}};
 
 typedef struct { float *part_o, *part_ml; int *tile_start; } PagedScratch;
 
@@ -763,18 +764,18 @@ static void run_v6(float *o, PagedScratch sc, const float *q, const T *pool, con
     launchCheck();
 }
 // version 7 (bf16 cache only): the same plan and merge around mla_decode_kernel_v7
-template <int STAGES, int WARPS>
+template <int STAGES, int WARPS, bool OVERLAP>
 static void run_v7(float *o, PagedScratch sc, const float *q, const bf16 *pool, const int *tables, int max_blocks,
                    const int *seq_of, const int *lens, int B, int H) {
     static bool attr_set = false;  // one per instantiation
     size_t smem = dec7_smem_bytes<STAGES, WARPS>(W_ROW);
     if (!attr_set) {
-        cudaCheck(cudaFuncSetAttribute(mla_decode_kernel_v7<STAGES, WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        cudaCheck(cudaFuncSetAttribute(mla_decode_kernel_v7<STAGES, WARPS, OVERLAP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         attr_set = true;
     }
     mla_decode_plan_kernel<<<1, 1024>>>(sc.tile_start, lens, B);
     launchCheck();
-    mla_decode_kernel_v7<STAGES, WARPS><<<dim3(ceil_div(H, MLA_HEADS), g_n_sm), WARPS * 32, smem>>>(
+    mla_decode_kernel_v7<STAGES, WARPS, OVERLAP><<<dim3(ceil_div(H, MLA_HEADS), g_n_sm), WARPS * 32, smem>>>(
         o, sc.part_o, sc.part_ml, q, pool, tables, max_blocks, seq_of, lens, sc.tile_start, B, H, W_ROW, D_C, g_scale);
     launchCheck();
     mla_decode_combine_kernel<<<dim3(H, g_n_sm), 256, (g_n_sm + 4) * sizeof(float)>>>(o, sc.part_o, sc.part_ml, sc.tile_start, B, H, D_C);
@@ -789,9 +790,10 @@ static void run_paged_variant(int i, float *o, PagedScratch sc, const float *q, 
     case 3: run_v6<bf16, 4, 8>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
     case 4: run_v6<bf16, 2, 16>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
     case 5: run_v6<bf16, 4, 16>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
-    case 6: run_v7<4, 16>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
-    case 7: run_v7<4, 8>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
-    default: run_v7<5, 8>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
+    case 6: run_v7<4, 16, true>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
+    case 7: run_v7<4, 16, false>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
+    case 8: run_v7<4, 8, true>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
+    default: run_v7<5, 8, true>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
     }
 }
 
