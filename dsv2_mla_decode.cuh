@@ -1,11 +1,13 @@
 // dsv2_mla_decode.cuh: the attention of a BATCH of queries over the PAGED cache of ./dsv2cu's batch
 // engine (issue 13), in the two cache layouts, with float32 or bf16 cache elements:
 //   mla_decode_forward  latent rows [c^KV ; k^R] (the absorbed form, eqs. 16-18 on the latent, as
-//                       mla_attention_kernel in dsv2_mla.cuh): plan + attention + merge
+//                       mla_attention_kernel in dsv2_mla.cuh): plan + attention + merge; the attention is
+//                       mla_decode_kernel (version 6: float32 cache, or bf16 read as tf32) or, for a bf16
+//                       cache, mla_decode_kernel_v7 (version 7: bf16 products, DSV2_MLA_VERSION selects)
 //   mha_decode_forward  expanded rows [k_0..k_{H-1} | v_0..v_{H-1}] (--kv-layout mha: dsv2.c's
 //                       mla_attend_naive, but cached), the counterfactual of the throughput comparison
 // Included by dsv2.cu after dsv2_mla.cuh (it uses that file's MLA_* tile constants, mla_stride,
-// mla_chunk and mla_combine_kernel). dev/cuda/mla_attention.cu includes the kernels as its version 6
+// mla_chunk and mla_combine_kernel). dev/cuda/mla_attention.cu includes the kernels as its versions 6 and 7
 // (with MLA_DECODE_KERNELS_ONLY defined: no host functions, which need dsv2.cu's gpu state).
 //
 // The paged cache (the batch engine owns it): a layer's pool is (n_blocks, KV_BLOCK, row) elements
@@ -410,7 +412,11 @@ mla_decode_kernel_v7(float *o_lat, float *part_o, float *part_ml, const float *q
         }
         cp_async_commit();  // one group per tile, empty ones too: cp_async_wait counts groups
     }
-    const int ks0 = n_ks * warp / WARPS, ks1 = n_ks * (warp + 1) / WARPS;  // this warp's k-steps of the scores
+    // this warp's k-steps of the scores: warp w takes the share of slot (w % 4) (WARPS / 4) + w / 4, so that the
+    // larger shares (36 k-steps over 16 warps: 4 warps take 3, 12 take 2) go to warps of different schedulers
+    // (warp w issues on scheduler w % 4), and each scheduler's four warps do 9 k-steps of products
+    const int slot = (warp % 4) * (WARPS / 4) + warp / 4;
+    const int ks0 = n_ks * slot / WARPS, ks1 = n_ks * (slot + 1) / WARPS;
     uint32_t qa[KC][3][4];  // its queries' three parts there, A fragments
     float acc[NT][4];
     // this lane's ldmatrix row addresses (element offsets in a tile): the scores' x4 (rows r, columns k0 + c)
