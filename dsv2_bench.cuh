@@ -462,37 +462,70 @@ static double attn_case(const Config *c, int mha, int kv_bf16, const std::vector
 
 // mla_decode_forward and mha_decode_forward on this config's heads: checks on mixed lengths (each layout,
 // each element type, and a prefill's queries on one slot), then timings at 64 sequences x ctx (and mixed
-// lengths averaging ctx); the MHA layout also at the largest batch whose cache fits 40 GB over all layers.
+// lengths averaging ctx, and a prefill's last 2048 queries of one ctx-long sequence); the MHA layout also
+// at the largest batch whose cache fits 40 GB over all layers. A bf16 latent cache runs every kernel version
+// (6, 7 and 7s: DSV2_MLA_VERSION's values, dsv2_mla_decode.cuh) on the same cases; the default is restored
+// after. For the prefill's queries GB/s counts the sequence's rows once (each query reads them, from L2).
+// TFLOP/s counts the attention's own products, 2 H (W + d_c) per row and query; mma_TFLOP/s what the
+// tensor cores execute for them (version 6: two tf32 products each, version 7: three bf16 products).
 static void bench_attn_decode(const Config *c, int ctx, double copy_gbs, uint64_t *rng) {
-    int H = c->n_heads, qk = c->qk_nope_head_dim + c->qk_rope_head_dim;
-    attn_decode_init(c, 300, 2 * ctx);
+    int H = c->n_heads, qk = c->qk_nope_head_dim + c->qk_rope_head_dim, W = gpu.W, d_c = c->kv_lora_rank;
+    int n_pf = std::min(ctx, 2048);  // a prefill chunk: PF_MAX queries
+    attn_decode_init(c, std::max(300, n_pf), 2 * ctx);
+    const int default_version = dec.mla_version, default_serial = dec.v7_serial;
+    auto set_version = [](int vc) { dec.mla_version = vc == 6 ? 6 : 7; dec.v7_serial = vc == 70; };
+    auto vname = [](int vc) { return vc == 6 ? "6" : vc == 7 ? "7" : "7s"; };
     const char *layout[2] = {"latent", "mha"}, *kv[2] = {"f32", "bf16"};
     std::vector<int> mixed = {1, 31, 33, 64, 65, 1000, 4099}, all = {0, 1, 2, 3, 4, 5, 6}, pf(300);
     for (int b = 0; b < 300; b++) pf[b] = b + 1;
     double ms, bytes;
+    int v7_failed[2] = {0, 0};  // checks failed by versions 7 and 7s
     for (int mha = 0; mha <= 1; mha++)
-        for (int bf = 0; bf <= 1; bf++) {
-            // float32 accuracy: 1e-5 is well above float32 rounding, far below a single tf32 product's ~1e-3
-            double e = attn_case(c, mha, bf, mixed, 0, all, 0, &ms, &bytes, rng);
-            printf("BENCH check_attn_vs_float64 layout %s kv %s heads %d queries 7 lengths 1..4099 max_rel_err %.3e %s\n",
-                   layout[mha], kv[bf], H, e, e < 1e-5 ? "OK" : "NOT OK");
-            e = attn_case(c, mha, bf, pf, 1, {0, 1, 150, 299}, 0, &ms, &bytes, rng);
-            printf("BENCH check_attn_vs_float64 layout %s kv %s heads %d prefill queries 300 on one slot max_rel_err %.3e %s\n",
-                   layout[mha], kv[bf], H, e, e < 1e-5 ? "OK" : "NOT OK");
-            fflush(stdout);
-        }
-    std::vector<int> rnd(64);
+        for (int bf = 0; bf <= 1; bf++)
+            for (int version : {6, 7, 70}) {  // 70: 7s
+                if (version != 6 && (mha || !bf)) continue;  // version 7: the bf16 latent cache only
+                set_version(version);
+                // float32 accuracy: 1e-5 is well above float32 rounding, far below a single tf32 product's ~1e-3
+                double e = attn_case(c, mha, bf, mixed, 0, all, 0, &ms, &bytes, rng);
+                printf("BENCH check_attn_vs_float64 layout %s kv %s version %s heads %d queries 7 lengths 1..4099 max_rel_err %.3e %s\n",
+                       layout[mha], kv[bf], vname(version), H, e, e < 1e-5 ? "OK" : "NOT OK");
+                v7_failed[version == 70] += version != 6 && !(e < 1e-5);
+                e = attn_case(c, mha, bf, pf, 1, {0, 1, 150, 299}, 0, &ms, &bytes, rng);
+                printf("BENCH check_attn_vs_float64 layout %s kv %s version %s heads %d prefill queries 300 on one slot max_rel_err %.3e %s\n",
+                       layout[mha], kv[bf], vname(version), H, e, e < 1e-5 ? "OK" : "NOT OK");
+                v7_failed[version == 70] += version != 6 && !(e < 1e-5);
+                fflush(stdout);
+            }
+    std::vector<int> rnd(64), prefill(n_pf);
     for (auto &x : rnd) x = 1 + (int)(random_u32(rng) % (2 * ctx - 1));
-    for (int bf = 1; bf >= 0; bf--) {
-        for (int mixed_lens = 0; mixed_lens <= 1; mixed_lens++) {
-            const std::vector<int> &lens = mixed_lens ? rnd : std::vector<int>(64, ctx);
-            double e = attn_case(c, 0, bf, lens, 0, {0, 63}, 20, &ms, &bytes, rng);
-            double gbs = bytes / (ms * 1e-3) / 1e9;
-            printf("BENCH attn layout latent kv %s heads %d batch 64 ctx %s%d ms %.3f GBps %.1f ratio_to_copy %.3f max_rel_err %.2e %s\n",
-                   kv[bf], H, mixed_lens ? "mixed_mean_" : "", ctx, ms, gbs, gbs / copy_gbs, e, e < 1e-5 ? "OK" : "NOT OK");
-            fflush(stdout);
+    for (int b = 0; b < n_pf; b++) prefill[b] = ctx - n_pf + b + 1;
+    for (int bf = 1; bf >= 0; bf--)
+        for (int version : {7, 70, 6}) {
+            if (version != 6 && !bf) continue;
+            set_version(version);
+            for (int which = 0; which < 3; which++) {  // 64 x ctx, 64 mixed, the prefill's queries on one slot
+                const std::vector<int> &lens = which == 0 ? std::vector<int>(64, ctx) : which == 1 ? rnd : prefill;
+                int B = (int)lens.size();
+                double e = attn_case(c, 0, bf, lens, which == 2, {0, B - 1}, which == 2 ? 5 : 20, &ms, &bytes, rng);
+                double gbs = bytes / (ms * 1e-3) / 1e9, rows = 0;
+                for (int l : lens) rows += l;
+                double tflops = 2.0 * H * (W + d_c) * rows / (ms * 1e-3) / 1e12, mma = tflops * (bf && version != 6 ? 3 : bf ? 2 : 3);
+                char what[64];
+                if (which == 2) snprintf(what, sizeof what, "prefill %d queries on one slot ctx %d", B, ctx);
+                else snprintf(what, sizeof what, "batch 64 ctx %s%d", which ? "mixed_mean_" : "", ctx);
+                printf("BENCH attn layout latent kv %s version %s heads %d %s ms %.3f GBps %.1f ratio_to_copy %.3f TFLOPs %.1f "
+                       "mma_TFLOPs %.1f max_rel_err %.2e %s\n", kv[bf], vname(version), H, what, ms, gbs, gbs / copy_gbs, tflops, mma, e,
+                       e < 1e-5 ? "OK" : "NOT OK");
+                v7_failed[version == 70] += version != 6 && !(e < 1e-5);
+                fflush(stdout);
+            }
         }
-    }
+    dec.mla_version = default_version;
+    dec.v7_serial = default_serial;
+    for (int i = 0; i < 2; i++)
+        if (v7_failed[i])
+            printf("BENCH VERSION %s FAILED %d checks at %d heads: do not use it (DSV2_MLA_VERSION=6, or MLA_DECODE_DEFAULT_VERSION 6 "
+                   "in dsv2_mla_decode.cuh)\n", i ? "7s" : "7", v7_failed[i], H);
     for (int bf = 1; bf >= 0; bf--) {
         // the largest batch whose MHA cache (all layers, context ctx) fits 40 GB, and 64 (capped at 300)
         double per_seq = (double)c->n_layers * ctx * H * (qk + c->v_head_dim) * (bf ? 2 : 4);
@@ -510,8 +543,8 @@ static void bench_attn_decode(const Config *c, int ctx, double copy_gbs, uint64_
 
 // ./dsv2cu --bench-attn [CTX]: bench_attn_decode without a model file, on DeepSeek-V2-Lite's attention
 // (16 heads, 27 layers) and DeepSeek-V2's (128 heads, 60 layers): d_c 512, d_h^R 64, nope 128, v 128,
-// DeepSeek-V2's softmax scale (YaRN mscale^2 / sqrt(192), mscale = 0.1 ln 40 + 1); then the test fixture
-// lite's odd shapes (4 heads, d_c 32, d_h^R 8, nope 16, v 12), which take the kernels' padded paths
+// DeepSeek-V2's softmax scale (YaRN mscale^2 / sqrt(192), mscale = 0.1 ln 40 + 1); first the test fixture
+// lite's odd shapes (4 heads, d_c 32, d_h^R 8, nope 16, v 12), which take the kernels' padded paths (quick)
 static int bench_attn_main(int argc, char **argv) {
     int ctx = argc >= 1 ? atoi(argv[0]) : 8192;
     if (ctx < 64 || ctx > 65536) die("--bench-attn: context %s out of range (64..65536)", argc >= 1 ? argv[0] : "");
@@ -525,7 +558,7 @@ static int bench_attn_main(int argc, char **argv) {
     gpu.softmax_scale = (float)(mscale * mscale / sqrt(192.0));
     double copy_gbs = bench_copy_bandwidth();
     uint64_t rng = 4242;
-    for (int heads : {16, 128, 4}) {
+    for (int heads : {4, 16, 128}) {
         Config c;
         memset(&c, 0, sizeof c);
         c.n_heads = heads; c.n_layers = heads == 16 ? 27 : 60;

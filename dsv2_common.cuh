@@ -187,3 +187,25 @@ __device__ __forceinline__ void mma_3xtf32(float *big, float *small, const uint3
     mma_tf32(small, ah, bl);
     mma_tf32(big, ah, bh);
 }
+// One tensor-core product, d (16x8) += a (16x16) b (16x8), bf16 in, float32 accumulate (mma.sync
+// m16n8k16). Fragments as for m16n8k8 (mma_tf32 above) with k doubled: lane (g, t) holds
+//   a = A[g][2t..2t+1], A[g+8][2t..2t+1], A[g][2t+8..2t+9], A[g+8][2t+8..2t+9]   (two bf16 per register)
+//   b = B[2t..2t+1][g], B[2t+8..2t+9][g];  d = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]
+__device__ __forceinline__ void mma_bf16(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// ldmatrix (sm_75+): a warp loads 8x8 matrices of 16-bit elements from shared memory straight into mma
+// fragments. Each matrix is 8 rows of 16 bytes; lanes 8i..8i+7 give the row addresses of matrix i (x4: four
+// matrices, r[i] from matrix i). Lane (g, t) receives M[g][2t..2t+1] (two bf16 in one register, the lower
+// column in the low half), or with .trans M[2t][g], M[2t+1][g]: the fragment of B = M when M is stored
+// row-major with k along its rows (mma_bf16's b).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t *r, const void *row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"((uint32_t)__cvta_generic_to_shared(row)) : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t *r, const void *row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"((uint32_t)__cvta_generic_to_shared(row)) : "memory");
+}

@@ -1,11 +1,13 @@
 // dsv2_mla_decode.cuh: the attention of a BATCH of queries over the PAGED cache of ./dsv2cu's batch
 // engine (issue 13), in the two cache layouts, with float32 or bf16 cache elements:
 //   mla_decode_forward  latent rows [c^KV ; k^R] (the absorbed form, eqs. 16-18 on the latent, as
-//                       mla_attention_kernel in dsv2_mla.cuh): plan + attention + merge
+//                       mla_attention_kernel in dsv2_mla.cuh): plan + attention + merge; the attention is
+//                       mla_decode_kernel (version 6: float32 cache, or bf16 read as tf32) or, for a bf16
+//                       cache, mla_decode_kernel_v7 (version 7: bf16 products, DSV2_MLA_VERSION selects)
 //   mha_decode_forward  expanded rows [k_0..k_{H-1} | v_0..v_{H-1}] (--kv-layout mha: dsv2.c's
 //                       mla_attend_naive, but cached), the counterfactual of the throughput comparison
 // Included by dsv2.cu after dsv2_mla.cuh (it uses that file's MLA_* tile constants, mla_stride,
-// mla_chunk and mla_combine_kernel). dev/cuda/mla_attention.cu includes the kernels as its version 6
+// mla_chunk and mla_combine_kernel). dev/cuda/mla_attention.cu includes the kernels as its versions 6 and 7
 // (with MLA_DECODE_KERNELS_ONLY defined: no host functions, which need dsv2.cu's gpu state).
 //
 // The paged cache (the batch engine owns it): a layer's pool is (n_blocks, KV_BLOCK, row) elements
@@ -324,6 +326,275 @@ mla_decode_kernel(float *o_lat, float *part_o, float *part_ml, const float *q_la
     }
 }
 
+// ---------------- Version 7 of the latent attention, bf16 cache: bf16 products, operands by ldmatrix
+//
+// mla_decode_kernel reads a bf16 cache as tf32 (each element shifted or masked into a 32-bit word by the
+// CUDA cores, then m16n8k8 products). Here the cache tile is the bf16 operand itself: m16n8k16 products
+// whose cache fragments come from shared memory by ldmatrix (one instruction: a 16 x 16 piece for two
+// n-tiles), with nothing converted. Float32 accuracy then needs the other operand split in three bf16
+// parts (dsv2_prefill.cuh's split3: 8 + 8 + 8 mantissa bits, all of a float32's), so each product is three:
+//   scores  q . c = q1 . c + q2 . c + q3 . c       q's parts made once per segment, kept in registers
+//   values  p . c = p1 . c + p2 . c + p3 . c       P's parts written by the softmax, read by ldmatrix
+// Every bf16 x bf16 product is exact in the float32 accumulators. The plan, the pipeline, the three
+// phases per 32-row tile and the outputs are mla_decode_kernel's (read its comment); what differs:
+// - scores: warp w takes 16-column k-steps ks0..ks1 of the W columns (its queries' parts: 12 registers a
+//   step); per step two ldmatrix.x4 give the B fragments of the 4 n-tiles (tile rows 0..15, 16..31), each
+//   x4 the four 8 x 8 matrices (rows +0..7, columns +0..7), (+0..7, +8..15), (+8..15, +0..7), (+8..15, +8..15).
+// - values: warp w takes the 8-column n-tiles w NT .. w NT + NT - 1 of the latent; B = tile rows (k) x
+//   latent columns (n), row-major, so ldmatrix.x4.trans gives B fragments for two n-tiles and a 16-row
+//   k-step: matrices (rows +0..7, columns +0..7), (+8..15, +0..7), (+0..7, +8..15), (+8..15, +8..15).
+//   P (16 heads x 32 rows, three parts) is row-major too: ldmatrix.x4 (not trans) gives A's fragment.
+// - shared rows are padded to a stride of 16 (mod 128) bytes (dec7_stride): the 8 row addresses of one
+//   ldmatrix matrix then hit 8 different 16-byte bank groups (no conflicts).
+// float32 cache: version 6 (mla_decode_kernel) stays; there the cache itself would need splitting.
+#define DEC7_WARPS 16  // warps per block of mla_decode_kernel_v7 in dsv2cu
+#define DEC7_STAGES 4  // tiles in the cp.async pipeline (4 x 37 KB at W = 576)
+#define DEC7_PS 40     // row stride of the P parts in bf16: 80 bytes = 16 (mod 128)
+
+// row stride of version 7's shared cache tiles in bf16 elements: W zero-padded to whole 32-byte pieces (the
+// last k-step of 16 columns), then to 16 (mod 128) bytes
+__host__ __device__ __forceinline__ int dec7_stride(int W) {
+    int bytes = ceil_div(2 * W, 32) * 32;
+    return (bytes + (16 - bytes % 128 + 128) % 128) / 2;
+}
+// shared memory of mla_decode_kernel_v7: STAGES cache tiles, the per-warp partial scores, P's three parts, m, l, a
+template <int STAGES, int WARPS> static size_t dec7_smem_bytes(int W) {
+    return (size_t)STAGES * MLA_TILE * dec7_stride(W) * 2 + (size_t)WARPS * MLA_HEADS * MLA_SP * 4 + 3 * MLA_HEADS * DEC7_PS * 2 +
+           3 * MLA_HEADS * 4;
+}
+// two floats (columns k, k + 1) -> three bf16x2 words x = p[0] + p[1] + p[2] (exactly), column k in the low half
+__device__ __forceinline__ void split3_bf16x2(float x0, float x1, uint32_t *p) {
+    #pragma unroll
+    for (int i = 0; i < 3; i++) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);  // .x (x0) in the low half
+        p[i] = *(uint32_t *)&h;
+        x0 -= __low2float(h);
+        x1 -= __high2float(h);
+    }
+}
+
+// In, out, grid and the plan: as mla_decode_kernel<bf16, ...>. One block of WARPS warps (8 or 16).
+// OVERLAP (dsv2cu's choice): two barriers per tile instead of three. mla_decode_kernel's order per tile k
+// is [barrier] scores(k) [barrier] softmax(k) [barrier] values(k); here it is
+//   [barrier] softmax(k) [barrier] values(k), scores(k + 1)
+// so each warp has the values of one tile and the scores of the next between two barriers (independent
+// tensor-core products, one wait fewer). That needs STAGES >= 3 (tiles k and k + 1 are read while the
+// buffer of tile k - 1 is refilled), and m, l are never reset by a segment's start (another warp may still
+// be writing out the segment before): a segment's first softmax starts from m = -inf, l = 0 itself.
+template <int STAGES, int WARPS, bool OVERLAP>
+__global__ void __launch_bounds__(WARPS * 32, 1)
+mla_decode_kernel_v7(float *o_lat, float *part_o, float *part_ml, const float *q_lat, const bf16 *pool, const int *tables,
+                     int max_blocks, const int *seq_of, const int *lens, const int *tile_start, int B, int H, int W,
+                     int d_c, float scale) {
+    pdl_launch_next();
+    pdl_wait();
+    constexpr int KC = (576 / 16 + WARPS - 1) / WARPS;  // 16-column k-steps of the scores per warp, W <= 576
+    constexpr int NT = 512 / 8 / WARPS;                 // 8-column n-tiles of the values per warp, d_c <= 512
+    constexpr int HPW = MLA_HEADS / WARPS;              // heads per warp in the softmax
+    static_assert(NT % 2 == 0 && HPW >= 1, "WARPS: 8 or 16");
+    static_assert(STAGES >= (OVERLAP ? 3 : 2), "too few stages");
+    const int S = dec7_stride(W), n_ks = ceil_div(W, 16);
+    int N = gridDim.y, ci = blockIdx.y, h0 = blockIdx.x * MLA_HEADS, tid = threadIdx.x;
+    int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3, nh = min(MLA_HEADS, H - h0);
+    int n_all = tile_start[B], t_beg = dec_chunk_start(ci, n_all, N), t_end = dec_chunk_start(ci + 1, n_all, N);
+    int n = t_end - t_beg;
+    if (n <= 0) return;  // more chunks than tiles: this one is empty
+    extern __shared__ float4 dec_smem[];
+    bf16 *tiles = (bf16 *)dec_smem;                                      // STAGES x (MLA_TILE, S) cache rows
+    float *s_part = (float *)(tiles + STAGES * MLA_TILE * S);            // (WARPS, 16, MLA_SP) partial scores
+    bf16 *p_s = (bf16 *)(s_part + WARPS * MLA_HEADS * MLA_SP);           // (3, 16, DEC7_PS) P's parts
+    float *m_s = (float *)(p_s + 3 * MLA_HEADS * DEC7_PS), *l_s = m_s + MLA_HEADS, *a_s = l_s + MLA_HEADS;  // max, sum, rescale
+    int lb = dec_seq_of(tile_start, B, t_beg), cb = lb;  // the loader's and the consumer's sequences
+    for (int k = 0; k < STAGES - 1; k++) {
+        if (k < n) {
+            while (tile_start[lb + 1] <= t_beg + k) lb++;
+            dec_load_tile(tiles + k * MLA_TILE * S, pool, tables, max_blocks, seq_of[lb], t_beg + k - tile_start[lb], lens[lb], W, S);
+        }
+        cp_async_commit();  // one group per tile, empty ones too: cp_async_wait counts groups
+    }
+    // this warp's k-steps of the scores: warp w takes the share of slot (w % 4) (WARPS / 4) + w / 4, so that the
+    // larger shares (36 k-steps over 16 warps: 4 warps take 3, 12 take 2) go to warps of different schedulers
+    // (warp w issues on scheduler w % 4), and each scheduler's four warps do 9 k-steps of products
+    const int slot = (warp % 4) * (WARPS / 4) + warp / 4;
+    const int ks0 = n_ks * slot / WARPS, ks1 = n_ks * (slot + 1) / WARPS;
+    uint32_t qa[KC][3][4];  // its queries' three parts there, A fragments
+    float acc[NT][4];
+    // this lane's ldmatrix row addresses (element offsets in a tile): the scores' x4 (rows r, columns k0 + c)
+    // and the values' x4.trans (rows kr + r, columns c0 + c)
+    const int sc_off = ((lane & 7) + ((lane >> 4) << 3)) * S + ((lane >> 3) & 1) * 8;
+    const int v_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * S + (lane >> 4) * 8;
+    const int p_off = (lane & 15) * DEC7_PS + (lane >> 4) * 8;  // P's x4: rows (heads) lane % 16, columns + 8 (lane / 16)
+
+    auto refill = [&](int k) {  // tile k + STAGES - 1 into the buffer of tile k - 1, and a group for it
+        if (k + STAGES - 1 < n) {
+            int tn = t_beg + k + STAGES - 1;
+            while (tile_start[lb + 1] <= tn) lb++;
+            dec_load_tile(tiles + ((k + STAGES - 1) % STAGES) * MLA_TILE * S, pool, tables, max_blocks, seq_of[lb],
+                          tn - tile_start[lb], lens[lb], W, S);
+        }
+        cp_async_commit();
+    };
+    auto segment_start = [&]() {  // sequence cb's queries split in three, fresh o
+        const float *qb = q_lat + ((size_t)cb * H + h0) * W;
+        #pragma unroll
+        for (int i = 0; i < KC; i++)
+            #pragma unroll
+            for (int half = 0; half < 2; half++) {  // a[0], a[1]: columns 2t, 2t + 1; a[2], a[3]: + 8
+                int col = 16 * (ks0 + i) + 8 * half + 2 * t;
+                bool ok = ks0 + i < ks1 && col < W;  // zeros past W: the tile's padding is zeros too
+                float2 x = ok && g < nh ? *(const float2 *)(qb + (size_t)g * W + col) : make_float2(0.0f, 0.0f);
+                float2 y = ok && g + 8 < nh ? *(const float2 *)(qb + (size_t)(g + 8) * W + col) : make_float2(0.0f, 0.0f);
+                uint32_t px[3], py[3];
+                split3_bf16x2(x.x, x.y, px);
+                split3_bf16x2(y.x, y.y, py);
+                #pragma unroll
+                for (int p = 0; p < 3; p++) { qa[i][p][2 * half] = px[p]; qa[i][p][2 * half + 1] = py[p]; }
+            }
+        #pragma unroll
+        for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    };
+    auto scores = [&](int k) {  // 1. partial scores of tile k over this warp's k-steps -> s_part
+        const bf16 *tile = tiles + (k % STAGES) * MLA_TILE * S;
+        float sc[4][4];  // rows 8 nn + .. of the tile
+        #pragma unroll
+        for (int nn = 0; nn < 4; nn++) sc[nn][0] = sc[nn][1] = sc[nn][2] = sc[nn][3] = 0.0f;
+        #pragma unroll
+        for (int i = 0; i < KC; i++) {
+            if (ks0 + i >= ks1) break;
+            #pragma unroll
+            for (int rh = 0; rh < 2; rh++) {  // tile rows 16 rh .. 16 rh + 15: n-tiles 2 rh and 2 rh + 1
+                uint32_t b[4];
+                ldmatrix_x4(b, tile + 16 * rh * S + 16 * (ks0 + i) + sc_off);
+                #pragma unroll
+                for (int p = 2; p >= 0; p--) {  // the small parts first
+                    mma_bf16(sc[2 * rh], qa[i][p][0], qa[i][p][1], qa[i][p][2], qa[i][p][3], b[0], b[1]);
+                    mma_bf16(sc[2 * rh + 1], qa[i][p][0], qa[i][p][1], qa[i][p][2], qa[i][p][3], b[2], b[3]);
+                }
+            }
+        }
+        float *sp = s_part + warp * MLA_HEADS * MLA_SP;  // d: heads g, g+8; rows 8nn + 2t, 8nn + 2t + 1
+        #pragma unroll
+        for (int nn = 0; nn < 4; nn++) {
+            *(float2 *)(sp + g * MLA_SP + 8 * nn + 2 * t) = make_float2(sc[nn][0], sc[nn][1]);
+            *(float2 *)(sp + (g + 8) * MLA_SP + 8 * nn + 2 * t) = make_float2(sc[nn][2], sc[nn][3]);
+        }
+    };
+    auto softmax = [&](int k) {  // 2. online softmax of tile k: warp w takes heads HPW w .., lane = row; P in three parts
+        int tau = t_beg + k, r0 = (tau - tile_start[cb]) * MLA_TILE, len = lens[cb];  // the tile's first row in cb
+        bool first = k == 0 || tau == tile_start[cb];  // a segment's first tile: no m, l before it
+        #pragma unroll
+        for (int kk = 0; kk < HPW; kk++) {
+            int h = HPW * warp + kk;
+            bool ok = r0 + lane < len;
+            float s = 0.0f;
+            #pragma unroll
+            for (int w = 0; w < WARPS; w++) s += s_part[(w * MLA_HEADS + h) * MLA_SP + lane];
+            s = ok ? s * scale : -INFINITY;
+            float m_old = first ? -INFINITY : m_s[h], m_new = fmaxf(m_old, warp_max(s));  // finite: row r0 < len
+            float p = ok ? expf(s - m_new) : 0.0f;
+            float sum = warp_sum(p);
+            #pragma unroll
+            for (int i = 0; i < 3; i++) {  // p = p1 + p2 + p3 (split3)
+                bf16 part = __float2bfloat16_rn(p);
+                p_s[(i * MLA_HEADS + h) * DEC7_PS + lane] = part;
+                p -= __bfloat162float(part);
+            }
+            __syncwarp();  // every lane has read m_s[h] before lane 0 overwrites it
+            if (lane == 0) {
+                float a = expf(m_old - m_new);  // 0 on a segment's first tile (m_old = -inf)
+                a_s[h] = a; l_s[h] = (first ? 0.0f : l_s[h]) * a + sum; m_s[h] = m_new;
+            }
+        }
+    };
+    auto values = [&](int k) {  // 3. o_latent (16 x d_c) = a o_latent + P (16 x 32) . tile (32 x d_c), n-tiles warp NT + j
+        const bf16 *tile = tiles + (k % STAGES) * MLA_TILE * S;
+        float pv[NT][4];  // this tile's P . V (fresh accumulators: see mla_decode_kernel)
+        #pragma unroll
+        for (int j = 0; j < NT; j++) pv[j][0] = pv[j][1] = pv[j][2] = pv[j][3] = 0.0f;
+        #pragma unroll
+        for (int kr = 0; kr < MLA_TILE; kr += 16) {
+            uint32_t pa[3][4];
+            #pragma unroll
+            for (int p = 0; p < 3; p++) ldmatrix_x4(pa[p], p_s + p * MLA_HEADS * DEC7_PS + kr + p_off);
+            #pragma unroll
+            for (int j = 0; j < NT; j += 2) {
+                int c0 = 8 * (warp * NT + j);
+                if (c0 < d_c) {
+                    uint32_t b[4];
+                    ldmatrix_x4_trans(b, tile + kr * S + c0 + v_off);
+                    #pragma unroll
+                    for (int p = 2; p >= 0; p--) {
+                        mma_bf16(pv[j], pa[p][0], pa[p][1], pa[p][2], pa[p][3], b[0], b[1]);
+                        mma_bf16(pv[j + 1], pa[p][0], pa[p][1], pa[p][2], pa[p][3], b[2], b[3]);
+                    }
+                }
+            }
+        }
+        float sa = a_s[g], sb = a_s[g + 8];
+        #pragma unroll
+        for (int j = 0; j < NT; j++) {
+            acc[j][0] = acc[j][0] * sa + pv[j][0]; acc[j][1] = acc[j][1] * sa + pv[j][1];
+            acc[j][2] = acc[j][2] * sb + pv[j][2]; acc[j][3] = acc[j][3] * sb + pv[j][3];
+        }
+    };
+    auto write_out = [&](int k) {  // after tile k: at a segment's last tile, o / l (or the partial) out
+        int tau = t_beg + k;
+        if (k != n - 1 && tau + 1 != tile_start[cb + 1]) return;
+        bool whole = tile_start[cb] >= t_beg && tile_start[cb + 1] <= t_end;
+        float *dst = whole ? o_lat : part_o;
+        size_t base = whole ? (size_t)cb * H + h0 : (size_t)(2 * ci + (tile_start[cb] < t_beg ? 0 : 1)) * H + h0;
+        float ig = whole ? 1.0f / l_s[g] : 1.0f, ig8 = whole ? 1.0f / l_s[g + 8] : 1.0f;
+        if (!whole && tid < nh) { part_ml[(base + tid) * 2] = m_s[tid]; part_ml[(base + tid) * 2 + 1] = l_s[tid]; }
+        #pragma unroll
+        for (int j = 0; j < NT; j++) {
+            int c = 8 * (warp * NT + j) + 2 * t;
+            if (c >= d_c) continue;
+            if (g < nh) *(float2 *)(dst + (base + g) * d_c + c) = make_float2(acc[j][0] * ig, acc[j][1] * ig);
+            if (g + 8 < nh) *(float2 *)(dst + (base + g + 8) * d_c + c) = make_float2(acc[j][2] * ig8, acc[j][3] * ig8);
+        }
+    };
+    auto next_segment = [&](int k) {  // before tile k: a new segment starts there -> cb, its queries
+        int tau = t_beg + k;
+        if (k == 0 || tau >= tile_start[cb + 1]) {
+            while (tile_start[cb + 1] <= tau) cb++;
+            segment_start();
+        }
+    };
+
+    if constexpr (!OVERLAP) {
+        for (int k = 0; k < n; k++) {
+            cp_async_wait<STAGES - 2>();  // tile k has landed (this thread's pieces) ...
+            __syncthreads();              // ... everyone's, and every warp is done with tile k - 1's buffer
+            refill(k);
+            next_segment(k);
+            scores(k);
+            __syncthreads();
+            softmax(k);
+            __syncthreads();
+            values(k);
+            write_out(k);
+        }
+    } else {
+        cp_async_wait<STAGES - 2>();  // tile 0
+        __syncthreads();
+        next_segment(0);
+        scores(0);
+        for (int k = 0; k < n; k++) {
+            __syncthreads();  // tile k's partial scores are in; every warp is done with tile k - 1 (its buffer, P, a)
+            refill(k);
+            softmax(k);
+            cp_async_wait<STAGES - 2>();  // tile k + 1 has landed (this thread's pieces) ...
+            __syncthreads();              // ... everyone's; P, a, m, l of tile k are in; s_part is free
+            values(k);
+            write_out(k);
+            if (k + 1 < n) {
+                next_segment(k + 1);
+                scores(k + 1);
+            }
+        }
+    }
+}
+
 // The log-sum-exp merge (dsv2_mla.cuh, above mla_chunk) of the sequences cut by chunk boundaries.
 // Block (h, i) merges the cut sequence b that begins in chunk i (its slot 1 there) and goes on in
 // chunks i+1 .. last (slot 0 in each; empty chunks in between are skipped):
@@ -499,8 +770,15 @@ static int mha_splits(int B, int H, int max_len, int blocks_per_wave) {
 #ifndef MLA_DECODE_KERNELS_ONLY
 // ---------------- Host side: scratch, launches (gpu.stream, PDL; capturable in a CUDA graph)
 
+// Which latent kernel reads a bf16 cache: 6 (mla_decode_kernel, tf32) or 7 (mla_decode_kernel_v7, bf16
+// products, the overlapped phases); the environment variable DSV2_MLA_VERSION = 6, 7 or 7s (version 7 with
+// the three phases in series) overrides it at attn_decode_init. A float32 cache always takes version 6.
+// `./dsv2cu --bench-attn` checks and times all three.
+#define MLA_DECODE_DEFAULT_VERSION 7
+
 static struct {
     int max_B, max_len, n_chunk, mha_wave, mha_parts_max;
+    int mla_version, v7_serial;  // the kernel for a bf16 latent cache: 6, 7 (v7_serial 0) or 7s (v7_serial 1)
     int *tile_start;          // (max_B + 1) the plan
     float *part_o, *part_ml;  // partials of both layouts: max of 2 N x H x d_c and the MHA splits'
 } dec;
@@ -516,11 +794,24 @@ static void attn_decode_init(const Config *c, int max_B, int max_len) {
         cudaCheck(cudaFree(dec.tile_start)); cudaCheck(cudaFree(dec.part_o)); cudaCheck(cudaFree(dec.part_ml));
     }
     dec.max_B = max_B; dec.max_len = max_len;
+    const char *version = getenv("DSV2_MLA_VERSION");
+    dec.mla_version = MLA_DECODE_DEFAULT_VERSION;
+    dec.v7_serial = 0;
+    if (version) {
+        if (strcmp(version, "6") && strcmp(version, "7") && strcmp(version, "7s"))
+            die("dsv2cu: DSV2_MLA_VERSION=%s: expected 6, 7 or 7s", version);
+        dec.mla_version = version[0] - '0';
+        dec.v7_serial = version[1] == 's';
+    }
     dec.n_chunk = gpu.n_sm;  // one chunk of the balanced MLA split per multiprocessor
     size_t smem[4] = {dec_smem_bytes<float, 2, DEC_WARPS>(gpu.W), dec_smem_bytes<bf16, 4, DEC_WARPS>(gpu.W), mha_smem_bytes<float>(qk, vdim),
                       mha_smem_bytes<bf16>(qk, vdim)};
     cudaCheck(cudaFuncSetAttribute(mla_decode_kernel<float, 2, DEC_WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem[0]));
     cudaCheck(cudaFuncSetAttribute(mla_decode_kernel<bf16, 4, DEC_WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem[1]));
+    cudaCheck(cudaFuncSetAttribute(mla_decode_kernel_v7<DEC7_STAGES, DEC7_WARPS, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)dec7_smem_bytes<DEC7_STAGES, DEC7_WARPS>(gpu.W)));
+    cudaCheck(cudaFuncSetAttribute(mla_decode_kernel_v7<DEC7_STAGES, DEC7_WARPS, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)dec7_smem_bytes<DEC7_STAGES, DEC7_WARPS>(gpu.W)));
     cudaCheck(cudaFuncSetAttribute(mha_decode_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem[2]));
     cudaCheck(cudaFuncSetAttribute(mha_decode_kernel<bf16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem[3]));
     // the MHA splits follow the smaller wave (float32), so one scratch size serves both element types
@@ -542,7 +833,11 @@ static void mla_decode_forward(float *o_lat, const float *q_lat, const void *poo
     if (B > dec.max_B) die("dsv2cu: mla_decode_forward: %d queries, scratch for %d (attn_decode_init)", B, dec.max_B);
     launch(mla_decode_plan_kernel, 1, 1024, 0, dec.tile_start, lens, B);
     dim3 grid(ceil_div(H, MLA_HEADS), N);
-    if (kv_bf16)
+    if (kv_bf16 && dec.mla_version == 7)
+        launch(dec.v7_serial ? mla_decode_kernel_v7<DEC7_STAGES, DEC7_WARPS, false> : mla_decode_kernel_v7<DEC7_STAGES, DEC7_WARPS, true>, grid, DEC7_WARPS * 32, dec7_smem_bytes<DEC7_STAGES, DEC7_WARPS>(W), o_lat,
+               dec.part_o, dec.part_ml, q_lat, (const bf16 *)pool_l, tables, max_blocks, seq_of, lens, (const int *)dec.tile_start,
+               B, H, W, d_c, gpu.softmax_scale);
+    else if (kv_bf16)
         launch(mla_decode_kernel<bf16, 4, DEC_WARPS>, grid, DEC_WARPS * 32, dec_smem_bytes<bf16, 4, DEC_WARPS>(W), o_lat, dec.part_o, dec.part_ml,
                q_lat, (const bf16 *)pool_l, tables, max_blocks, seq_of, lens, (const int *)dec.tile_start, B, H, W, d_c,
                gpu.softmax_scale);

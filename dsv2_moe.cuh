@@ -282,15 +282,6 @@ typedef struct {
     bf16 *H;             // two matrices: H (rows, 3, m) = split3(silu(W_r . x) * (W2_r . x))
 } GroupedArgs;
 
-// One tensor-core product, d (16x8) += a (16x16) b (16x8), bf16 in, float32 accumulate (mma.sync
-// m16n8k16). Fragments as for m16n8k8 (dsv2_common.cuh) with k doubled: lane (g, t) holds
-//   a = A[g][2t..2t+1], A[g+8][2t..2t+1], A[g][2t+8..2t+9], A[g+8][2t+8..2t+9]   (two bf16 per register)
-//   b = B[2t..2t+1][g], B[2t+8..2t+9][g];  d = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]
-__device__ __forceinline__ void mma_bf16(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 __device__ __forceinline__ uint32_t u4_at(const uint4 &v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 
 // The grouped product (dsv2.c's matmul in ffn, for every work unit): for unit (g, row0, n) and the

@@ -22,15 +22,18 @@
  *   6  the paged cache of the batch engine, float32 or bf16 elements, splits balanced by a plan, a
  *      deeper pipeline, bf16 read as tf32 (two products, not three): dsv2_mla_decode.cuh's
  *      mla_decode_kernel, included (it is what dsv2cu's batch engine runs).
+ *   7  bf16 cache only: the cache tile as the bf16 operand of m16n8k16 products, loaded by ldmatrix
+ *      (no conversion), the query and the probabilities split in three bf16 parts (float32-exact):
+ *      dsv2_mla_decode.cuh's mla_decode_kernel_v7, included (dsv2cu's default for a bf16 cache).
  * The tricks (online softmax, split-KV with the log-sum-exp merge, the mma fragment layout, 3xTF32,
  * cp.async) are explained once, in dsv2_mla.cuh and dsv2_common.cuh, which this file includes or copies.
  *
  * Build: make -C dev/cuda (nvcc -arch=sm_90). Run:
  *   dev/cuda/mla_attention             every version on the standard shapes; prints a markdown table
  *   dev/cuda/mla_attention V B L H     version V (1-5) on B sequences of L tokens, H heads
- *   dev/cuda/mla_attention paged       versions 5 and 6 (paged, float32 and bf16 cache): checks, then a table
+ *   dev/cuda/mla_attention paged       versions 5, 6 and 7 (paged, float32 and bf16 cache): checks, then a table
  *   dev/cuda/mla_attention paged-check the checks alone (small: for compute-sanitizer)
- *   dev/cuda/mla_attention paged-profile  dsv2cu's float32 and bf16 variants once, 64 x 8192 (for ncu)
+ *   dev/cuda/mla_attention paged-profile  dsv2cu's float32 and bf16 variants (6 and 7) once, 64 x 8192 (for ncu)
  * dev/cuda/run_mla.sh does both checks and the table in one call on the GPU machine.
  */
 #include <stdio.h>
@@ -534,6 +537,8 @@ __global__ void mla_combine_kernel(float *o_lat, const float *part_o, const floa
 //   - a bf16 cache read as tf32 without a split: two tensor-core products instead of three.
 // Variants timed below: float32 cache (2 stages, what fits) and bf16 cache (2 and 4 stages), 8 and 16
 // warps per block (dsv2cu: 16 warps; 2 stages for float32, 4 for bf16).
+// Version 7 (bf16 cache): mla_decode_kernel_v7 from the same header, in the same plan and merge; variants
+// 4 stages x 16 warps with the phases overlapped (dsv2cu) and in series (dsv2cu's 7s), 4 x 8 and 5 x 8 overlapped.
 #define MLA_DECODE_KERNELS_ONLY
 #include "../../dsv2_mla_decode.cuh"
 
@@ -724,7 +729,7 @@ static int run_shape(const std::vector<int> &versions, int B, int L, int H, cons
 }
 
 // ----------------------------------------------------------------------------
-// Version 6 against version 5 on a paged cache: the same random rows, scattered into pages
+// Versions 6 and 7 against version 5 on a paged cache: the same random rows, scattered into pages
 
 typedef struct { const char *name; int bf16; } PagedVariant;
 static const PagedVariant g_paged[] = {{"6 paged, float32 cache, 2 stages, 8 warps", 0},
@@ -732,7 +737,11 @@ static const PagedVariant g_paged[] = {{"6 paged, float32 cache, 2 stages, 8 war
                                        {"6 paged, bf16 cache, 2 stages, 8 warps", 1},
                                        {"6 paged, bf16 cache, 4 stages, 8 warps", 1},
                                        {"6 paged, bf16 cache, 2 stages, 16 warps", 1},
-                                       {"6 paged, bf16 cache, 4 stages, 16 warps (dsv2cu)", 1}};
+                                       {"6 paged, bf16 cache, 4 stages, 16 warps (dsv2cu 6)", 1},
+                                       {"7 paged, bf16 cache, bf16 x 3 on ldmatrix, overlapped, 4 stages, 16 warps (dsv2cu 7)", 1},
+                                       {"7 paged, bf16 cache, bf16 x 3 on ldmatrix, serial phases, 4 stages, 16 warps (dsv2cu 7s)", 1},
+                                       {"7 paged, bf16 cache, bf16 x 3 on ldmatrix, overlapped, 4 stages, 8 warps", 1},
+                                       {"7 paged, bf16 cache, bf16 x 3 on ldmatrix, overlapped, 5 stages, 8 warps", 1}};
 
 typedef struct { float *part_o, *part_ml; int *tile_start; } PagedScratch;
 
@@ -754,6 +763,24 @@ static void run_v6(float *o, PagedScratch sc, const float *q, const T *pool, con
     mla_decode_combine_kernel<<<dim3(H, g_n_sm), 256, (g_n_sm + 4) * sizeof(float)>>>(o, sc.part_o, sc.part_ml, sc.tile_start, B, H, D_C);
     launchCheck();
 }
+// version 7 (bf16 cache only): the same plan and merge around mla_decode_kernel_v7
+template <int STAGES, int WARPS, bool OVERLAP>
+static void run_v7(float *o, PagedScratch sc, const float *q, const bf16 *pool, const int *tables, int max_blocks,
+                   const int *seq_of, const int *lens, int B, int H) {
+    static bool attr_set = false;  // one per instantiation
+    size_t smem = dec7_smem_bytes<STAGES, WARPS>(W_ROW);
+    if (!attr_set) {
+        cudaCheck(cudaFuncSetAttribute(mla_decode_kernel_v7<STAGES, WARPS, OVERLAP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        attr_set = true;
+    }
+    mla_decode_plan_kernel<<<1, 1024>>>(sc.tile_start, lens, B);
+    launchCheck();
+    mla_decode_kernel_v7<STAGES, WARPS, OVERLAP><<<dim3(ceil_div(H, MLA_HEADS), g_n_sm), WARPS * 32, smem>>>(
+        o, sc.part_o, sc.part_ml, q, pool, tables, max_blocks, seq_of, lens, sc.tile_start, B, H, W_ROW, D_C, g_scale);
+    launchCheck();
+    mla_decode_combine_kernel<<<dim3(H, g_n_sm), 256, (g_n_sm + 4) * sizeof(float)>>>(o, sc.part_o, sc.part_ml, sc.tile_start, B, H, D_C);
+    launchCheck();
+}
 static void run_paged_variant(int i, float *o, PagedScratch sc, const float *q, const float *pool_f, const bf16 *pool_b,
                               const int *tables, int max_blocks, const int *seq_of, const int *lens, int B, int H) {
     switch (i) {
@@ -762,7 +789,11 @@ static void run_paged_variant(int i, float *o, PagedScratch sc, const float *q, 
     case 2: run_v6<bf16, 2, 8>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
     case 3: run_v6<bf16, 4, 8>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
     case 4: run_v6<bf16, 2, 16>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
-    default: run_v6<bf16, 4, 16>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
+    case 5: run_v6<bf16, 4, 16>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
+    case 6: run_v7<4, 16, true>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
+    case 7: run_v7<4, 16, false>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
+    case 8: run_v7<4, 8, true>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
+    default: run_v7<5, 8, true>(o, sc, q, pool_b, tables, max_blocks, seq_of, lens, B, H); break;
     }
 }
 
@@ -1012,7 +1043,7 @@ int main(int argc, char **argv) {
     if (argc == 2 && !strcmp(argv[1], "paged")) return paged_main(copy_gbs, 1);
     if (argc == 2 && !strcmp(argv[1], "paged-check")) return paged_main(copy_gbs, 0);  // small, for compute-sanitizer
     if (argc == 2 && !strcmp(argv[1], "paged-profile"))  // for Nsight Compute: dsv2cu's two variants once each, 64 x 8192, 16 heads
-        return run_paged(64, 8192, 16, std::vector<int>(64, 8192), "8192", copy_gbs, 1016, 0, 1u << 2 | 1u << 6) ? 1 : 0;
+        return run_paged(64, 8192, 16, std::vector<int>(64, 8192), "8192", copy_gbs, 1016, 0, 1u << 2 | 1u << 6 | 1u << 7) ? 1 : 0;
     if (argc == 5) {  // one version, one shape
         int v = atoi(argv[1]), B = atoi(argv[2]), L = atoi(argv[3]), H = atoi(argv[4]);
         if (v < 1 || v > 5 || B < 1 || L < 1 || H < 1) die("usage: %s [VERSION B L H]  (VERSION 1-5)", argv[0]);
@@ -1020,7 +1051,7 @@ int main(int argc, char **argv) {
         return run_shape({v}, B, L, H, std::vector<int>(B, L), copy_gbs, 1234, 1) ? 1 : 0;
     }
     if (argc != 1) die("usage: %s [VERSION B L H | paged | paged-check | paged-profile]  (VERSION 1-5; no arguments: every version on the standard shapes; "
-                         "paged: versions 5 and 6 on paged caches, float32 and bf16)", argv[0]);
+                         "paged: versions 5, 6 and 7 on paged caches, float32 and bf16)", argv[0]);
     int failed = 0;
     // ragged lengths (1 row, tails that are not whole tiles) and a head count that is not a multiple of 16
     failed += run_shape(all, 5, 4099, 20, {1, 31, 33, 1000, 4099}, copy_gbs, 77, 0);

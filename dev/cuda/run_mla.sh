@@ -4,7 +4,7 @@
 # (DeepSeek-V2-Lite's 16 heads and V2's 128, batch 1 at 4K and 32K tokens, 64 sequences x 8K),
 # with the copy bandwidth measured in the same process. Prints a table for docs/BENCHMARKS.md;
 # the log goes to $OUT (default ./bench_out)/mla_dev.log. Exit 1 if any check fails.
-# `bash dev/cuda/run_mla.sh paged`: versions 5 and 6 on paged caches instead (float32 and bf16 cache,
+# `bash dev/cuda/run_mla.sh paged`: versions 5, 6 and 7 on paged caches instead (float32 and bf16 cache,
 # 16 and 128 heads, 64 sequences x 8K and mixed lengths); the log is $OUT/mla_dev_paged.log.
 set -uo pipefail
 OUT=${OUT:-bench_out}

@@ -38,7 +38,7 @@ def main():
     print(f"{'OK    ' if found and not bad else 'NOT OK'} dev/cuda version 5 is dsv2_mla.cuh's kernel: "
           f"{len(found) - len(bad)}/{len(found)} verbatim blocks found in {os.path.basename(args.main)}")
     included = '#include "../../dsv2_mla_decode.cuh"' in open(args.dev).read()
-    print(f"{'OK    ' if included else 'NOT OK'} dev/cuda version 6 is dsv2_mla_decode.cuh's kernel: "
+    print(f"{'OK    ' if included else 'NOT OK'} dev/cuda versions 6 and 7 are dsv2_mla_decode.cuh's kernels: "
           f"{'included' if included else 'the include of ../../dsv2_mla_decode.cuh is missing'}")
     sys.exit(0 if found and not bad and included else 1)
 
