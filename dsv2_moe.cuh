@@ -547,9 +547,11 @@ __global__ void moe_batch_combine_kernel(float *x, const float *y, const int *in
 //   (1, 4) below R = 3, and dense layers: short accumulators, the most blocks at small T;
 //   (2, 2) from R = 3. (4, 1) without FLUSH was faster still from T = 256 but erred by 1.6e-5 on the
 //   dense down product (k = 10944; bound 1e-5), (2, 2) by 9e-6 there, (1, 4) by 5e-6;
-//   (4, 1) FLUSH from R = 16 and (8, 1) FLUSH from R = 64 (dense: T = 128 and 512): the thresholds expected
-//   before measurement: whole-k warps with float32 sums, larger tiles (each weight tile serves 32 or 64
-//   rows, so fewer bytes from L2 per product); `./dsv2cu --bench MODEL --moe-only 3` measures every shape;
+//   (4, 1) FLUSH from R = 16 and (8, 1) FLUSH from R = 32 (dense: T = 64 and 256): thresholds expected
+//   before measurement. Whole-k warps with float32 sums, and larger units: a block's weight tile serves 32
+//   or 64 rows, so fewer bytes come from L2 per product (counted, not profiled: variant 12's blocks copy
+//   ~14.7 GB at T = 2048, 3.5 TB/s over its measured 4.17 ms, so those bytes are the likely bound); (8, 1)
+//   only pays once a group fills more than 32 rows. `./dsv2cu --bench MODEL --moe-only 3` measures every shape;
 //   (2, 1) FLUSH and (4, 1) FLUSH PARTS = 2: measured by --moe-only 3, never chosen (PARTS = 2 is not float32).
 // Thresholds must grow down the table for the shapes that may be chosen (the last that qualifies wins).
 // The router's affinities always use shape 0 (three parts, short sums): the experts chosen for a token do not
@@ -566,8 +568,8 @@ static const MoeShape moe_shapes[] = {
     //        NG KS FLUSH PARTS  from R (MoE)  from T (dense)
     MOE_SHAPE(1, 4, 0, 3, 0, 0),
     MOE_SHAPE(2, 2, 0, 3, 3, MOE_NEVER),
-    MOE_SHAPE(4, 1, 1, 3, 16, 128),
-    MOE_SHAPE(8, 1, 1, 3, 64, 512),
+    MOE_SHAPE(4, 1, 1, 3, 16, 64),
+    MOE_SHAPE(8, 1, 1, 3, 32, 256),
     MOE_SHAPE(2, 1, 1, 3, MOE_NEVER, MOE_NEVER),
     MOE_SHAPE(4, 1, 1, 2, MOE_NEVER, MOE_NEVER),
 };
