@@ -141,75 +141,196 @@ static void bench_mla_kernel(const Config *c, int ctx_max, double copy_gbs, uint
 
 // 7. the MoE over a batch of tokens (moe_batch_forward, dsv2_moe.cuh) on the model's first MoE layer.
 // Checks, for T random tokens: against dsv2.c's moe_ffn on the CPU (the FFN's output x_after - x_before,
-// max relative error; the same experts chosen), against the T tokens one at a time through the decode
-// kernels (moe_router/gate_up/down), deterministic (two runs bitwise equal), and a CUDA graph of it equal
-// to the direct launches; each for the shape chosen by T and for both shapes (moe_shapes). A dense layer
-// too, when the model has one. Timings: graph replays at several T, the chosen shape and both, against
-// the same tokens one at a time through the decode kernels (CUDA cores), in one graph; bytes = the
-// weights the step must read (router, the chosen experts once, the shared experts). --moe-only 1 runs
-// this section alone (after the copy bandwidth), --moe-only 2 its checks alone.
+// max relative error, on all T tokens or MOE_CPU_TOKENS of them spread over the batch; the same experts
+// chosen), against all T tokens one at a time through the decode kernels (moe_router/gate_up/down: CUDA
+// cores, float32), deterministic (two runs bitwise equal), and a CUDA graph of it equal to the direct
+// launches; each for the shape chosen by T and for every shape (moe_shapes). A dense layer too, when the
+// model has one. A shape that fails a check is marked in moe_shape_failed, so moe_shape_for no longer
+// picks it. Timings: graph replays at several T, every shape, against the same tokens one at a time
+// through the decode kernels, in one graph; bytes = the weights the step must read (router, the chosen
+// experts once, the shared experts). --moe-only 1 runs this section alone (after the copy bandwidth),
+// --moe-only 2 its checks alone, --moe-only 3 its checks and then the sweep: every shape at T = 1 ... 2048
+// (MoE layer) and T = 16 ... 2048 (dense layer), checked and timed, one line per (shape, T), then the
+// fastest shape that passed at each T: what moe_shapes' thresholds are set from.
+#define MOE_CPU_TOKENS 256
 
-// one check: T random tokens through layer l (MoE or dense) three ways; returns 1 when all agree
-static int check_moe_batch(const Model *m, RunState *s, int l, int T, float *dx, float *dxn, uint64_t *rng) {
+// T random tokens through layer l (MoE or dense): the input, and what a batched run must give
+typedef struct {
+    int l, T, K;
+    std::vector<float> h;    // the residual (T, dim) before the FFN; xn = RMSNorm(h) sits on the device
+    std::vector<int> sub;    // the tokens dsv2.c computes: all, or MOE_CPU_TOKENS spread evenly over T
+    std::vector<float> ref;  // dsv2.c's moe_ffn (dense_ffn) output for the tokens sub (sub.size(), dim)
+    std::vector<int> ref_idx;  // and its experts (sub.size(), K)
+    std::vector<float> one;  // the decode kernels' FFN output, token by token (T, dim): x after - x before
+    std::vector<int> one_idx;  // and their experts (T, K)
+} MoeCase;
+
+// draws the case, runs dsv2.c and the decode kernels on it, leaves xn (T, dim) in dxn
+static void moe_case_init(MoeCase *mc, const Model *m, RunState *s, int l, int T, float *dx, float *dxn, uint64_t *rng) {
     const Config *c = &m->config;
     const GpuLayer *L = &gpu.layers[l];
-    int dim = c->dim, K = L->is_moe ? c->n_experts_per_tok : 0;
+    int dim = c->dim, K = L->is_moe ? c->n_experts_per_tok : 0, ns = std::min(T, MOE_CPU_TOKENS);
     size_t n = (size_t)T * dim;
-    std::vector<float> h(n), u(n), ref(n), got(n), got2(n), one(n), gdelta(n), odelta(n);
-    std::vector<int> ref_idx((size_t)T * K), got_idx((size_t)T * K), one_idx((size_t)T * K);
-    for (auto &v : h) v = (random_f32(rng) * 2 - 1) * 0.1f;
+    mc->l = l; mc->T = T; mc->K = K;
+    mc->h.resize(n);
+    std::vector<float> u(n);
+    for (auto &v : mc->h) v = (random_f32(rng) * 2 - 1) * 0.1f;
     for (int t = 0; t < T; t++)
-        rmsnorm(u.data() + (size_t)t * dim, h.data() + (size_t)t * dim, m->layers[l].post_attention_layernorm, dim, c->rms_norm_eps);
-    for (int t0 = 0; t0 < T; t0 += s->max_T) {  // dsv2.c's moe_ffn (dense_ffn), max_T tokens at a time
-        int tc = std::min(s->max_T, T - t0);
-        memcpy(s->u, u.data() + (size_t)t0 * dim, (size_t)tc * dim * sizeof(float));
+        rmsnorm(u.data() + (size_t)t * dim, mc->h.data() + (size_t)t * dim, m->layers[l].post_attention_layernorm, dim, c->rms_norm_eps);
+    mc->sub.resize(ns);
+    for (int i = 0; i < ns; i++) mc->sub[i] = (int)((long)i * T / ns);
+    mc->ref.resize((size_t)ns * dim);
+    mc->ref_idx.resize((size_t)ns * K);
+    for (int i0 = 0; i0 < ns; i0 += s->max_T) {  // dsv2.c's moe_ffn (dense_ffn), max_T tokens at a time
+        int tc = std::min(s->max_T, ns - i0);
+        for (int i = 0; i < tc; i++) memcpy(s->u + (size_t)i * dim, u.data() + (size_t)mc->sub[i0 + i] * dim, dim * sizeof(float));
         if (L->is_moe) moe_ffn(m, s, l, tc);
         else dense_ffn(m, s, l, tc);
-        memcpy(ref.data() + (size_t)t0 * dim, s->ffn_out, (size_t)tc * dim * sizeof(float));
-        memcpy(ref_idx.data() + (size_t)t0 * K, s->topk_idx, (size_t)tc * K * sizeof(int));
+        memcpy(mc->ref.data() + (size_t)i0 * dim, s->ffn_out, (size_t)tc * dim * sizeof(float));
+        memcpy(mc->ref_idx.data() + (size_t)i0 * K, s->topk_idx, (size_t)tc * K * sizeof(int));
     }
     cudaCheck(cudaMemcpy(dxn, u.data(), n * 4, cudaMemcpyHostToDevice));
     // the same tokens one at a time through the decode kernels (x: the residual, normalised by the router)
-    cudaCheck(cudaMemcpy(dx, h.data(), n * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(dx, mc->h.data(), n * 4, cudaMemcpyHostToDevice));
+    mc->one_idx.resize((size_t)T * K);
     for (int t = 0; t < T; t++) {
         float *xt = dx + (size_t)t * dim;
         if (K) moe_router_forward(gpu.topk_idx, gpu.topk_w, L->gate, xt, L->post_attention_layernorm, gpu.xb);
         else rmsnorm_forward(gpu.xb, xt, L->post_attention_layernorm, dim, 1);
         moe_gate_up_forward(gpu.hb, gpu.hb_shared, gpu.xb, L, gpu.topk_idx, K);
         moe_down_forward(xt, L, gpu.topk_idx, gpu.topk_w, gpu.hb, K, gpu.hb_shared);
-        if (K) cudaCheck(cudaMemcpy(one_idx.data() + (size_t)t * K, gpu.topk_idx, K * sizeof(int), cudaMemcpyDeviceToHost));
+        if (K) cudaCheck(cudaMemcpy(mc->one_idx.data() + (size_t)t * K, gpu.topk_idx, K * sizeof(int), cudaMemcpyDeviceToHost));
     }
-    cudaCheck(cudaMemcpy(one.data(), dx, n * 4, cudaMemcpyDeviceToHost));
-    int all_ok = 1;
-    for (int v = -1; v < 2; v++) {  // the shape chosen by T, then each shape
-        moe_batch.shape = v;
-        for (int run = 0; run < 2; run++) {  // twice: bitwise the same
-            cudaCheck(cudaMemcpy(dx, h.data(), n * 4, cudaMemcpyHostToDevice));
-            moe_batch_forward(dx, dxn, L, T);
-            cudaCheck(cudaMemcpy(run ? got2.data() : got.data(), dx, n * 4, cudaMemcpyDeviceToHost));
-        }
-        cudaCheck(cudaMemcpy(got_idx.data(), moe_batch.idx, got_idx.size() * 4, cudaMemcpyDeviceToHost));
-        for (size_t i = 0; i < n; i++) { gdelta[i] = got[i] - h[i]; odelta[i] = one[i] - h[i]; }
-        int same_cpu = 0, same_one = 0;
-        for (int t = 0; t < T; t++) {
-            same_cpu += !memcmp(got_idx.data() + (size_t)t * K, ref_idx.data() + (size_t)t * K, K * sizeof(int));
-            same_one += !memcmp(got_idx.data() + (size_t)t * K, one_idx.data() + (size_t)t * K, K * sizeof(int));
-        }
-        double e_cpu = rel_err_f(gdelta.data(), ref.data(), n), e_one = rel_err_f(gdelta.data(), odelta.data(), n);
-        int det = !memcmp(got.data(), got2.data(), n * 4);
-        // float32 accuracy: 1e-5 of the output's scale is far above float32 rounding and far below a bf16 error (~4e-3)
-        int ok = e_cpu < 1e-5 && e_one < 1e-5 && same_cpu == T && same_one == T && det;
-        all_ok &= ok;
-        printf("BENCH check_moe_batch layer %d (%s) T %d shape %d vs_cpu max_rel_err %.3e experts_same %d/%d vs_decode "
-               "max_rel_err %.3e experts_same %d/%d deterministic %d %s\n", l, L->is_moe ? "moe" : "dense", T, v, e_cpu,
-               same_cpu, T, e_one, same_one, T, det, ok ? "OK" : "NOT OK");
+    mc->one.resize(n);
+    cudaCheck(cudaMemcpy(mc->one.data(), dx, n * 4, cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < n; i++) mc->one[i] -= mc->h[i];
+}
+
+typedef struct { double e_cpu, e_one; int same_cpu, same_one, det, ok; } MoeCheck;
+
+// the case through moe_batch_forward with shape v (-1: the one moe_shape_for picks), twice
+static MoeCheck moe_case_check(const MoeCase *mc, int v, float *dx, const float *dxn) {
+    const GpuLayer *L = &gpu.layers[mc->l];
+    int dim = gpu.c.dim, T = mc->T, K = mc->K, ns = (int)mc->sub.size();
+    size_t n = (size_t)T * dim;
+    std::vector<float> got(n), got2(n), gsub((size_t)ns * dim);
+    std::vector<int> got_idx((size_t)T * K);
+    int used = v >= 0 ? v : moe_shape_for(T, K, gpu.c.n_routed_experts, L->is_moe);
+    moe_batch.shape = v;
+    for (int run = 0; run < 2; run++) {  // twice: bitwise the same
+        cudaCheck(cudaMemcpy(dx, mc->h.data(), n * 4, cudaMemcpyHostToDevice));
+        moe_batch_forward(dx, dxn, L, T);
+        cudaCheck(cudaMemcpy(run ? got2.data() : got.data(), dx, n * 4, cudaMemcpyDeviceToHost));
     }
     moe_batch.shape = -1;
+    cudaCheck(cudaMemcpy(got_idx.data(), moe_batch.idx, got_idx.size() * 4, cudaMemcpyDeviceToHost));
+    MoeCheck r = {};
+    r.det = !memcmp(got.data(), got2.data(), n * 4);
+    for (size_t i = 0; i < n; i++) got[i] -= mc->h[i];
+    for (int i = 0; i < ns; i++) {
+        int t = mc->sub[i];
+        memcpy(gsub.data() + (size_t)i * dim, got.data() + (size_t)t * dim, dim * sizeof(float));
+        r.same_cpu += !memcmp(got_idx.data() + (size_t)t * K, mc->ref_idx.data() + (size_t)i * K, K * sizeof(int));
+    }
+    for (int t = 0; t < T; t++) r.same_one += !memcmp(got_idx.data() + (size_t)t * K, mc->one_idx.data() + (size_t)t * K, K * sizeof(int));
+    r.e_cpu = rel_err_f(gsub.data(), mc->ref.data(), gsub.size());
+    r.e_one = rel_err_f(got.data(), mc->one.data(), n);
+    // float32 accuracy: 1e-5 of the output's scale is far above float32 rounding and far below a bf16 error (~4e-3)
+    r.ok = r.e_cpu < 1e-5 && r.e_one < 1e-5 && r.same_cpu == ns && r.same_one == T && r.det;
+    if (!r.ok) moe_shape_failed[used] = 1;
+    return r;
+}
+
+// a shape moe_shape_for may pick (the others are measured, never chosen)
+static int moe_shape_used(int v) { return v <= 0 || moe_shapes[v].moe_from != MOE_NEVER || moe_shapes[v].dense_from != MOE_NEVER; }
+
+// one check: T random tokens through layer l (MoE or dense), every shape; returns 1 when all that may be chosen pass
+static int check_moe_batch(const Model *m, RunState *s, int l, int T, float *dx, float *dxn, uint64_t *rng) {
+    const GpuLayer *L = &gpu.layers[l];
+    MoeCase mc;
+    moe_case_init(&mc, m, s, l, T, dx, dxn, rng);
+    int all_ok = 1;
+    for (int v = -1; v < MOE_N_SHAPES; v++) {  // the shape chosen by T, then each shape
+        MoeCheck r = moe_case_check(&mc, v, dx, dxn);
+        if (moe_shape_used(v)) all_ok &= r.ok;
+        printf("BENCH check_moe_batch layer %d (%s) T %d shape %d vs_cpu max_rel_err %.3e (%d tokens) experts_same %d/%d "
+               "vs_decode max_rel_err %.3e experts_same %d/%d deterministic %d %s%s\n", l, L->is_moe ? "moe" : "dense", T, v,
+               r.e_cpu, (int)mc.sub.size(), r.same_cpu, (int)mc.sub.size(), r.e_one, r.same_one, T, r.det,
+               r.ok ? "OK" : "NOT OK", moe_shape_used(v) ? "" : " (a shape never chosen)");
+    }
     fflush(stdout);
     return all_ok;
 }
 
-static void bench_moe_batch(const Model *m, double copy_gbs, int checks_only) {
+// median ms of a CUDA graph of moe_batch_forward (shape v) over 10 replays after 3
+static double time_moe_batch(const GpuLayer *L, int T, int v, float *dx, const float *dxn, cudaEvent_t e0, cudaEvent_t e1) {
+    moe_batch.shape = v;
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
+    moe_batch_forward(dx, dxn, L, T);
+    cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
+    cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+    moe_batch.shape = -1;
+    std::vector<double> t;
+    for (int i = 0; i < 13; i++) {
+        float ms;
+        cudaCheck(cudaEventRecord(e0, gpu.stream));
+        cudaCheck(cudaGraphLaunch(exec, gpu.stream));
+        cudaCheck(cudaEventRecord(e1, gpu.stream));
+        cudaCheck(cudaEventSynchronize(e1));
+        cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+        if (i >= 3) t.push_back(ms);
+    }
+    cudaCheck(cudaGraphExecDestroy(exec));
+    cudaCheck(cudaGraphDestroy(graph));
+    return median(t);
+}
+
+// the sweep (--moe-only 3): layer l, every shape at each T: checked, timed, one line each; then the fastest that passed
+static void sweep_moe_shapes(const Model *m, RunState *s, int l, const std::vector<int> &Ts, double copy_gbs, float *dx,
+                             float *dxn, uint64_t *rng, cudaEvent_t e0, cudaEvent_t e1) {
+    const Config *c = &m->config;
+    const GpuLayer *L = &gpu.layers[l];
+    int moe = L->is_moe, dim = c->dim, E = moe ? c->n_routed_experts : 0, K = moe ? c->n_experts_per_tok : 0;
+    double mi = c->moe_intermediate_size, ws = L->ffn_width;
+    for (int T : Ts) {
+        MoeCase mc;
+        double t0 = now_s();
+        moe_case_init(&mc, m, s, l, T, dx, dxn, rng);
+        double cpu_s = now_s() - t0;
+        std::vector<char> chosen(E, 0);
+        for (int e : mc.one_idx) chosen[e] = 1;
+        int n_chosen = 0;
+        for (char ch : chosen) n_chosen += ch;
+        // bytes: the router, each chosen expert once, the shared experts (or the dense FFN); FLOPs: 2 per product
+        double bytes = 2.0 * ((double)E * dim + 3.0 * dim * mi * n_chosen + 3.0 * dim * ws);
+        double route_flop = 2.0 * T * E * dim, ffn_flop = 2.0 * T * 3.0 * dim * (mi * K + ws);
+        int best = -1;
+        double best_ms = 0;
+        for (int v = 0; v < MOE_N_SHAPES; v++) {
+            const MoeShape *sh = &moe_shapes[v];
+            MoeCheck r = moe_case_check(&mc, v, dx, dxn);
+            double ms = time_moe_batch(L, T, v, dx, dxn, e0, e1), gbs = bytes / (ms * 1e-3) / 1e9;
+            double tflops = (route_flop + ffn_flop) / (ms * 1e-3) / 1e12;
+            double tensor = (3 * route_flop + sh->parts * ffn_flop) / (ms * 1e-3) / 1e12;  // with the split's parts
+            printf("BENCH moe_sweep layer %d (%s) T %d shape %d (NG %d KS %d flush %d parts %d) ms %.4f GBps %.1f "
+                   "of_copy %.3f TFLOPs %.1f tensor_TFLOPs %.1f vs_cpu %.3e (%d tokens) experts_same %d/%d vs_decode %.3e "
+                   "deterministic %d %s%s\n", l, moe ? "moe" : "dense", T, v, sh->NG, sh->KS, sh->flush, sh->parts, ms, gbs,
+                   gbs / copy_gbs, tflops, tensor, r.e_cpu, (int)mc.sub.size(), r.same_cpu, (int)mc.sub.size(), r.e_one,
+                   r.det, r.ok ? "OK" : "NOT OK", moe_shape_used(v) ? "" : " (never chosen)");
+            fflush(stdout);
+            if (r.ok && (best < 0 || ms < best_ms)) { best = v; best_ms = ms; }
+        }
+        int pick = moe_shape_for(T, K, c->n_routed_experts, moe);
+        printf("BENCH moe_sweep_best layer %d (%s) T %d rows_per_group %.1f fastest_ok_shape %d ms %.4f | moe_shape_for %d "
+               "(cpu reference %.1f s)\n", l, moe ? "moe" : "dense", T, moe ? (double)T * K / E : (double)T, best, best_ms,
+               pick, cpu_s);
+        fflush(stdout);
+    }
+}
+
+static void bench_moe_batch(const Model *m, double copy_gbs, int mode) {
     const Config *c = &m->config;
     int l = 0;
     while (l < c->n_layers && !is_moe_layer(c, l)) l++;
@@ -228,10 +349,8 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int checks_only) {
     int all_ok = 1;
     for (int T : {1, 3, 16, 64, 256}) all_ok &= check_moe_batch(m, &s, l, T, dx, dxn, &rng);
     if (!is_moe_layer(c, 0)) all_ok &= check_moe_batch(m, &s, 0, 16, dx, dxn, &rng);  // a dense layer too
-    runstate_free(&s);
-    // a CUDA graph of moe_batch_forward gives what the direct launches give (T = 64)
-    {
-        int T = 64;
+    // a CUDA graph of moe_batch_forward gives what the direct launches give (the shape chosen by T)
+    for (int T : {64, 512}) {
         size_t n = (size_t)T * dim;
         std::vector<float> a(n), b(n);
         fill_random(dxn, n, 5, 1.7f);
@@ -248,44 +367,34 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int checks_only) {
         cudaCheck(cudaGraphLaunch(exec, gpu.stream));
         cudaCheck(cudaMemcpy(b.data(), dx, n * 4, cudaMemcpyDeviceToHost));
         int same = !memcmp(a.data(), b.data(), n * 4);
-        printf("BENCH check_moe_batch_graph T %d bitwise_equal %d %s\n", T, same, same ? "OK" : "NOT OK");
+        printf("BENCH check_moe_batch_graph T %d shape %d bitwise_equal %d %s\n", T, moe_shape_for(T, K, E, 1), same,
+               same ? "OK" : "NOT OK");
         all_ok &= same;
         cudaCheck(cudaGraphExecDestroy(exec));
         cudaCheck(cudaGraphDestroy(graph));
     }
     printf("BENCH check_moe_batch_all %s\n", all_ok ? "OK" : "NOT OK");
+    printf("BENCH moe_shape_failed");
+    for (int v = 0; v < MOE_N_SHAPES; v++) printf(" %d", moe_shape_failed[v]);
+    printf("\n");
     fflush(stdout);
+    if (mode == 3) {  // the sweep
+        sweep_moe_shapes(m, &s, l, {1, 8, 64, 256, 512, 1024, 2048}, copy_gbs, dx, dxn, &rng, e0, e1);
+        if (!is_moe_layer(c, 0)) sweep_moe_shapes(m, &s, 0, {16, 128, 512, 2048}, copy_gbs, dx, dxn, &rng, e0, e1);
+        printf("BENCH moe_shape_failed");
+        for (int v = 0; v < MOE_N_SHAPES; v++) printf(" %d", moe_shape_failed[v]);
+        printf("\n");
+    }
+    runstate_free(&s);
+    if (mode != 1) { cudaCheck(cudaFree(dx)); cudaCheck(cudaFree(dxn)); return; }
     // timings
-    const int Ts[] = {1, 8, 64, 256, 512, 2048};
-    if (checks_only) return;
-    for (int T : Ts) {
+    for (int T : {1, 8, 64, 256, 512, 2048}) {
         size_t n = (size_t)T * dim;
         fill_random(dxn, n, 100 + T, 1.7f);
         fill_random(dx, n, 200 + T, 0.1f);
-        double best_ms[3];
-        for (int v = -1; v < 2; v++) {  // the shape chosen by T, then each shape
-            moe_batch.shape = v;
-            cudaGraph_t graph;
-            cudaGraphExec_t exec;
-            cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
-            moe_batch_forward(dx, dxn, L, T);
-            cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
-            cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
-            std::vector<double> t;
-            for (int i = 0; i < 13; i++) {
-                float ms;
-                cudaCheck(cudaEventRecord(e0, gpu.stream));
-                cudaCheck(cudaGraphLaunch(exec, gpu.stream));
-                cudaCheck(cudaEventRecord(e1, gpu.stream));
-                cudaCheck(cudaEventSynchronize(e1));
-                cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
-                if (i >= 3) t.push_back(ms);
-            }
-            best_ms[v + 1] = median(t);
-            cudaCheck(cudaGraphExecDestroy(exec));
-            cudaCheck(cudaGraphDestroy(graph));
-        }
-        moe_batch.shape = -1;
+        double ms = time_moe_batch(L, T, -1, dx, dxn, e0, e1);
+        std::vector<double> shape_ms;
+        for (int v = 0; v < MOE_N_SHAPES; v++) shape_ms.push_back(time_moe_batch(L, T, v, dx, dxn, e0, e1));
         // the weights this step must read: the router, each chosen expert once, the shared experts
         std::vector<int> idx((size_t)T * K);
         cudaCheck(cudaMemcpy(idx.data(), moe_batch.idx, idx.size() * 4, cudaMemcpyDeviceToHost));
@@ -310,24 +419,26 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int checks_only) {
             cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
             std::vector<double> t;
             for (int i = 0; i < 5; i++) {
-                float ms;
+                float ms1;
                 cudaCheck(cudaEventRecord(e0, gpu.stream));
                 cudaCheck(cudaGraphLaunch(exec, gpu.stream));
                 cudaCheck(cudaEventRecord(e1, gpu.stream));
                 cudaCheck(cudaEventSynchronize(e1));
-                cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
-                if (i >= 1) t.push_back(ms);
+                cudaCheck(cudaEventElapsedTime(&ms1, e0, e1));
+                if (i >= 1) t.push_back(ms1);
             }
             one_ms = median(t);
             cudaCheck(cudaGraphExecDestroy(exec));
             cudaCheck(cudaGraphDestroy(graph));
         }
-        double gbs = bytes / (best_ms[0] * 1e-3) / 1e9;
+        double gbs = bytes / (ms * 1e-3) / 1e9;
         int sh = moe_shape_for(T, K, E, 1);
-        printf("BENCH moe_batch T %d ms %.4f shape %d (NG %d, KS %d) experts_read %d/%d weight_bytes %.0f GBps %.1f "
-               "ratio_to_copy %.3f one_at_a_time_ms %.4f speedup %.2f | shape0_ms %.4f shape1_ms %.4f\n", T, best_ms[0], sh,
-               moe_shapes[sh].NG, moe_shapes[sh].KS, n_chosen, E, bytes, gbs, gbs / copy_gbs, one_ms,
-               one_ms > 0 ? one_ms / best_ms[0] : 0.0, best_ms[1], best_ms[2]);
+        printf("BENCH moe_batch T %d ms %.4f shape %d (NG %d, KS %d, flush %d, parts %d) experts_read %d/%d weight_bytes %.0f "
+               "GBps %.1f ratio_to_copy %.3f one_at_a_time_ms %.4f speedup %.2f | shape_ms", T, ms, sh, moe_shapes[sh].NG,
+               moe_shapes[sh].KS, moe_shapes[sh].flush, moe_shapes[sh].parts, n_chosen, E, bytes, gbs, gbs / copy_gbs,
+               one_ms, one_ms > 0 ? one_ms / ms : 0.0);
+        for (double v : shape_ms) printf(" %.4f", v);
+        printf("\n");
         fflush(stdout);
     }
     cudaCheck(cudaFree(dx)); cudaCheck(cudaFree(dxn));
@@ -580,7 +691,7 @@ static int bench_main(int argc, char **argv) {
         if (!strcmp(argv[i], "--check")) check_tokens = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--decode-only")) decode_only = atoi(argv[i + 1]);  // N graph replays, nothing else (for ncu)
         else if (!strcmp(argv[i], "--mla-only")) mla_only = atoi(argv[i + 1]);        // the MLA kernel benchmark alone
-        else if (!strcmp(argv[i], "--moe-only")) moe_only = atoi(argv[i + 1]);        // the batched MoE section alone (2: its checks only)
+        else if (!strcmp(argv[i], "--moe-only")) moe_only = atoi(argv[i + 1]);        // the batched MoE section alone (2: its checks only, 3: checks and the sweep of every shape)
         else if (!strcmp(argv[i], "--ctx")) ctx_max = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--prompt")) prompt = atoi(argv[i + 1]);
         else die("--bench: unknown option %s", argv[i]);
@@ -610,7 +721,7 @@ static int bench_main(int argc, char **argv) {
         return 0;
     }
     if (moe_only) {
-        bench_moe_batch(&m, bench_copy_bandwidth(), moe_only == 2);
+        bench_moe_batch(&m, bench_copy_bandwidth(), moe_only);
         return 0;
     }
 
@@ -700,7 +811,7 @@ static int bench_main(int argc, char **argv) {
     gpu.pdl = pdl_default;
     decode_graph_build();
     bench_mla_kernel(c, ctx_max, copy_gbs, &rng);
-    bench_moe_batch(&m, copy_gbs, 0);
+    bench_moe_batch(&m, copy_gbs, 1);
     bench_attn_decode(c, ctx_max, copy_gbs, &rng);
     return 0;
 }

@@ -288,6 +288,12 @@ __device__ __forceinline__ uint32_t u4_at(const uint4 &v, int i) { return i == 0
 // weight rows r of this block, y[row0 + i][r] = W_g[r] . x[x_row(row0 + i)] for i < n (and the SwiGLU of
 // gate and up when TWO), at float32 accuracy: x = x1 + x2 + x3 in bf16 (split3), W x = W x1 + (W x2 + W x3),
 // two accumulators (big, small) as in mma_3xtf32.
+// FLUSH: a tensor-core accumulator loses bits as it sums more products (measured: one accumulator over
+// k = 10944 erred by 1.6e-5, docs/BENCHMARKS.md), so the big one is added into a float32 sum after every
+// round (128 values of k) and restarted from zero; the small one (W x2 + W x3, 2^-8 of the big) keeps its
+// sum. This lets one warp take a whole k (KS = 1) and so more unit rows per weight tile.
+// PARTS = 2 (an experiment, measured in --bench --moe-only 3): x1 + x2 only, W x3 dropped: 2/3 of the
+// tensor work, each activation kept to about 2^-18 of itself instead of float32's 2^-24.
 // Block: 8 warps = RW row groups x KS splits of k. Warp (rw, ks): 16 weight rows (r0 = 16 (RW blockIdx.x
 // + rw)) against the unit's NT = 8 NG rows; the KS partial sums are added in shared memory in a fixed
 // order. Grid: (m / (16 RW), units).
@@ -301,14 +307,15 @@ __device__ __forceinline__ uint32_t u4_at(const uint4 &v, int i) { return i == 0
 //   - weights: each thread copies the 16-byte pieces it will itself use into its own slots, [round & 1]
 //     [slot][256 threads] (consecutive threads, consecutive 16 bytes);
 //   - activations: the block copies the round's pieces of its NT unit rows once, for all its warps,
-//     piece ((cc NT + i) 3 + p) 4 + quarter = 16 bytes of chunk cc, unit row i, part p.
+//     piece ((cc PARTS + p) NT + i) 4 + quarter = 16 bytes of chunk cc, part p, unit row i (a warp's 32
+//     lanes read 32 consecutive pieces: no bank conflicts).
 // Measured against loads straight into registers (the compiler then interleaved loads and products, and
 // each lane waited for one load before it asked for the next) and other shapes: docs/BENCHMARKS.md.
-template <int NG, int KS, int TWO>
+template <int NG, int KS, int TWO, int FLUSH, int PARTS>
 __global__ void __launch_bounds__(256) moe_grouped_kernel(GroupedArgs a, const int4 *units, const int *n_units, int T) {
     constexpr int RW = 8 / KS, NM = TWO ? 2 : 1, NT = 8 * NG, J = 4 / KS;
-    constexpr int SLOTS = J * 2 * NM;     // each thread's 16-byte weight pieces per round
-    constexpr int XTILE = NT * 3 * 4 * 4;  // the block's 16-byte activation pieces per round
+    constexpr int SLOTS = J * 2 * NM;          // each thread's 16-byte weight pieces per round
+    constexpr int XTILE = NT * PARTS * 4 * 4;  // the block's 16-byte activation pieces per round
     extern __shared__ uint4 slot[];        // [round & 1][SLOTS x 256 threads, then XTILE]
     __shared__ size_t xoff[NT];            // where each unit row's split activations start in X
     pdl_launch_next();
@@ -338,14 +345,16 @@ __global__ void __launch_bounds__(256) moe_grouped_kernel(GroupedArgs a, const i
     }
     __syncthreads();
     float acc[NM][NG][2][4];  // [matrix][8 rows][big, small][fragment]
+    float sum[NM][NG][4];     // FLUSH: the big accumulators' float32 sums, round by round
     #pragma unroll
     for (int q = 0; q < NM; q++)
         #pragma unroll
         for (int j = 0; j < NG; j++)
             #pragma unroll
-            for (int b = 0; b < 2; b++)
-                #pragma unroll
-                for (int e = 0; e < 4; e++) acc[q][j][b][e] = 0.0f;
+            for (int e = 0; e < 4; e++) {
+                acc[q][j][0][e] = acc[q][j][1][e] = 0.0f;
+                sum[q][j][e] = 0.0f;
+            }
     int chunks = (k + 31) / 32;
     // ask for round r's operands into buffer r & 1 (k % 8 == 0: a lane's 8 values are all inside k or all
     // outside; outside ones are zero-filled, cp.async reading nothing)
@@ -361,7 +370,7 @@ __global__ void __launch_bounds__(256) moe_grouped_kernel(GroupedArgs a, const i
                     cp_async16(sl + (size_t)((jj * NM + q) * 2 + h) * 256 + threadIdx.x, in ? wrow[q][h] + col : wrow[q][h], in ? 16 : 0);
         }
         for (int pc = threadIdx.x; pc < XTILE; pc += 256) {
-            int quarter = pc & 3, p = (pc >> 2) % 3, i = (pc >> 2) / 3 % NT, cc = (pc >> 2) / 3 / NT;
+            int quarter = pc & 3, i = (pc >> 2) % NT, p = (pc >> 2) / NT % PARTS, cc = (pc >> 2) / NT / PARTS;
             int col = (4 * r + cc) * 32 + 8 * quarter, ok = col < k && i < u.z;
             cp_async16(sl + SLOTS * 256 + pc, ok ? a.X + xoff[i] + (size_t)p * k + col : a.X, ok ? 16 : 0);
         }
@@ -375,7 +384,7 @@ __global__ void __launch_bounds__(256) moe_grouped_kernel(GroupedArgs a, const i
         cp_async_wait<1>();            // this thread's copies of round r have landed
         __syncthreads();               // and every thread's: the activations are visible
         const uint4 *sl = slot + (size_t)(r & 1) * (SLOTS * 256 + XTILE);
-        uint4 w[J][NM][2], xh[J][NG][3];
+        uint4 w[J][NM][2], xh[J][NG][PARTS];
         #pragma unroll
         for (int jj = 0; jj < J; jj++) {
             #pragma unroll
@@ -385,7 +394,7 @@ __global__ void __launch_bounds__(256) moe_grouped_kernel(GroupedArgs a, const i
             #pragma unroll
             for (int j = 0; j < NG; j++)
                 #pragma unroll
-                for (int p = 0; p < 3; p++) xh[jj][j][p] = sl[SLOTS * 256 + (((jj * KS + ks) * NT + j * 8 + g) * 3 + p) * 4 + t];
+                for (int p = 0; p < PARTS; p++) xh[jj][j][p] = sl[SLOTS * 256 + (((jj * KS + ks) * PARTS + p) * NT + j * 8 + g) * 4 + t];
         }
         #pragma unroll
         for (int jj = 0; jj < J; jj++) {
@@ -400,10 +409,17 @@ __global__ void __launch_bounds__(256) moe_grouped_kernel(GroupedArgs a, const i
                         uint32_t a2 = u4_at(w[jj][q][0], 2 * s + 1), a3 = u4_at(w[jj][q][1], 2 * s + 1);
                         mma_bf16(acc[q][j][0], a0, a1, a2, a3, u4_at(x[0], 2 * s), u4_at(x[0], 2 * s + 1));  // W x1
                         mma_bf16(acc[q][j][1], a0, a1, a2, a3, u4_at(x[1], 2 * s), u4_at(x[1], 2 * s + 1));  // W x2
-                        mma_bf16(acc[q][j][1], a0, a1, a2, a3, u4_at(x[2], 2 * s), u4_at(x[2], 2 * s + 1));  // W x3
+                        if (PARTS == 3) mma_bf16(acc[q][j][1], a0, a1, a2, a3, u4_at(x[PARTS - 1], 2 * s), u4_at(x[PARTS - 1], 2 * s + 1));  // W x3
                     }
             }
         }
+        if (FLUSH)  // the round's W x1 (128 values of k) into float32
+            #pragma unroll
+            for (int q = 0; q < NM; q++)
+                #pragma unroll
+                for (int j = 0; j < NG; j++)
+                    #pragma unroll
+                    for (int e = 0; e < 4; e++) { sum[q][j][e] += acc[q][j][0][e]; acc[q][j][0][e] = 0.0f; }
     }
     float v[NM][NG][4];
     #pragma unroll
@@ -411,7 +427,7 @@ __global__ void __launch_bounds__(256) moe_grouped_kernel(GroupedArgs a, const i
         #pragma unroll
         for (int j = 0; j < NG; j++)
             #pragma unroll
-            for (int e = 0; e < 4; e++) v[q][j][e] = acc[q][j][0][e] + acc[q][j][1][e];
+            for (int e = 0; e < 4; e++) v[q][j][e] = (FLUSH ? sum[q][j][e] : acc[q][j][0][e]) + acc[q][j][1][e];
     if (KS > 1) {  // the k splits' sums, added by warp ks = 0 in the order ks = 1, 2, ..., in the slots once all are done
         typedef float Part[NM * NG * 4][32];
         Part *part = (Part *)slot;
@@ -515,20 +531,53 @@ __global__ void moe_batch_combine_kernel(float *x, const float *y, const int *in
     }
 }
 
-// The grouped product's two shapes, rows of 8 per unit (NG) x splits of k (KS), chosen by T:
-//   (1, 4) while a routed expert gets fewer than 3 rows on average (T K < 3 E), and for a dense layer;
-//   (2, 2) above. (4, 1) was faster still at T >= 256 but sums 2048 products per tensor-core accumulator:
-//   its error grew to 5e-6 (MoE) and 1.6e-5 (dense down, k = 10944) against dsv2.c, where (2, 2) stays at
-//   3e-6 and 9e-6, (1, 4) at 2e-6 and 5e-6 (docs/BENCHMARKS.md).
+// The grouped product's shapes: rows of 8 per unit (NG), splits of k (KS), FLUSH, PARTS (moe_grouped_kernel).
+// moe_shape_for picks by the rows a group gets on average, R = T K / E for a MoE layer (T for a dense layer,
+// one group): the last shape of the table whose threshold R >= from holds (MOE_NEVER: only when asked for by
+// moe_batch.shape, as the benchmark does). Measured on the H200 (docs/BENCHMARKS.md), V2-Lite shapes:
+//   (1, 4) below R = 3, and dense layers: short accumulators, the most blocks at small T;
+//   (2, 2) from R = 3. (4, 1) without FLUSH was faster still from T = 256 but erred by 1.6e-5 on the
+//   dense down product (k = 10944; bound 1e-5), (2, 2) by 9e-6 there, (1, 4) by 5e-6;
+//   (4, 1) FLUSH from R = 16 and (8, 1) FLUSH from R = 32 (dense: T = 64 and 256): thresholds expected
+//   before measurement. Whole-k warps with float32 sums, and larger units: a block's weight tile serves 32
+//   or 64 rows, so fewer bytes come from L2 per product (counted, not profiled: variant 12's blocks copy
+//   ~14.7 GB at T = 2048, 3.5 TB/s over its measured 4.17 ms, so those bytes are the likely bound); (8, 1)
+//   only pays once a group fills more than 32 rows. `./dsv2cu --bench MODEL --moe-only 3` measures every shape;
+//   (2, 1) FLUSH and (4, 1) FLUSH PARTS = 2: measured by --moe-only 3, never chosen (PARTS = 2 is not float32).
+// Thresholds must grow down the table for the shapes that may be chosen (the last that qualifies wins).
+// The router's affinities always use shape 0 (three parts, short sums): the experts chosen for a token do not
+// depend on the shape, so not on the batch size either.
+// The guard: a shape whose check fails in this process is never chosen (moe_shape_failed: set by
+// moe_batch_guard at init, and by the benchmark's checks).
 typedef void (*GroupedKernel)(GroupedArgs, const int4 *, const int *, int);
-typedef struct { int NG, KS; GroupedKernel one, two; } MoeShape;
-static const MoeShape moe_shapes[] = {{1, 4, moe_grouped_kernel<1, 4, 0>, moe_grouped_kernel<1, 4, 1>},
-                                      {2, 2, moe_grouped_kernel<2, 2, 0>, moe_grouped_kernel<2, 2, 1>}};
-static int moe_shape_for(int T, int K, int E, int moe) { return moe && (long)T * K >= 3L * E ? 1 : 0; }
+typedef struct { int NG, KS, flush, parts; GroupedKernel one, two; int moe_from, dense_from; } MoeShape;
+#define MOE_NEVER 0x7fffffff
+#define MOE_SHAPE(NG, KS, FLUSH, PARTS, moe_from, dense_from)                                                 \
+    {NG, KS, FLUSH, PARTS, moe_grouped_kernel<NG, KS, 0, FLUSH, PARTS>, moe_grouped_kernel<NG, KS, 1, FLUSH, PARTS>, \
+     moe_from, dense_from}
+static const MoeShape moe_shapes[] = {
+    //        NG KS FLUSH PARTS  from R (MoE)  from T (dense)
+    MOE_SHAPE(1, 4, 0, 3, 0, 0),
+    MOE_SHAPE(2, 2, 0, 3, 3, MOE_NEVER),
+    MOE_SHAPE(4, 1, 1, 3, 16, 64),
+    MOE_SHAPE(8, 1, 1, 3, 32, 256),
+    MOE_SHAPE(2, 1, 1, 3, MOE_NEVER, MOE_NEVER),
+    MOE_SHAPE(4, 1, 1, 2, MOE_NEVER, MOE_NEVER),
+};
+#define MOE_N_SHAPES ((int)(sizeof moe_shapes / sizeof moe_shapes[0]))
+static char moe_shape_failed[MOE_N_SHAPES];
+static int moe_shape_for(int T, int K, int E, int moe) {
+    int best = 0;
+    for (int v = 1; v < MOE_N_SHAPES; v++) {
+        long from = moe ? moe_shapes[v].moe_from : moe_shapes[v].dense_from;
+        if (from != MOE_NEVER && !moe_shape_failed[v] && (moe ? (long)T * K >= from * E : T >= from)) best = v;
+    }
+    return best;
+}
 // dynamic shared memory: two rounds of weight slots and activation pieces (at least the k splits' sums)
 static size_t moe_shape_smem(const MoeShape *sh, int two) {
     int NM = two ? 2 : 1, J = 4 / sh->KS;
-    size_t rounds = (size_t)2 * ((size_t)J * 2 * NM * 256 + 8 * sh->NG * 3 * 4 * 4) * 16;
+    size_t rounds = (size_t)2 * ((size_t)J * 2 * NM * 256 + 8 * sh->NG * sh->parts * 4 * 4) * 16;
     return std::max(rounds, (size_t)8 * NM * sh->NG * 4 * 32 * 4);
 }
 
@@ -544,6 +593,7 @@ static struct {
 // units of up to NT rows: at most one partial unit per group that has rows, plus rows / NT full ones
 static int moe_units_max(int T, int S, int G, int NT) { return std::min(G, T * S) + T * S / NT; }
 
+static void moe_batch_guard(int T);
 static void moe_batch_init(const Config *c, int max_T) {
     int dim = c->dim, E = c->n_routed_experts, K = c->n_experts_per_tok, mi = c->moe_intermediate_size;
     int S = K + c->n_shared_experts, G = E + c->n_shared_experts;
@@ -573,6 +623,7 @@ static void moe_batch_init(const Config *c, int max_T) {
         }
     for (const void *k : kernels)  // one L1/shared split for every kernel (gpu_init says why)
         cudaCheck(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+    moe_batch_guard(std::min(max_T, 512));
 }
 
 // one grouped product of shape sh (two: gate and up); units NULL = one dense group over T tokens
@@ -596,7 +647,7 @@ static void moe_batch_forward(float *x, const float *xn, const GpuLayer *L, int 
     if (moe) {
         GroupedArgs r = {};  // eq. (22)'s u_t^T e_i: the gate (E, dim) as one dense group
         r.W = L->gate; r.G_r = 1; r.ld = dim; r.m = E; r.k = dim; r.X = moe_batch.xs; r.Y = moe_batch.logits; r.ldy = E;
-        moe_grouped_forward(r, sh, 0, NULL, 0, T);
+        moe_grouped_forward(r, &moe_shapes[0], 0, NULL, 0, T);  // shape 0 always (moe_shapes says why)
         moe_route_forward(moe_batch.idx, moe_batch.w, moe_batch.logits, T);   // eqs. (21)-(22)
     }
     size_t smem = (size_t)T * K * sizeof(int);
@@ -616,4 +667,52 @@ static void moe_batch_forward(float *x, const float *xn, const GpuLayer *L, int 
     moe_grouped_forward(dn, sh, 0, moe_batch.units, units_max, T);
     launch(moe_batch_combine_kernel, T, 256, 0, x, (const float *)moe_batch.y, (const int *)moe_batch.inv,
            (const float *)moe_batch.w, K, S, dim);                                                     // eq. (20)
+}
+
+// The guard, run by moe_batch_init: every shape that moe_shape_for may pick (a threshold set) runs T random
+// tokens (xn uniform in [-1.7, 1.7)) through the model's first MoE layer and its first dense layer, against
+// shape 0 (the shortest tensor-core sums, checked against dsv2.c by --bench); a shape whose output differs
+// by 1e-5 of the output's scale or more (or is not finite) is marked in moe_shape_failed, never chosen, and
+// a line on stderr says so. A few milliseconds, once.
+__global__ void moe_guard_fill_kernel(float *p, size_t n, float scale) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ 0x9e3779b9u;
+        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
+        p[i] = ((h >> 8) / 16777216.0f * 2.0f - 1.0f) * scale;
+    }
+}
+static void moe_batch_guard(int T) {
+    const Config *c = &gpu.c;
+    size_t n = (size_t)T * c->dim;
+    float *x = dev_floats(n), *xn = dev_floats(n);
+    std::vector<float> ref(n), got(n);
+    moe_guard_fill_kernel<<<256, 256, 0, gpu.stream>>>(xn, n, 1.7f);
+    launchCheck();
+    for (int moe = 1; moe >= 0; moe--) {
+        int l = 0;
+        while (l < c->n_layers && gpu.layers[l].is_moe != moe) l++;
+        if (l == c->n_layers) continue;
+        for (int v = 0; v < MOE_N_SHAPES; v++) {
+            if (v > 0 && (moe ? moe_shapes[v].moe_from : moe_shapes[v].dense_from) == MOE_NEVER) continue;
+            moe_batch.shape = v;
+            cudaCheck(cudaMemsetAsync(x, 0, n * sizeof(float), gpu.stream));
+            moe_batch_forward(x, xn, &gpu.layers[l], T);  // x = the FFN's output
+            cudaCheck(cudaStreamSynchronize(gpu.stream));
+            cudaCheck(cudaMemcpy(v ? got.data() : ref.data(), x, n * sizeof(float), cudaMemcpyDeviceToHost));
+            if (v == 0) continue;
+            double d = 0, r = 0;
+            int finite = 1;
+            for (size_t i = 0; i < n; i++) {
+                finite &= std::isfinite(got[i]) && std::isfinite(ref[i]);
+                d = fmax(d, fabs((double)got[i] - ref[i])); r = fmax(r, fabs((double)ref[i]));
+            }
+            if (!finite || !(d < 1e-5 * r)) {
+                moe_shape_failed[v] = 1;
+                fprintf(stderr, "dsv2cu: the batched MoE's shape %d differs from shape 0 by %.3e of the output's scale on layer %d (%s); "
+                        "it is not used\n", v, r > 0 ? d / r : INFINITY, l, moe ? "MoE" : "dense");
+            }
+        }
+    }
+    moe_batch.shape = -1;
+    cudaCheck(cudaFree(x)); cudaCheck(cudaFree(xn));
 }
