@@ -535,16 +535,21 @@ __global__ void moe_batch_combine_kernel(float *x, const float *y, const int *in
 // moe_shape_for picks by the rows a group gets on average, R = T K / E for a MoE layer (T for a dense layer,
 // one group): the last shape of the table whose threshold R >= from holds (MOE_NEVER: only when asked for by
 // moe_batch.shape, as the benchmark does). Measured on the H200 (docs/BENCHMARKS.md), V2-Lite shapes:
-//   (1, 4) below R = 3, and dense layers: short accumulators, the most blocks at small T;
-//   (2, 2) from R = 3. (4, 1) without FLUSH was faster still from T = 256 but erred by 1.6e-5 on the
+//   (1, 4) below R = 3 (dense layers: below T = 128): short accumulators, the most blocks at small T;
+//   (2, 2) from R = 3 (never for a dense layer: the least accurate shape there, 8.6e-6 against 4.4e-6 for
+//   (1, 4), although the fastest at T = 16 and 128). (4, 1) without FLUSH was faster still from T = 256 but erred by 1.6e-5 on the
 //   dense down product (k = 10944; bound 1e-5), (2, 2) by 9e-6 there, (1, 4) by 5e-6;
-//   (4, 1) FLUSH from R = 16 and (8, 1) FLUSH from R = 32 (dense: T = 64 and 256): thresholds expected
-//   before measurement. Whole-k warps with float32 sums, and larger units: a block's weight tile serves 32
-//   or 64 rows, so fewer bytes come from L2 per product (counted, not profiled: variant 12's blocks copy
-//   ~14.7 GB at T = 2048, 3.5 TB/s over its measured 4.17 ms, so those bytes are the likely bound); (8, 1)
-//   only pays once a group fills more than 32 rows. `./dsv2cu --bench MODEL --moe-only 3` measures every shape;
-//   (2, 1) FLUSH and (4, 1) FLUSH PARTS = 2: measured by --moe-only 3, never chosen (PARTS = 2 is not float32).
-// Thresholds must grow down the table for the shapes that may be chosen (the last that qualifies wins).
+//   (4, 1) FLUSH from R = 16 (dense: T = 128), (8, 1) FLUSH for dense layers from T = 2048: whole-k warps with
+//   float32 sums every 128 values of k, and larger units (a block's weight tile serves 32 or 64 rows, so fewer
+//   bytes come from L2 per product). The thresholds are the measured winners of `./dsv2cu --bench MODEL
+//   --moe-only 3` (H200, 2026-12-01, a 2-layer V2-Lite-shaped model; ms per layer):
+//     MoE   T 64: (2,2) 0.41 | 256: (4,1)F 0.72, (2,2) 0.82 | 512: (8,1)F 1.32, (4,1)F 1.36 | 1024: (4,1)F 2.39,
+//           (8,1)F 2.52 | 2048: both 4.36 (so (8,1)F is never chosen for a MoE layer: at most 4% either way)
+//     dense T 16: (1,4) 0.16 | 128: (4,1)F 0.52, (1,4) 0.57 | 512: (4,1)F 1.00 | 2048: (8,1)F 3.71, (4,1)F 3.87
+//   (2, 1) FLUSH and (4, 1) FLUSH PARTS = 2: measured, never chosen. PARTS = 2 was the fastest from T = 256
+//   (1.8 ms at T = 1024) within 5e-6 of dsv2.c, but two bf16 parts keep 16 of float32's 24 bits: not float32.
+// Thresholds must grow down the table for the shapes that may be chosen (the last that qualifies wins;
+// MOE_NEVER counts as infinite).
 // The router's affinities always use shape 0 (three parts, short sums): the experts chosen for a token do not
 // depend on the shape, so not on the batch size either.
 // The guard: a shape whose check fails in this process is never chosen (moe_shape_failed: set by
@@ -559,8 +564,8 @@ static const MoeShape moe_shapes[] = {
     //        NG KS FLUSH PARTS  from R (MoE)  from T (dense)
     MOE_SHAPE(1, 4, 0, 3, 0, 0),
     MOE_SHAPE(2, 2, 0, 3, 3, MOE_NEVER),
-    MOE_SHAPE(4, 1, 1, 3, 16, 64),
-    MOE_SHAPE(8, 1, 1, 3, 32, 256),
+    MOE_SHAPE(4, 1, 1, 3, 16, 128),
+    MOE_SHAPE(8, 1, 1, 3, MOE_NEVER, 2048),
     MOE_SHAPE(2, 1, 1, 3, MOE_NEVER, MOE_NEVER),
     MOE_SHAPE(4, 1, 1, 2, MOE_NEVER, MOE_NEVER),
 };
