@@ -2745,7 +2745,7 @@ static void error_usage(FILE *out, int status) {
         "  --kv-layout latent|mha   [generate, chat, ppl, batch] cache the latent (default) or\n"
         "                every head's key and value, as multi-head attention would (no -a then)\n"
         "  --batch B     [batch, ./dsv2cu only] sequences in flight at once (default 64)\n"
-        "  --kv-mem GIB  [batch, ./dsv2cu only] GiB for the paged KV cache (default: 90% of the GPU's\n"
+        "  --kv-mem GIB  [batch, ./dsv2cu only] GiB for the paged KV cache (default: 90%% of the GPU's\n"
         "                free memory less 2 GiB, at most what the sequences in flight can use)\n"
         "  --dump-logits FILE   [generate, chat] every position's logits, float32 [pos][vocab]\n"
         "  --threads N   [generate, chat, ppl, batch] OpenMP threads (default: all cores, or\n"

@@ -35,10 +35,10 @@
 // KV_BLOCK (tokens per block) is dsv2.c's, next to the batch hook's contract.
 // Default of sv.small_t: batches of at most this many tokens use the CUDA-core products below. Each of their
 // warps reads all T inputs (T x n floats, from L2) for every weight row, so their L2 traffic grows with T
-// (counted for V2-Lite at T = 64: ~130 GB a step). With 64 here, a V2-Lite step at batch 64 (latent cache,
-// context 2K) took 35 ms, while batch 75 through cuBLAS took 27 ms with the mha layout's ten times larger cache
-// (tools/bench_serving.sh, 2026-12-01). --bench-serve --small-t N measures other values.
-#define SMALL_T 4
+// (counted for V2-Lite at T = 64: ~130 GB a step). Measured (H200, 2026-12-01, --bench-serve --small-t on a
+// 4-layer V2-Lite-shaped model, context 2K, bf16 latent cache; step ms with the CUDA-core products / cuBLAS):
+// batch 2: 1.29 / 1.06, 4: 1.53 / 1.15, 8: 2.12 / 1.33, 16: 3.27 / 1.64. So only a single token takes them.
+#define SMALL_T 1
 static int serve_small_t = SMALL_T;  // what serve_init sets sv.small_t to (--bench-serve --small-t changes it)
 #define MM_TB 8           // tokens per pass of matmul_small_kernel over a weight row
 

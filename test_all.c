@@ -2715,17 +2715,25 @@ static void test_gpu_batch(const char *label, const char *model, const char *tok
                 if (lc != lg || memcmp(c, g, lc)) { first_diff = same; break; }
                 c += lc + (c[lc] != 0); g += lg + (g[lg] != 0);
             }
-            // Sampled text over a bf16 cache is not compared token for token with the CPU: a cache value whose
-            // float32 sums differ in the last bit between the two paths can round to the neighbouring bf16 number
-            // (2^-9 apart), and a sampled draw near a boundary of its cumulative sum then picks another token.
-            // Measured (H200, 2026-12-01): dsv2 itself diverges on the same prompts when 1 float32 ulp of noise is
-            // added before its bf16 rounding (docs/FORMAT.md). There the GPU's batch sizes must agree with each
-            // other (below), and the CPU agreement is printed, not counted.
+            // Sampled text over a bf16 cache is not compared token for token, neither with the CPU nor across
+            // --batch: a cache value whose float32 sums differ in the last bit (another summation order: the
+            // CPU's, or the GPU's products of another shape at another batch size) can round to the
+            // neighbouring bf16 number (2^-9 apart), and a sampled draw near a boundary of its cumulative sum
+            // then picks another token. Measured (H200, 2026-12-01): dsv2 itself diverges on the same prompts
+            // when 1 float32 ulp of noise is added before its bf16 rounding; --batch 16, 3 and 1 agreed while
+            // every batch size used the same products, and not once the larger batches' went through cuBLAS
+            // (dsv2_serve.cuh SMALL_T; docs/BENCHMARKS.md). What is asserted there: the GPU repeats itself exactly (the same
+            // command twice, the same lines); the agreement with the CPU and across batch sizes is printed.
             if (sampled && bf16) {
                 printf("NOTE   GPU vs CPU, -m batch, %s, %s, --batch %d: the first %d of %d JSON lines the same "
                        "(not asserted for sampled text over a bf16 cache)\n", label, flags, batches[b], same, lines);
-                if (b > 0) check(first16 && gpu && count_of(gpu, "\n") == 19 && !strcmp(first16, gpu), "GPU -m batch, %s, %s: --batch %d gives the same "
-                           "JSON lines as --batch 16", label, flags, batches[b]);
+                if (b > 0)
+                    printf("NOTE   GPU -m batch, %s, %s: --batch %d gives %s JSON lines as --batch 16 (not asserted)\n",
+                           label, flags, batches[b], first16 && gpu && !strcmp(first16, gpu) ? "the same" : "other");
+                char *again = run_capture(cmd);
+                check(gpu && again && count_of(gpu, "\n") == 19 && !strcmp(gpu, again), "GPU -m batch, %s, %s, --batch %d: "
+                      "the same JSON lines when run again (deterministic)", label, flags, batches[b]);
+                free(again);
             } else {
                 check(cpu && gpu && lines == 19 && !strcmp(cpu, gpu), "GPU vs CPU, -m batch, %s, %s, --batch %d: the first %d of %d "
                       "JSON lines the same (the same tokens)", label, flags, batches[b], same, lines);
