@@ -37,8 +37,9 @@
 // warps reads all T inputs (T x n floats, from L2) for every weight row, so their L2 traffic grows with T
 // (counted for V2-Lite at T = 64: ~130 GB a step). Measured (H200, 2026-12-01, --bench-serve --small-t on a
 // 4-layer V2-Lite-shaped model, context 2K, bf16 latent cache; step ms with the CUDA-core products / cuBLAS):
-// batch 2: 1.29 / 1.06, 4: 1.53 / 1.15, 8: 2.12 / 1.33, 16: 3.27 / 1.64. So only a single token takes them.
-#define SMALL_T 1
+// batch 2: 1.29 / 1.06, 4: 1.53 / 1.15, 8: 2.12 / 1.33, 16: 3.27 / 1.64. So 1 would be faster; 4 stays until
+// ./test_all --gpu-only has run with 1 (the run that measured this ran the tests with 4).
+#define SMALL_T 4
 static int serve_small_t = SMALL_T;  // what serve_init sets sv.small_t to (--bench-serve --small-t changes it)
 #define MM_TB 8           // tokens per pass of matmul_small_kernel over a weight row
 
