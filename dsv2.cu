@@ -13,7 +13,11 @@
  * default model that flipped greedy decoding at step 4, where the two best logits were 0.006
  * apart (measured on an H100); with float32 the GPU computes what dsv2.c computes, token by token.
  * The cache still holds only the latent (576 values per token per layer for DeepSeek-V2).
- * Attention is always the absorbed form (paper Appendix C); -a naive is accepted and ignored.
+ * -m batch (dsv2_serve.cuh) keeps many sequences' caches in pages, float32 or, with --kv bf16, bf16
+ * (each value rounded as dsv2.c rounds it), and with --kv-layout mha the expanded cache a model without
+ * MLA would need (the economy experiment, docs/BENCHMARKS.md).
+ * Attention is the absorbed form (paper Appendix C), except over the mha layout's expanded rows, which it
+ * reads as multi-head attention does; -a naive is refused (run ./dsv2 for it).
  *
  * Keeping float32 accuracy on the tensor cores: the attention runs in 3xTF32 (each float32 operand
  * split in two tf32 parts, three products), the prefill's matrix products in bf16 x 3 (the weights are
