@@ -19,6 +19,16 @@ __device__ __forceinline__ void rope_cos_sin(int pos, const float *inv_freq, int
     *cs = (float)cos((double)angle) * mscale;
     *sn = (float)sin((double)angle) * mscale;
 }
+// dsv2.c's rope_apply on one vector, by the whole block (one thread per rotated pair): out[2i], out[2i+1] =
+// the pair in[2i], in[2i+1] rotated by this position's angle i (rope_cos_sin). out may be in.
+__device__ __forceinline__ void rope_block(float *out, const float *in, int rope, int pos, const float *inv_freq, float mscale) {
+    for (int i = threadIdx.x; i < rope / 2; i += blockDim.x) {
+        float cs, sn, x0 = in[2 * i], x1 = in[2 * i + 1];
+        rope_cos_sin(pos, inv_freq, i, mscale, &cs, &sn);
+        out[2 * i] = x0 * cs - x1 * sn;
+        out[2 * i + 1] = x0 * sn + x1 * cs;
+    }
+}
 
 // Everything MLA needs between the projections and the attention, for T tokens: the lines of dsv2.c's
 // mla_attention that apply rope_apply to q (eq. 14), rmsnorm + rope_apply into the cache row (eqs. 9,
@@ -73,24 +83,13 @@ __global__ void mla_prep_kernel(float *q_lat, float *cache, const float *q, cons
     if (blk < H * CT + H) {  // eq. (14): the rotary part of head h's query
         int h = blk - H * CT;
         const float *qr = q + ((size_t)t * H + h) * (nope + rope) + nope;
-        float *out = q_lat + ((size_t)t * H + h) * W + d_c;
-        for (int i = tid; i < rope / 2; i += blockDim.x) {
-            float cs, sn, x0 = qr[2 * i], x1 = qr[2 * i + 1];
-            rope_cos_sin(pos, inv_freq, i, mscale, &cs, &sn);
-            out[2 * i] = x0 * cs - x1 * sn;
-            out[2 * i + 1] = x0 * sn + x1 * cs;
-        }
+        rope_block(q_lat + ((size_t)t * H + h) * W + d_c, qr, rope, pos, inv_freq, mscale);
         return;
     }
     const float *a = kv_a + (size_t)t * W;  // [W^DKV h ; W^KR h]
     float *row = cache + (size_t)pos * W;
     rmsnorm_block(row, a, kv_norm, d_c, eps);                                                          // eq. (9)
-    for (int i = tid; i < rope / 2; i += blockDim.x) {                                                 // eq. (15)
-        float cs, sn, x0 = a[d_c + 2 * i], x1 = a[d_c + 2 * i + 1];
-        rope_cos_sin(pos, inv_freq, i, mscale, &cs, &sn);
-        row[d_c + 2 * i] = x0 * cs - x1 * sn;
-        row[d_c + 2 * i + 1] = x0 * sn + x1 * cs;
-    }
+    rope_block(row + d_c, a + d_c, rope, pos, inv_freq, mscale);                                       // eq. (15)
 }
 static void mla_prep_forward(float *q_lat, float *cache, const float *q, const float *kv_a, const bf16 *kv_b,
                              const float *kv_norm, const int *pos0, int absorb, int T) {

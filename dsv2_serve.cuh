@@ -173,26 +173,15 @@ __global__ void serve_prep_kernel(float *q_out, int qstride, int qoff, float *ck
                                   int rope, float eps, const float *inv_freq, float mscale) {
     pdl_launch_next();
     pdl_wait();
-    int blk = blockIdx.x, t = blockIdx.y, tid = threadIdx.x, p = pos[t];
+    int blk = blockIdx.x, t = blockIdx.y, p = pos[t];
     if (blk < H) {
         const float *qr = q + ((size_t)t * H + blk) * (nope + rope) + nope;
-        float *o = q_out + ((size_t)t * H + blk) * qstride + qoff;
-        for (int i = tid; i < rope / 2; i += blockDim.x) {
-            float cs, sn, x0 = qr[2 * i], x1 = qr[2 * i + 1];
-            rope_cos_sin(p, inv_freq, i, mscale, &cs, &sn);
-            o[2 * i] = x0 * cs - x1 * sn;
-            o[2 * i + 1] = x0 * sn + x1 * cs;
-        }
+        rope_block(q_out + ((size_t)t * H + blk) * qstride + qoff, qr, rope, p, inv_freq, mscale);    // eq. (14)
         return;
     }
     const float *a = kv_a + (size_t)t * (d_c + rope);
     rmsnorm_block(ckv + (size_t)t * d_c, a, kv_norm, d_c, eps);                                         // eq. (9)
-    for (int i = tid; i < rope / 2; i += blockDim.x) {                                                  // eq. (15)
-        float cs, sn, x0 = a[d_c + 2 * i], x1 = a[d_c + 2 * i + 1];
-        rope_cos_sin(p, inv_freq, i, mscale, &cs, &sn);
-        kr[(size_t)t * rope + 2 * i] = x0 * cs - x1 * sn;
-        kr[(size_t)t * rope + 2 * i + 1] = x0 * sn + x1 * cs;
-    }
+    rope_block(kr + (size_t)t * rope, a + d_c, rope, p, inv_freq, mscale);                              // eq. (15)
 }
 
 // cache element stores and loads: float32, or bf16 rounded to nearest even (as dsv2.c rounds its rows)
