@@ -6,6 +6,27 @@
 
 static double median(std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; }
 
+// the median milliseconds of run(i) over reps calls, after skip warm-up calls: each one timed alone by two
+// events on the GPU stream (what run(i) enqueues there, from the first launch to the last kernel's end)
+template <typename F> static double median_ms(int skip, int reps, F run) {
+    cudaEvent_t e0, e1;
+    cudaCheck(cudaEventCreate(&e0));
+    cudaCheck(cudaEventCreate(&e1));
+    std::vector<double> t;
+    for (int i = 0; i < skip + reps; i++) {
+        cudaCheck(cudaEventRecord(e0, gpu.stream));
+        run(i);
+        cudaCheck(cudaEventRecord(e1, gpu.stream));
+        cudaCheck(cudaEventSynchronize(e1));
+        float ms;
+        cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+        if (i >= skip) t.push_back(ms);
+    }
+    cudaCheck(cudaEventDestroy(e0));
+    cudaCheck(cudaEventDestroy(e1));
+    return median(t);
+}
+
 // max |a - b| / max |b|; infinite if either holds a NaN or an infinity (fmax would skip a NaN)
 static double rel_err_f(const float *a, const float *b, size_t n) {
     double d = 0, r = 0;
@@ -46,26 +67,14 @@ static double decode_bytes(const Config *c, long n_ctx) {
 
 // 3. copy bandwidth: device-to-device memcpy of 1 GiB, bytes read + written
 static double bench_copy_bandwidth(void) {
-    cudaEvent_t e0, e1;
-    cudaCheck(cudaEventCreate(&e0));
-    cudaCheck(cudaEventCreate(&e1));
-    float ms;
     double copy_gbs;
     size_t n = (size_t)1 << 30;
     void *a, *b;
     cudaCheck(cudaMalloc(&a, n));
     cudaCheck(cudaMalloc(&b, n));
     cudaCheck(cudaMemset(a, 1, n));
-    std::vector<double> t;
-    for (int i = 0; i < 13; i++) {
-        cudaCheck(cudaEventRecord(e0, gpu.stream));
-        cudaCheck(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, gpu.stream));
-        cudaCheck(cudaEventRecord(e1, gpu.stream));
-        cudaCheck(cudaEventSynchronize(e1));
-        cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
-        if (i >= 3) t.push_back(ms);
-    }
-    copy_gbs = 2.0 * n / (median(t) * 1e-3) / 1e9;
+    double ms = median_ms(3, 10, [&](int) { cudaCheck(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, gpu.stream)); });
+    copy_gbs = 2.0 * n / (ms * 1e-3) / 1e9;
     printf("BENCH copy_bandwidth_GBps %.1f\n", copy_gbs);
     cudaCheck(cudaFree(a));
     cudaCheck(cudaFree(b));
@@ -74,10 +83,6 @@ static double bench_copy_bandwidth(void) {
 
 // 6. the MLA decode kernel alone: B sequences of L rows, the model's heads, own cache each
 static void bench_mla_kernel(const Config *c, int ctx_max, double copy_gbs, uint64_t *rng_state) {
-    cudaEvent_t e0, e1;
-    cudaCheck(cudaEventCreate(&e0));
-    cudaCheck(cudaEventCreate(&e1));
-    float ms;
     uint64_t rng = *rng_state;
     int B = 64, L = ctx_max, H = c->n_heads, W = gpu.W, d_c = c->kv_lora_rank, n_split = ceil_div(L, 256);
     float *cache = dev_floats((size_t)B * L * W);
@@ -94,16 +99,8 @@ static void bench_mla_kernel(const Config *c, int ctx_max, double copy_gbs, uint
     cudaCheck(cudaMemcpy(q, hq.data(), hq.size() * 4, cudaMemcpyHostToDevice));
     cudaCheck(cudaMemset(o, 0xff, (size_t)B * H * d_c * 4));  // poison: NaN unless written
     double scale = gpu.softmax_scale;
-    std::vector<double> t;
-    for (int i = 0; i < 23; i++) {
-        cudaCheck(cudaEventRecord(e0, gpu.stream));
-        mla_attention_forward(o, q, cache, (size_t)L * W, lens, NULL, 0, B, n_split);
-        cudaCheck(cudaEventRecord(e1, gpu.stream));
-        cudaCheck(cudaEventSynchronize(e1));
-        cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
-        if (i >= 3) t.push_back(ms);
-    }
-    double bytes = (double)B * L * W * 4, gbs = bytes / (median(t) * 1e-3) / 1e9;
+    double ms = median_ms(3, 20, [&](int) { mla_attention_forward(o, q, cache, (size_t)L * W, lens, NULL, 0, B, n_split); });
+    double bytes = (double)B * L * W * 4, gbs = bytes / (ms * 1e-3) / 1e9;
     // check two sequences against a float64 reference
     std::vector<float> hc((size_t)L * W);
     std::vector<float> ho((size_t)B * H * d_c);
@@ -132,7 +129,7 @@ static void bench_mla_kernel(const Config *c, int ctx_max, double copy_gbs, uint
     }
     // float32 accuracy expected (3xTF32 on the tensor cores): 1e-5 is well above float32 rounding, far below tf32's ~1e-3
     printf("BENCH check_mla_kernel_vs_float64 max_rel_err %.3e %s\n", worst, worst < 1e-5 ? "OK" : "NOT OK");
-    printf("BENCH mla_kernel batch %d ctx %d heads %d ms %.3f GBps %.1f ratio_to_copy %.3f\n", B, L, H, median(t), gbs,
+    printf("BENCH mla_kernel batch %d ctx %d heads %d ms %.3f GBps %.1f ratio_to_copy %.3f\n", B, L, H, ms, gbs,
            gbs / copy_gbs);
     cudaCheck(cudaFree(gpu.part_o)); cudaCheck(cudaFree(gpu.part_ml));
     cudaCheck(cudaFree(cache)); cudaCheck(cudaFree(q)); cudaCheck(cudaFree(o)); cudaCheck(cudaFree(lens));
@@ -263,7 +260,7 @@ static int check_moe_batch(const Model *m, RunState *s, int l, int T, float *dx,
 }
 
 // median ms of a CUDA graph of moe_batch_forward (shape v) over 10 replays after 3
-static double time_moe_batch(const GpuLayer *L, int T, int v, float *dx, const float *dxn, cudaEvent_t e0, cudaEvent_t e1) {
+static double time_moe_batch(const GpuLayer *L, int T, int v, float *dx, const float *dxn) {
     moe_batch.shape = v;
     cudaGraph_t graph;
     cudaGraphExec_t exec;
@@ -272,24 +269,15 @@ static double time_moe_batch(const GpuLayer *L, int T, int v, float *dx, const f
     cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
     cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
     moe_batch.shape = -1;
-    std::vector<double> t;
-    for (int i = 0; i < 13; i++) {
-        float ms;
-        cudaCheck(cudaEventRecord(e0, gpu.stream));
-        cudaCheck(cudaGraphLaunch(exec, gpu.stream));
-        cudaCheck(cudaEventRecord(e1, gpu.stream));
-        cudaCheck(cudaEventSynchronize(e1));
-        cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
-        if (i >= 3) t.push_back(ms);
-    }
+    double ms = median_ms(3, 10, [&](int) { cudaCheck(cudaGraphLaunch(exec, gpu.stream)); });
     cudaCheck(cudaGraphExecDestroy(exec));
     cudaCheck(cudaGraphDestroy(graph));
-    return median(t);
+    return ms;
 }
 
 // the sweep (--moe-only 3): layer l, every shape at each T: checked, timed, one line each; then the fastest that passed
 static void sweep_moe_shapes(const Model *m, RunState *s, int l, const std::vector<int> &Ts, double copy_gbs, float *dx,
-                             float *dxn, uint64_t *rng, cudaEvent_t e0, cudaEvent_t e1) {
+                             float *dxn, uint64_t *rng) {
     const Config *c = &m->config;
     const GpuLayer *L = &gpu.layers[l];
     int moe = L->is_moe, dim = c->dim, E = moe ? c->n_routed_experts : 0, K = moe ? c->n_experts_per_tok : 0;
@@ -311,7 +299,7 @@ static void sweep_moe_shapes(const Model *m, RunState *s, int l, const std::vect
         for (int v = 0; v < MOE_N_SHAPES; v++) {
             const MoeShape *sh = &moe_shapes[v];
             MoeCheck r = moe_case_check(&mc, v, dx, dxn);
-            double ms = time_moe_batch(L, T, v, dx, dxn, e0, e1), gbs = bytes / (ms * 1e-3) / 1e9;
+            double ms = time_moe_batch(L, T, v, dx, dxn), gbs = bytes / (ms * 1e-3) / 1e9;
             double tflops = (route_flop + ffn_flop) / (ms * 1e-3) / 1e12;
             double tensor = (3 * route_flop + sh->parts * ffn_flop) / (ms * 1e-3) / 1e12;  // with the split's parts
             printf("BENCH moe_sweep layer %d (%s) T %d shape %d (NG %d KS %d flush %d parts %d) ms %.4f GBps %.1f "
@@ -339,9 +327,6 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int mode) {
     int dim = c->dim, K = c->n_experts_per_tok, E = c->n_routed_experts, mi = c->moe_intermediate_size;
     int max_T = PF_MAX;
     moe_batch_init(c, max_T);
-    cudaEvent_t e0, e1;
-    cudaCheck(cudaEventCreate(&e0));
-    cudaCheck(cudaEventCreate(&e1));
     float *dx = dev_floats((size_t)max_T * dim), *dxn = dev_floats((size_t)max_T * dim);
     uint64_t rng = 4242;
     RunState s;
@@ -379,8 +364,8 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int mode) {
     printf("\n");
     fflush(stdout);
     if (mode == 3) {  // the sweep
-        sweep_moe_shapes(m, &s, l, {1, 8, 64, 256, 512, 1024, 2048}, copy_gbs, dx, dxn, &rng, e0, e1);
-        if (!is_moe_layer(c, 0)) sweep_moe_shapes(m, &s, 0, {16, 128, 512, 2048}, copy_gbs, dx, dxn, &rng, e0, e1);
+        sweep_moe_shapes(m, &s, l, {1, 8, 64, 256, 512, 1024, 2048}, copy_gbs, dx, dxn, &rng);
+        if (!is_moe_layer(c, 0)) sweep_moe_shapes(m, &s, 0, {16, 128, 512, 2048}, copy_gbs, dx, dxn, &rng);
         printf("BENCH moe_shape_failed");
         for (int v = 0; v < MOE_N_SHAPES; v++) printf(" %d", moe_shape_failed[v]);
         printf("\n");
@@ -392,9 +377,9 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int mode) {
         size_t n = (size_t)T * dim;
         fill_random(dxn, n, 100 + T, 1.7f);
         fill_random(dx, n, 200 + T, 0.1f);
-        double ms = time_moe_batch(L, T, -1, dx, dxn, e0, e1);
+        double ms = time_moe_batch(L, T, -1, dx, dxn);
         std::vector<double> shape_ms;
-        for (int v = 0; v < MOE_N_SHAPES; v++) shape_ms.push_back(time_moe_batch(L, T, v, dx, dxn, e0, e1));
+        for (int v = 0; v < MOE_N_SHAPES; v++) shape_ms.push_back(time_moe_batch(L, T, v, dx, dxn));
         // the weights this step must read: the router, each chosen expert once, the shared experts
         std::vector<int> idx((size_t)T * K);
         cudaCheck(cudaMemcpy(idx.data(), moe_batch.idx, idx.size() * 4, cudaMemcpyDeviceToHost));
@@ -417,17 +402,7 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int mode) {
             }
             cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
             cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
-            std::vector<double> t;
-            for (int i = 0; i < 5; i++) {
-                float ms1;
-                cudaCheck(cudaEventRecord(e0, gpu.stream));
-                cudaCheck(cudaGraphLaunch(exec, gpu.stream));
-                cudaCheck(cudaEventRecord(e1, gpu.stream));
-                cudaCheck(cudaEventSynchronize(e1));
-                cudaCheck(cudaEventElapsedTime(&ms1, e0, e1));
-                if (i >= 1) t.push_back(ms1);
-            }
-            one_ms = median(t);
+            one_ms = median_ms(1, 4, [&](int) { cudaCheck(cudaGraphLaunch(exec, gpu.stream)); });
             cudaCheck(cudaGraphExecDestroy(exec));
             cudaCheck(cudaGraphDestroy(graph));
         }
@@ -549,23 +524,7 @@ static double attn_case(const Config *c, int mha, int kv_bf16, const std::vector
     *bytes = 4.0 * B * H * (qw + ow);
     for (int b = 0; b < B && !one_slot; b++) *bytes += (double)lens[b] * row_bytes;  // each query's rows, once
     if (one_slot) *bytes += (double)max_len * row_bytes;                                // the one sequence's rows
-    if (reps > 0) {
-        cudaEvent_t e0, e1;
-        cudaCheck(cudaEventCreate(&e0));
-        cudaCheck(cudaEventCreate(&e1));
-        std::vector<double> t;
-        for (int i = 0; i <= reps; i++) {
-            float m;
-            cudaCheck(cudaEventRecord(e0, gpu.stream));
-            run();
-            cudaCheck(cudaEventRecord(e1, gpu.stream));
-            cudaCheck(cudaEventSynchronize(e1));
-            cudaCheck(cudaEventElapsedTime(&m, e0, e1));
-            if (i > 0) t.push_back(m);
-        }
-        *ms = median(t);
-        cudaCheck(cudaEventDestroy(e0)); cudaCheck(cudaEventDestroy(e1));
-    }
+    if (reps > 0) *ms = median_ms(1, reps, [&](int) { run(); });
     cudaCheck(cudaFree(pool)); cudaCheck(cudaFree(q)); cudaCheck(cudaFree(o));
     cudaCheck(cudaFree(d_tab)); cudaCheck(cudaFree(d_seq)); cudaCheck(cudaFree(d_lens));
     return worst;
@@ -762,10 +721,6 @@ static int bench_main(int argc, char **argv) {
         gpu.pf_compact = 0;
     }
     fflush(stdout);
-    cudaEvent_t e0, e1;
-    cudaCheck(cudaEventCreate(&e0));
-    cudaCheck(cudaEventCreate(&e1));
-    float ms;
     double copy_gbs = bench_copy_bandwidth();
     // 4. prefill of `prompt` tokens (a warm-up pass first); padded expert layout, then compact (one product per expert)
     for (int compact = 0; compact <= 1; compact++) {
@@ -792,16 +747,8 @@ static int bench_main(int argc, char **argv) {
         for (int pdl = 1; pdl >= 0; pdl--) {
             gpu.pdl = pdl;
             decode_graph_build();
-            std::vector<double> t;
-            for (int i = 0; i < 60; i++) {
-                cudaCheck(cudaEventRecord(e0, gpu.stream));
-                decode_launch(ids[i % prompt], n_ctx);  // attends over n_ctx + 1 rows
-                cudaCheck(cudaEventRecord(e1, gpu.stream));
-                cudaCheck(cudaEventSynchronize(e1));
-                cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
-                if (i >= 10) t.push_back(ms);
-            }
-            double sec = median(t) * 1e-3, bytes = decode_bytes(c, n_ctx + 1);
+            double sec = median_ms(10, 50, [&](int i) { decode_launch(ids[i % prompt], n_ctx); }) * 1e-3,  // n_ctx + 1 rows
+                   bytes = decode_bytes(c, n_ctx + 1);
             printf("BENCH decode%s ctx %d ms %.3f tok_per_s %.1f bytes %.0f roofline_tok_per_s %.1f ratio %.3f\n",
                    pdl ? "" : "_no_pdl", n_ctx, sec * 1e3, 1 / sec, bytes, copy_gbs * 1e9 / bytes,
                    (bytes / sec) / (copy_gbs * 1e9));

@@ -654,9 +654,6 @@ static int bench_serve_main(int argc, char **argv) {
     for (int l = 0; l < c->n_layers; l++)
         fixed += attn + (is_moe_layer(c, l) ? c->n_routed_experts * dim + 3.0 * dim * mi * c->n_shared_experts
                                             : 3.0 * dim * c->intermediate_size);
-    cudaEvent_t e0, e1;
-    cudaCheck(cudaEventCreate(&e0));
-    cudaCheck(cudaEventCreate(&e1));
     uint64_t rng = 4242;
     for (int B : Bs) {
         if (B > fit) {
@@ -683,17 +680,7 @@ static int bench_serve_main(int argc, char **argv) {
         }
         double weight_bytes = 2 * (fixed + experts * 3.0 * dim * mi + B * dim);
         double cache_bytes = (double)B * L * c->n_layers * sv.row * (kv_bf16 ? 2 : 4);
-        std::vector<double> t;
-        for (int i = 0; i < steps + 3; i++) {
-            cudaCheck(cudaEventRecord(e0, gpu.stream));
-            serve_step(B, B, 0.0f, 1.0f, 1);
-            cudaCheck(cudaEventRecord(e1, gpu.stream));
-            cudaCheck(cudaEventSynchronize(e1));
-            float ms;
-            cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
-            if (i >= 3) t.push_back(ms);
-        }
-        double sec = median(t) * 1e-3, roof = (weight_bytes + cache_bytes) / (copy_gbs * 1e9);
+        double sec = median_ms(3, steps, [&](int) { serve_step(B, B, 0.0f, 1.0f, 1); }) * 1e-3, roof = (weight_bytes + cache_bytes) / (copy_gbs * 1e9);
         printf("BENCH serve layout %s kv %s ctx %d batch %d step_ms %.3f tok_per_s %.1f cache_bytes %.0f weight_bytes %.0f "
                "experts_touched %.0f roofline_ms %.3f roofline_fraction %.3f max_batch_fit %ld kv_mem_GiB %.3f\n",
                kv_mha ? "mha" : "latent", kv_bf16 ? "bf16" : "f32", L, B, sec * 1e3, B / sec, cache_bytes, weight_bytes,
