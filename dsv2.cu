@@ -123,6 +123,8 @@ typedef struct {
     float *part_o, *part_ml;  // split-sequence partial results of the attention
     int dec_splits;
     cudaStream_t stream;
+    const void *ablate;          // --bench --ablate: launch() skips this kernel (the step timed without it)
+    int launches;                // launch() calls so far (--bench --ablate counts a decode step's)
     cudaGraphExec_t graph;       // decode_step: the logits (--dump-logits, --bench)
     cudaGraphExec_t graph_next;  // decode_step, then the draw of the next token (sample_forward)
     float next_temperature, next_topp;  // the sampler graph_next was captured with
@@ -142,6 +144,8 @@ static Gpu gpu;
 // launch a kernel on the GPU stream, with programmatic dependent launch unless DSV2_NO_PDL is set
 template <typename... Params, typename... Args>
 static void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) {
+    if ((const void *)kernel == gpu.ablate) return;
+    gpu.launches++;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;

@@ -643,14 +643,65 @@ static int bench_attn_main(int argc, char **argv) {
     return 0;
 }
 
+// --ablate CTX: where the decode step's time goes inside the pipelined graph (Nsight Compute times kernels one
+// by one, without the overlap PDL gives). The step at context CTX is timed whole, then without each kind of
+// kernel in turn (launch() skips it; the logits are then wrong, only the time counts): the difference is
+// what that kernel costs in place. Then the floor of the step's dependent launches: a graph of as many empty
+// kernels, each waiting for the one before (programmatic dependent launch, as the step's), of 1 block and of
+// one block per multiprocessor.
+__global__ void empty_kernel(int *unused) {
+    pdl_launch_next();
+    pdl_wait();
+    if (unused && threadIdx.x == 0) *unused = 0;
+}
+static void bench_ablate(const Config *c, int n_ctx, const std::vector<int> &ids) {
+    struct { const char *name; const void *kernel; } kinds[] = {
+        {"matvec", (const void *)matvec_kernel}, {"mla_prep", (const void *)mla_prep_kernel},
+        {"mla_attention", (const void *)mla_attention_kernel}, {"mla_combine", (const void *)mla_combine_kernel},
+        {"v_up", (const void *)v_up_kernel}, {"moe_router", (const void *)moe_router_kernel},
+        {"moe_gate_up", (const void *)moe_gate_up_kernel}, {"moe_down", (const void *)moe_down_kernel},
+        {"rmsnorm", (const void *)rmsnorm_kernel}, {"embed", (const void *)embed_kernel}};
+    fill_random(gpu.kv_cache, (size_t)c->n_layers * gpu.seq_len * gpu.W, 779, 1.0f);
+    auto step_ms = [&]() {
+        decode_graph_build();
+        return median_ms(10, 50, [&](int i) { decode_launch(ids[i % ids.size()], n_ctx); });
+    };
+    gpu.launches = 0;
+    double base = step_ms();
+    int n = gpu.launches;
+    printf("BENCH ablate ctx %d none ms %.3f launches %d\n", n_ctx, base, n);
+    for (auto &k : kinds) {
+        gpu.ablate = k.kernel;
+        gpu.launches = 0;
+        double t = step_ms();
+        printf("BENCH ablate ctx %d %s ms %.3f saves_us %.1f launches %d\n", n_ctx, k.name, t, (base - t) * 1e3, n - gpu.launches);
+        fflush(stdout);
+    }
+    gpu.ablate = NULL;
+    for (int blocks : {1, gpu.n_sm}) {
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
+        for (int i = 0; i < n; i++) launch(empty_kernel, blocks, 256, 0, (int *)NULL);
+        cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
+        cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+        double t = median_ms(10, 50, [&](int) { cudaCheck(cudaGraphLaunch(exec, gpu.stream)); });
+        printf("BENCH ablate floor %d empty launches of %d blocks ms %.3f us_per_launch %.2f\n", n, blocks, t, t * 1e3 / n);
+        cudaCheck(cudaGraphExecDestroy(exec));
+        cudaCheck(cudaGraphDestroy(graph));
+    }
+    decode_graph_build();
+}
+
 static int bench_main(int argc, char **argv) {
     const char *path = argv[0];
-    int check_tokens = 4, ctx_max = 8192, prompt = 2048, decode_only = 0, mla_only = 0, moe_only = 0;
+    int check_tokens = 4, ctx_max = 8192, prompt = 2048, decode_only = 0, mla_only = 0, moe_only = 0, ablate = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--check")) check_tokens = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--decode-only")) decode_only = atoi(argv[i + 1]);  // N graph replays, nothing else (for ncu)
         else if (!strcmp(argv[i], "--mla-only")) mla_only = atoi(argv[i + 1]);        // the MLA kernel benchmark alone
         else if (!strcmp(argv[i], "--moe-only")) moe_only = atoi(argv[i + 1]);        // the batched MoE section alone (2: its checks only, 3: checks and the sweep of every shape)
+        else if (!strcmp(argv[i], "--ablate")) ablate = atoi(argv[i + 1]);            // the decode step at context N without each kernel in turn
         else if (!strcmp(argv[i], "--ctx")) ctx_max = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--prompt")) prompt = atoi(argv[i + 1]);
         else die("--bench: unknown option %s", argv[i]);
@@ -668,11 +719,16 @@ static int bench_main(int argc, char **argv) {
     uint64_t rng = 12345;
     std::vector<int> ids(prompt);
     for (int i = 0; i < prompt; i++) ids[i] = (int)(random_u32(&rng) % c->vocab_size);
-    if (decode_only || mla_only || moe_only) forward_gpu(&m, &s, ids[0], 0, ATTN_ABSORBED);  // sets the GPU up
+    if (ablate > 0 && ablate + 1 > seq_len) die("--bench: --ablate %d needs --ctx %d or more", ablate, ablate);
+    if (decode_only || mla_only || moe_only || ablate) forward_gpu(&m, &s, ids[0], 0, ATTN_ABSORBED);  // sets the GPU up
     if (decode_only) {  // the decode step alone at context ctx_max, for a profiler
         fill_random(gpu.kv_cache, (size_t)c->n_layers * gpu.seq_len * gpu.W, 777, 1.0f);
         for (int i = 0; i < decode_only; i++) decode_launch(ids[i % prompt], ctx_max);
         cudaCheck(cudaStreamSynchronize(gpu.stream));
+        return 0;
+    }
+    if (ablate) {
+        bench_ablate(c, ablate, ids);
         return 0;
     }
     if (mla_only) {
