@@ -863,7 +863,6 @@ static void mha_decode_forward(float *o, const float *q, const void *pool_l, int
     else
         launch(mha_decode_kernel<float>, grid, MHA_THREADS, mha_smem_bytes<float>(qk, vdim), dec.part_o, dec.part_ml, q,
                (const float *)pool_l, tables, max_blocks, seq_of, lens, H, qk, vdim, n_split, gpu.softmax_scale);
-    launch(mla_combine_kernel, dim3(H, B), 256, (size_t)ceil_div(n_split, 4) * 4 * sizeof(float), o, (const float *)dec.part_o,
-           (const float *)dec.part_ml, lens, (const int *)NULL, 0, H, vdim, n_split);
+    mla_combine_forward(o, dec.part_o, dec.part_ml, lens, NULL, 0, B, H, vdim, n_split);
 }
 #endif
