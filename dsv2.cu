@@ -470,15 +470,7 @@ static void decode_step(void) {
         mla_attention_forward(gpu.o_lat, gpu.q_lat, cache, 0, NULL, pos, 0, 1, gpu.dec_splits);        // eqs. (17)-(18)
         v_up_forward(gpu.o, gpu.o_lat, L->kv_b_proj);                                                // eq. (11) W^UV
         matvec_forward(gpu.x, L->o_proj, dim, NULL, NULL, 0, gpu.o, H * c->v_head_dim, NULL, gpu.x);  // (19) + residual
-        int K = 0;
-        if (L->is_moe) {  // RMSNorm, the router's affinities and the top-k in one launch (xb keeps the norm)
-            K = c->n_experts_per_tok;
-            moe_router_forward(gpu.topk_idx, gpu.topk_w, L->gate, gpu.x, L->post_attention_layernorm, gpu.xb);  // (21)-(22)
-        } else {
-            rmsnorm_forward(gpu.xb, gpu.x, L->post_attention_layernorm, dim, 1);
-        }
-        moe_gate_up_forward(gpu.hb, gpu.hb_shared, gpu.xb, L, gpu.topk_idx, K);  // routed and shared, one launch
-        moe_down_forward(gpu.x, L, gpu.topk_idx, gpu.topk_w, gpu.hb, K, gpu.hb_shared);  // eq. (20) + residual
+        ffn_decode_forward(gpu.x, L);  // eqs. (20)-(22) + residual: router (and shared experts), gate/up, down
     }
     matvec_forward(gpu.logits, gpu.lm_head, c->vocab_size, NULL, NULL, 0, gpu.x, dim, gpu.norm, NULL);
 }

@@ -192,10 +192,7 @@ static void moe_case_init(MoeCase *mc, const Model *m, RunState *s, int l, int T
     mc->one_idx.resize((size_t)T * K);
     for (int t = 0; t < T; t++) {
         float *xt = dx + (size_t)t * dim;
-        if (K) moe_router_forward(gpu.topk_idx, gpu.topk_w, L->gate, xt, L->post_attention_layernorm, gpu.xb);
-        else rmsnorm_forward(gpu.xb, xt, L->post_attention_layernorm, dim, 1);
-        moe_gate_up_forward(gpu.hb, gpu.hb_shared, gpu.xb, L, gpu.topk_idx, K);
-        moe_down_forward(xt, L, gpu.topk_idx, gpu.topk_w, gpu.hb, K, gpu.hb_shared);
+        ffn_decode_forward(xt, L);
         if (K) cudaCheck(cudaMemcpy(mc->one_idx.data() + (size_t)t * K, gpu.topk_idx, K * sizeof(int), cudaMemcpyDeviceToHost));
     }
     mc->one.resize(n);
@@ -396,9 +393,7 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int mode) {
             cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
             for (int t = 0; t < T; t++) {
                 float *xt = dx + (size_t)t * dim;
-                moe_router_forward(gpu.topk_idx, gpu.topk_w, L->gate, xt, L->post_attention_layernorm, gpu.xb);
-                moe_gate_up_forward(gpu.hb, gpu.hb_shared, gpu.xb, L, gpu.topk_idx, K);
-                moe_down_forward(xt, L, gpu.topk_idx, gpu.topk_w, gpu.hb, K, gpu.hb_shared);
+                ffn_decode_forward(xt, L);
             }
             cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
             cudaCheck(cudaGraphInstantiate(&exec, graph, 0));

@@ -82,34 +82,60 @@ __global__ void moe_route_kernel(int *topk_idx, float *topk_w, const float *logi
     route_token(topk_idx + t * K, topk_w + t * K, logits + t * E, rs, E, K, method, n_group, topk_group, norm_topk_prob,
                 routed_scaling);
 }
+// rows r = j0, j0 + stride, ... < n of the first half of an FFN (one warp a row, x in shared memory):
+//   hb[r] = silu(Wg[r] . x) * (Wu[r] . x)      (the gate and up rows loaded together: warp_dot2)
+__device__ void swiglu_rows(float *hb, const float *x, const bf16 *Wg, const bf16 *Wu, int n, int j0, int stride, int dim) {
+    for (int r = j0; r < n; r += stride) {
+        float gv, uv;
+        warp_dot2(Wg + (size_t)r * dim, Wu + (size_t)r * dim, x, dim, &gv, &uv);
+        if ((threadIdx.x & 31) == 0) hb[r] = silu_dev(gv) * uv;
+    }
+}
 // The decode step's router in one launch, eqs. (21)-(22) for one token, with the RMSNorm before the
-// FFN fused (dsv2.c forward's rmsnorm(post_attention_layernorm) + moe_route):
+// FFN fused (dsv2.c forward's rmsnorm(post_attention_layernorm) + moe_route), and beside it the first
+// half of the shared experts (they need the same normalised input and no routing):
 //   xn_out (dim) = RMSNorm(x) * norm_w;  logits (E) = gate (E, dim) @ xn;  topk_idx, topk_w (K) = route(logits)
-// Each block (8 warps) stages xn in shared memory; one warp per expert computes u^T e_i (warp_dot).
-// Then the last block to finish picks the experts: each block counts itself on a ticket (atomicAdd
-// after a __threadfence, so its affinities are visible first); the block that draws gridDim.x - 1
-// knows all E affinities are written, resets the ticket for the next layer, and runs route_token
-// with its first warp. One launch instead of two saves one kernel boundary per layer.
+//   hbs (ws) = silu(Wsg @ xn) * (Wsu @ xn)   (swiglu_rows)
+// Blocks [0, RB = E / 8): one warp per expert computes u^T e_i (warp_dot). Blocks RB..: the shared rows.
+// Each block (8 warps) stages xn in shared memory. The last router block to finish picks the experts:
+// each counts itself on a ticket (atomicAdd after a __threadfence, so its affinities are visible first);
+// the one that draws RB - 1 knows all E affinities are written, resets the ticket for the next layer,
+// and runs route_token with its first warp. Why the shared experts are here: picking the experts is a
+// chain of latencies (the affinities, the ticket, one warp's top-K) that the routed experts must wait
+// for, and the shared experts' 23 MB (V2-Lite) stream from memory meanwhile (--bench --ablate: the router
+// alone cost 6.5 us a layer in place). Before pdl_wait each warp prefetches its first row into L2.
 __global__ void moe_router_kernel(int *topk_idx, float *topk_w, float *logits, const bf16 *gate, const float *x,
                                   const float *norm_w, float eps, float *xn_out, int *ticket, int dim, int E, int K,
-                                  int method, int n_group, int topk_group, int norm_topk_prob, float routed_scaling) {
+                                  int method, int n_group, int topk_group, int norm_topk_prob, float routed_scaling,
+                                  float *hbs, const bf16 *Wsg, const bf16 *Wsu, int ws) {
     pdl_launch_next();
     extern __shared__ float xs[];  // dim floats, then the router's 2 E + 2 n_group words
     __shared__ int last;
-    int warps = gridDim.x * (blockDim.x >> 5), lane = threadIdx.x & 31;
-    int r0 = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r0 < E && lane == 0) prefetch_l2(gate + (size_t)r0 * dim, (size_t)dim * sizeof(bf16));
+    int RB = ceil_div(E, 8), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if ((int)blockIdx.x >= RB) {  // the shared experts
+        int j0 = ((int)blockIdx.x - RB) * 8 + warp, stride = ((int)gridDim.x - RB) * 8;
+        if (j0 < ws && lane == 0) {
+            prefetch_l2(Wsg + (size_t)j0 * dim, (size_t)dim * sizeof(bf16));
+            prefetch_l2(Wsu + (size_t)j0 * dim, (size_t)dim * sizeof(bf16));
+        }
+        pdl_wait();
+        stage_vector(xs, x, norm_w, dim, eps);
+        swiglu_rows(hbs, xs, Wsg, Wsu, ws, j0, stride, dim);
+        return;
+    }
+    int r = blockIdx.x * 8 + warp;  // this warp's expert
+    if (r < E && lane == 0) prefetch_l2(gate + (size_t)r * dim, (size_t)dim * sizeof(bf16));
     pdl_wait();
     stage_vector(xs, x, norm_w, dim, eps);
     if (blockIdx.x == 0)
         for (int i = threadIdx.x; i < dim; i += blockDim.x) xn_out[i] = xs[i];
-    for (int r = r0; r < E; r += warps) {
+    if (r < E) {
         float v = warp_dot(gate + (size_t)r * dim, xs, dim);
         if (lane == 0) logits[r] = v;
     }
     __threadfence();  // this block's affinities are visible device-wide before it takes its ticket
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(ticket, 1) == (int)gridDim.x - 1;
+    if (threadIdx.x == 0) last = atomicAdd(ticket, 1) == RB - 1;
     __syncthreads();
     if (!last || threadIdx.x >= 32) return;
     if (threadIdx.x == 0) *ticket = 0;  // ready for the next layer / step
@@ -121,59 +147,55 @@ static void moe_route_forward(int *topk_idx, float *topk_w, const float *logits,
     launch(moe_route_kernel, T, 32, smem, topk_idx, topk_w, logits, c->n_routed_experts, c->n_experts_per_tok,
            c->topk_method, c->n_group, c->topk_group, c->norm_topk_prob, c->routed_scaling_factor);
 }
-// decode: x -> xn_out = RMSNorm(x), and the token's experts (eqs. 21-22), in one launch
-static void moe_router_forward(int *topk_idx, float *topk_w, const bf16 *gate, const float *x, const float *norm_w,
-                               float *xn_out) {
+// decode: x -> xn_out = RMSNorm(x), the token's experts (eqs. 21-22), and the shared experts' hbs, in one launch
+static void moe_router_forward(int *topk_idx, float *topk_w, const GpuLayer *L, const float *x, float *xn_out, float *hbs) {
     const Config *c = &gpu.c;
-    int E = c->n_routed_experts;
+    int E = c->n_routed_experts, RB = ceil_div(E, 8);
     size_t smem = ((size_t)c->dim + 2 * E + 2 * c->n_group) * 4;
     if (smem > STAGE_MAX_BYTES) die("dsv2cu: hidden size %d is too large for the GPU router", c->dim);
-    launch(moe_router_kernel, ceil_div(E, 8), 256, smem, topk_idx, topk_w, gpu.route_logits, gate, x, norm_w,
-           c->rms_norm_eps, xn_out, gpu.route_ticket, c->dim, E, c->n_experts_per_tok, c->topk_method, c->n_group,
-           c->topk_group, c->norm_topk_prob, c->routed_scaling_factor);
+    static int wave = 0;
+    if (!wave) wave = one_wave(moe_router_kernel, 256, smem);
+    int shared_blocks = L->ffn_width ? std::max(1, std::min(ceil_div(L->ffn_width, 8), wave - RB)) : 0;
+    launch(moe_router_kernel, RB + shared_blocks, 256, smem, topk_idx, topk_w, gpu.route_logits, (const bf16 *)L->gate, x,
+           (const float *)L->post_attention_layernorm, c->rms_norm_eps, xn_out, gpu.route_ticket, c->dim, E,
+           c->n_experts_per_tok, c->topk_method, c->n_group, c->topk_group, c->norm_topk_prob, c->routed_scaling_factor,
+           hbs, (const bf16 *)L->ffn_gate, (const bf16 *)L->ffn_up, L->ffn_width);
 }
 
-// The first half of every FFN_i of eq. (20) at decode (dsv2.c's ffn up to the SwiGLU, for the K routed
-// experts of moe_ffn and the shared experts, or a dense layer's FFN), reading only the chosen experts' rows:
-//   hb (K, mi):  hb[k][r] = silu(gate_e[r] . x) * (up_e[r] . x),  e = idx[k]   (expert_gate/up (E, mi, dim))
-//   hbs (ws):    the same for the shared experts' (or the dense FFN's) ws rows  (Wsg, Wsu (ws, dim))
-// Work item j < K * mi is routed slot k = j / mi, row r = j % mi; item j >= K * mi is shared row j - K * mi.
-// One warp per item: the gate and up rows loaded together (warp_dot2, 16-byte loads). One block: stages
-// x (dim) in shared memory, its warps stride over the items. The grid is one wave of the GPU (no idle
-// blocks, no partial last wave). The shared rows do not depend on the router: each warp prefetches
-// its shared rows into L2 before pdl_wait.
-__global__ void moe_gate_up_kernel(float *hb, float *hbs, const float *x, const bf16 *Wg, const bf16 *Wu, const int *idx,
-                                   int K, int mi, const bf16 *Wsg, const bf16 *Wsu, int ws, int dim) {
+// The first half of the routed experts' FFN_i of eq. (20) at decode (dsv2.c's ffn up to the SwiGLU, for the
+// K routed experts of moe_ffn), reading only the chosen experts' rows; or of a dense layer's FFN (idx NULL:
+// one "expert" of mi = intermediate_size rows). A MoE layer's shared experts run beside the router.
+//   hb (K, mi):  hb[k][r] = silu(gate_e[r] . x) * (up_e[r] . x),  e = idx[k]   (Wg, Wu (E, mi, dim))
+// Work item j < K * mi is slot k = j / mi, row r = j % mi: one warp per item, the gate and up rows loaded
+// together (warp_dot2, 16-byte loads). One block stages x (dim) in shared memory, its warps stride over
+// the items. The grid is one wave of the GPU (no idle blocks, no partial last wave). A dense FFN's rows
+// depend on no earlier kernel: each warp prefetches them into L2 before pdl_wait.
+__global__ void moe_gate_up_kernel(float *hb, const float *x, const bf16 *Wg, const bf16 *Wu, const int *idx, int K,
+                                   int mi, int dim) {
     pdl_launch_next();
-    int warps = gridDim.x * (blockDim.x >> 5), lane = threadIdx.x & 31, total = K * mi + ws;
+    int warps = gridDim.x * (blockDim.x >> 5), lane = threadIdx.x & 31, total = K * mi;
     int j0 = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (lane == 0)
-        for (int j = j0; j < total; j += warps)
-            if (j >= K * mi) {
-                prefetch_l2(Wsg + (size_t)(j - K * mi) * dim, (size_t)dim * sizeof(bf16));
-                prefetch_l2(Wsu + (size_t)(j - K * mi) * dim, (size_t)dim * sizeof(bf16));
-            }
+    if (!idx && lane == 0)
+        for (int j = j0; j < total; j += warps) {
+            prefetch_l2(Wg + (size_t)j * dim, (size_t)dim * sizeof(bf16));
+            prefetch_l2(Wu + (size_t)j * dim, (size_t)dim * sizeof(bf16));
+        }
     pdl_wait();
     extern __shared__ float xs[];
     stage_vector(xs, x, NULL, dim, 0.0f);
-    x = xs;
     for (int j = j0; j < total; j += warps) {
-        int shared = j >= K * mi, k = shared ? K : j / mi, r = shared ? j - K * mi : j % mi;
-        size_t e = shared ? 0 : idx[k];
-        const bf16 *g = shared ? Wsg + (size_t)r * dim : Wg + (e * mi + r) * dim;
-        const bf16 *u = shared ? Wsu + (size_t)r * dim : Wu + (e * mi + r) * dim;
+        int k = j / mi, r = j % mi;
+        size_t e = idx ? idx[k] : 0;
         float gv, uv;
-        warp_dot2(g, u, x, dim, &gv, &uv);
-        if (lane == 0) (shared ? hbs : hb + (size_t)k * mi)[r] = silu_dev(gv) * uv;
+        warp_dot2(Wg + (e * mi + r) * dim, Wu + (e * mi + r) * dim, xs, dim, &gv, &uv);
+        if (lane == 0) hb[j] = silu_dev(gv) * uv;
     }
 }
-static void moe_gate_up_forward(float *hb, float *hbs, const float *x, const GpuLayer *L, const int *idx, int K) {
-    int mi = gpu.c.moe_intermediate_size, total = K * mi + L->ffn_width;
+static void moe_gate_up_forward(float *hb, const float *x, const bf16 *Wg, const bf16 *Wu, const int *idx, int K, int mi) {
     static int wave = 0;
     if (!wave) wave = one_wave(moe_gate_up_kernel, 256, gpu.c.dim * sizeof(float));
-    launch(moe_gate_up_kernel, std::min(ceil_div(total, 8), wave), 256, gpu.c.dim * sizeof(float), hb, hbs, x, (const bf16 *)L->expert_gate,
-           (const bf16 *)L->expert_up, idx, K, mi, (const bf16 *)L->ffn_gate, (const bf16 *)L->ffn_up, L->ffn_width,
-           gpu.c.dim);
+    launch(moe_gate_up_kernel, std::min(ceil_div(K * mi, 8), wave), 256, gpu.c.dim * sizeof(float), hb, x, Wg, Wu, idx, K,
+           mi, gpu.c.dim);
 }
 
 // The second half of eq. (20) at decode, with its residual: dsv2.c's down projections in moe_ffn / ffn,
@@ -186,6 +208,8 @@ static void moe_gate_up_forward(float *hb, float *hbs, const float *x, const Gpu
 // lane loads 16 bytes from all 8 slots before it uses any: 8 independent loads in flight, the same trick
 // as warp_dot's, across matrices. This needs at most DOWN_SLOTS slots of one length, a multiple of 8
 // (moe_down_forward picks P: a dense FFN is cut into up to 8 pieces); otherwise slot by slot (warp_dot).
+// (A version whose lanes copied their pieces into shared memory by cp.async, two rounds ahead, kept twice
+// the bytes in flight per multiprocessor and was no faster: docs/BENCHMARKS.md, issue 14 item 2.)
 #define DOWN_SLOTS 8
 __global__ void moe_down_kernel(float *x, const bf16 *Wd, const int *idx, const float *w, const float *hb, int K, int mi,
                                 const bf16 *Wsd, const float *hbs, int si, int P, int dim) {
@@ -243,6 +267,23 @@ static void moe_down_forward(float *x, const GpuLayer *L, const int *idx, const 
     size_t smem = (size_t)(K * mi + si) * sizeof(float);
     launch(moe_down_kernel, ceil_div(gpu.c.dim, 8), 256, smem <= STAGE_MAX_BYTES ? smem : 0, x, (const bf16 *)L->expert_down, idx, w, hb, K, mi,
            (const bf16 *)(si ? L->ffn_down : NULL), hbs, si, P, gpu.c.dim);
+}
+
+// eq. (20) for the decode step's token with the RMSNorm before it, x += FFN(RMSNorm(x)): a MoE layer's
+// router with the shared experts' first half, the routed experts' first half, then every down projection
+// and the residual; a dense layer's FFN in the same two kernels after an RMSNorm
+static void ffn_decode_forward(float *x, const GpuLayer *L) {
+    const Config *c = &gpu.c;
+    if (L->is_moe) {
+        int K = c->n_experts_per_tok;
+        moe_router_forward(gpu.topk_idx, gpu.topk_w, L, x, gpu.xb, gpu.hb_shared);  // eqs. (21)-(22); xb keeps the norm
+        moe_gate_up_forward(gpu.hb, gpu.xb, L->expert_gate, L->expert_up, gpu.topk_idx, K, c->moe_intermediate_size);
+        moe_down_forward(x, L, gpu.topk_idx, gpu.topk_w, gpu.hb, K, gpu.hb_shared);
+    } else {
+        rmsnorm_forward(gpu.xb, x, L->post_attention_layernorm, c->dim, 1);
+        moe_gate_up_forward(gpu.hb_shared, gpu.xb, L->ffn_gate, L->ffn_up, NULL, 1, L->ffn_width);
+        moe_down_forward(x, L, gpu.topk_idx, gpu.topk_w, gpu.hb, 0, gpu.hb_shared);
+    }
 }
 
 // ---------------- The MoE over a batch of tokens (eqs. 20-22 for T tokens of any mix of sequences)
