@@ -337,6 +337,8 @@ static void gpu_init(const Model *m, int seq_len) {
     g->c = *c;
     g->seq_len = seq_len;
     g->pdl = getenv("DSV2_NO_PDL") == NULL;
+    int no_prefetch = getenv("DSV2_NO_PREFETCH") != NULL;  // prefetch_l2 does nothing (what the prefetches buy)
+    cudaCheck(cudaMemcpyToSymbol(prefetch_off, &no_prefetch, sizeof(int)));
     g->W = kv_cache_width(c);
     g->qk_head = c->qk_nope_head_dim + c->qk_rope_head_dim;
     int dim = c->dim, H = c->n_heads, E = c->n_routed_experts, mi = c->moe_intermediate_size;

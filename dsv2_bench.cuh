@@ -643,7 +643,7 @@ static int bench_attn_main(int argc, char **argv) {
 // kernel in turn (launch() skips it; the logits are then wrong, only the time counts): the difference is
 // what that kernel costs in place. Then the floor of the step's dependent launches: a graph of as many empty
 // kernels, each waiting for the one before (programmatic dependent launch, as the step's), of 1 block and of
-// one block per multiprocessor.
+// one block per multiprocessor. In between: the step with its L2 prefetches off (DSV2_NO_PREFETCH).
 __global__ void empty_kernel(int *unused) {
     pdl_launch_next();
     pdl_wait();
@@ -673,6 +673,19 @@ static void bench_ablate(const Config *c, int n_ctx, const std::vector<int> &ids
         fflush(stdout);
     }
     gpu.ablate = NULL;
+    // the step without its L2 prefetches (prefetch_l2 does nothing, as with DSV2_NO_PREFETCH), timed; logits against the default's
+    std::vector<float> ref(c->vocab_size), got(c->vocab_size);
+    for (int off = 0; off <= 1; off++) {
+        cudaCheck(cudaMemcpyToSymbol(prefetch_off, &off, sizeof(int)));
+        double t = step_ms();
+        decode_launch(ids[0], n_ctx);
+        cudaCheck(cudaMemcpy(off ? got.data() : ref.data(), gpu.logits, c->vocab_size * 4, cudaMemcpyDeviceToHost));
+        printf("BENCH variant ctx %d prefetch_off %d ms %.3f tok_per_s %.1f logits_vs_first %.3e\n", n_ctx, off, t, 1e3 / t,
+               off ? rel_err_f(got.data(), ref.data(), c->vocab_size) : 0.0);
+        fflush(stdout);
+    }
+    int zero = 0;
+    cudaCheck(cudaMemcpyToSymbol(prefetch_off, &zero, sizeof(int)));
     for (int blocks : {1, gpu.n_sm}) {
         cudaGraph_t graph;
         cudaGraphExec_t exec;
@@ -690,12 +703,13 @@ static void bench_ablate(const Config *c, int n_ctx, const std::vector<int> &ids
 
 static int bench_main(int argc, char **argv) {
     const char *path = argv[0];
-    int check_tokens = 4, ctx_max = 8192, prompt = 2048, decode_only = 0, mla_only = 0, moe_only = 0, ablate = 0;
+    int check_tokens = 4, ctx_max = 8192, prompt = 2048, decode_only = 0, mla_only = 0, moe_only = 0, ablate = 0, checks_only = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--check")) check_tokens = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--decode-only")) decode_only = atoi(argv[i + 1]);  // N graph replays, nothing else (for ncu)
         else if (!strcmp(argv[i], "--mla-only")) mla_only = atoi(argv[i + 1]);        // the MLA kernel benchmark alone
         else if (!strcmp(argv[i], "--moe-only")) moe_only = atoi(argv[i + 1]);        // the batched MoE section alone (2: its checks only, 3: checks and the sweep of every shape)
+        else if (!strcmp(argv[i], "--checks-only")) checks_only = atoi(argv[i + 1]);  // 1: the self-checks (1, 2) and stop
         else if (!strcmp(argv[i], "--ablate")) ablate = atoi(argv[i + 1]);            // the decode step at context N without each kernel in turn
         else if (!strcmp(argv[i], "--ctx")) ctx_max = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--prompt")) prompt = atoi(argv[i + 1]);
@@ -772,6 +786,7 @@ static int bench_main(int argc, char **argv) {
         gpu.pf_compact = 0;
     }
     fflush(stdout);
+    if (checks_only) return 0;
     double copy_gbs = bench_copy_bandwidth();
     // 4. prefill of `prompt` tokens (a warm-up pass first); padded expert layout, then compact (one product per expert)
     for (int compact = 0; compact <= 1; compact++) {

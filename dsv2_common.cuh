@@ -132,7 +132,9 @@ __device__ __forceinline__ void pdl_launch_next() { asm volatile("griddepcontrol
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
 // ask the copy engine to bring [p, p + bytes) into L2 (one instruction; the 16-byte-aligned inside of the range)
+__device__ int prefetch_off;  // DSV2_NO_PREFETCH=1 (and --bench --ablate): the prefetches off, to measure them
 __device__ __forceinline__ void prefetch_l2(const void *p, size_t bytes) {
+    if (prefetch_off) return;
     uintptr_t a = ((uintptr_t)p + 15) & ~(uintptr_t)15, e = ((uintptr_t)p + bytes) & ~(uintptr_t)15;
     if (e > a) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"((uint32_t)(e - a)) : "memory");
 }
