@@ -141,19 +141,26 @@ typedef struct {
 
 static Gpu gpu;
 
-// launch a kernel on the GPU stream, with programmatic dependent launch unless DSV2_NO_PDL is set
+// launch a kernel on the GPU stream, with programmatic dependent launch unless DSV2_NO_PDL is set;
+// launch_cluster: in clusters of `cluster` blocks along x (sm_90: blocks that share their shared memory)
 template <typename... Params, typename... Args>
-static void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) {
+static void launch_cluster(int cluster, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) {
     if ((const void *)kernel == gpu.ablate) return;
     gpu.launches++;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchAttribute attr[2];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cluster; attr[0].val.clusterDim.y = 1; attr[0].val.clusterDim.z = 1;
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
     cudaLaunchConfig_t cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.gridDim = grid; cfg.blockDim = block; cfg.dynamicSmemBytes = smem; cfg.stream = gpu.stream;
-    cfg.attrs = attr; cfg.numAttrs = gpu.pdl ? 1 : 0;
+    cfg.attrs = cluster ? attr : attr + 1; cfg.numAttrs = (cluster ? 1 : 0) + (gpu.pdl ? 1 : 0);
     cudaCheck(cudaLaunchKernelEx(&cfg, kernel, ((Params)args)...));
+}
+template <typename... Params, typename... Args>
+static void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... args) {
+    launch_cluster(0, kernel, grid, block, smem, args...);
 }
 
 // blocks of `threads` threads that fit on the whole GPU at once (one wave), for kernels whose warps stride over their work
