@@ -5,6 +5,8 @@
 #   bash tools/bench_sampling.sh            base = git ref $BASE_REF (default main), extracted to build/base
 #   BASE_DIR=dir bash tools/bench_sampling.sh   base = dsv2.c, dsv2.cu and *.cuh already in dir
 # Prints a table for docs/BENCHMARKS.md; logs under $OUT (default bench_out). About 3 minutes with the model made.
+# BENCH_LOG=file: take --bench's decode figure at context 512 from that log (tools/bench_cuda.sh's, same machine)
+# instead of running --bench again.
 set -uo pipefail
 OUT=${OUT:-bench_out}
 MODEL=${MODEL:-build/v2lite_random.bin}
@@ -29,7 +31,11 @@ for build in base new; do
     echo "E2E $build $mode rc $? | $(grep -h 'model on the GPU' "$OUT/e2e_${build}_${mode}.err") | $(grep -h 'tok/s' "$OUT/e2e_${build}_${mode}.err")" | tee -a "$LOG"
   done
 done
-timeout 180 ./dsv2cu --bench "$MODEL" --check 1 --ctx 512 --prompt 512 2>&1 | tee -a "$LOG"
+if [ -n "${BENCH_LOG:-}" ]; then  # the --bench decode figure of an earlier run on this machine (tools/bench_cuda.sh's log)
+  grep "BENCH decode ctx 512 " "$BENCH_LOG" | tee -a "$LOG"
+else
+  timeout 180 ./dsv2cu --bench "$MODEL" --check 1 --ctx 512 --prompt 512 2>&1 | tee -a "$LOG"
+fi
 python3 - "$LOG" "$N" <<'PY'
 import re, sys
 log, n = open(sys.argv[1]).read(), sys.argv[2]
