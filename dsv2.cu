@@ -57,14 +57,16 @@
  *   (16), (17) [q^C; q^R], [k^C; k^R]   one dot product of width d_c + d_h^R in mla_attention_kernel
  *   (18) softmax, sum_j p v   mla_attention_kernel (per split of the cache) + mla_combine_kernel (merge)
  *   (19) u = W^O o            matvec_kernel (o_proj, residual added)
- *   (20) h' = u + FFNs        moe_gate_up_kernel + moe_down_kernel (prefill: gemm_bf16, swiglu_split3_kernel,
- *                             moe_combine_kernel)
+ *   (20) h' = u + FFNs        the shared experts' gate/up in moe_router_kernel's launch, the routed experts' in
+ *                             moe_gate_up_kernel, every down projection in moe_down_kernel (ffn_decode_forward;
+ *                             prefill: gemm_bf16, swiglu_split3_kernel, moe_combine_kernel)
  *   (21), (22) top-K of softmax(u^T e)  moe_router_kernel (prefill: linear_forward + moe_route_kernel), both
  *                             through route_token
  *
  * Build: nvcc -O3 -arch=sm_90 -o dsv2cu dsv2.cu -lcublas   (or make dsv2cu)
  * Extra modes (before the usual flags): ./dsv2cu --gpu-check   exit 0 if a GPU is usable
- *                                      ./dsv2cu --bench MODEL  benchmarks (tools/bench_cuda.sh)
+ *                                      ./dsv2cu --bench MODEL  benchmarks (tools/bench_cuda.sh; --ablate CTX: where
+ *                                                              the decode step's time goes, kernel by kernel)
  *                                      ./dsv2cu --check-sampler  the GPU sampler against dsv2.c's sample()
  *                                      ./dsv2cu --bench-serve MODEL ...  batched decode steps (dsv2_serve.cuh)
  *                                      ./dsv2cu --serve-check MODEL [N]  the batch engine against dsv2.c
