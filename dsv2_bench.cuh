@@ -883,7 +883,7 @@ static int check_sampler_main(void) {
     for (int vi = 0; vi < 2; vi++) {
         int V = Vs[vi];
         sample_init(B, V);
-        printf("BENCH check_sampler V %d blocks_per_row %d threads %d rows_at_once %d\n", V, sample_ranks, SAMPLE_THREADS, sample_rows_at_once);
+        printf("BENCH sampler_layout V %d blocks_per_row %d threads %d rows_at_once %d\n", V, sample_ranks, SAMPLE_THREADS, sample_rows_at_once);
         std::vector<float> rows((size_t)B * V), cpu_row(V);
         uint64_t r = 7 + vi;
         for (int b = 0; b < B; b++) {
