@@ -3,6 +3,8 @@
 // the MLA kernel against a float64 reference), then the timings, one "BENCH key value" line each;
 // last the batch attention over a paged cache (dsv2_mla_decode.cuh), checked and timed.
 // ./dsv2cu --bench-attn [CTX] runs only that last part, on V2-Lite's and V2's attention shapes, no model needed.
+// Options that run one part and stop: --checks-only 1 (the self-checks), --decode-only N (N decode steps, for a
+// profiler), --mla-only 1, --moe-only 1|2|3, --ablate CTX (the decode step without each kernel in turn: bench_ablate).
 
 static double median(std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; }
 
@@ -728,7 +730,7 @@ static int bench_main(int argc, char **argv) {
     uint64_t rng = 12345;
     std::vector<int> ids(prompt);
     for (int i = 0; i < prompt; i++) ids[i] = (int)(random_u32(&rng) % c->vocab_size);
-    if (ablate > 0 && ablate + 1 > seq_len) die("--bench: --ablate %d needs --ctx %d or more", ablate, ablate);
+    if (ablate && (ablate < 1 || ablate >= seq_len)) die("--bench: --ablate %d outside 1..%d (--ctx sets the room)", ablate, seq_len - 1);
     if (decode_only || mla_only || moe_only || ablate) forward_gpu(&m, &s, ids[0], 0, ATTN_ABSORBED);  // sets the GPU up
     if (decode_only) {  // the decode step alone at context ctx_max, for a profiler
         fill_random(gpu.kv_cache, (size_t)c->n_layers * gpu.seq_len * gpu.W, 777, 1.0f);
