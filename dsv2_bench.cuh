@@ -717,6 +717,8 @@ static int bench_main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--prompt")) prompt = atoi(argv[i + 1]);
         else die("--bench: unknown option %s", argv[i]);
     }
+    int room = (ctx_max > prompt ? ctx_max : prompt) + 64;  // the GPU context (seq_len below)
+    if (ablate && (ablate < 1 || ablate >= room)) die("--bench: --ablate %d outside 1..%d (--ctx sets the room)", ablate, room - 1);
     Model m;
     model_load(&m, path);
     const Config *c = &m.config;
@@ -730,7 +732,6 @@ static int bench_main(int argc, char **argv) {
     uint64_t rng = 12345;
     std::vector<int> ids(prompt);
     for (int i = 0; i < prompt; i++) ids[i] = (int)(random_u32(&rng) % c->vocab_size);
-    if (ablate && (ablate < 1 || ablate >= seq_len)) die("--bench: --ablate %d outside 1..%d (--ctx sets the room)", ablate, seq_len - 1);
     if (decode_only || mla_only || moe_only || ablate) forward_gpu(&m, &s, ids[0], 0, ATTN_ABSORBED);  // sets the GPU up
     if (decode_only) {  // the decode step alone at context ctx_max, for a profiler
         fill_random(gpu.kv_cache, (size_t)c->n_layers * gpu.seq_len * gpu.W, 777, 1.0f);
