@@ -2563,6 +2563,10 @@ static void test_batch_errors(void) {
     expect_error("./dsv2cu --kv bf16 with -m generate", "./dsv2cu dsv2_tiny.bin --kv bf16", "--kv is implemented by ./dsv2cu with -m batch only");
     expect_error("./dsv2cu --kv-layout mha with -m chat", "./dsv2cu dsv2_tiny.bin -m chat --kv-layout mha",
                  "--kv-layout is implemented by ./dsv2cu with -m batch only");
+    expect_error("./dsv2cu --bench --ablate with a negative context", "./dsv2cu --bench dsv2_tiny.bin --ablate -5",
+                 "--ablate -5 outside 1..");
+    expect_error("./dsv2cu --bench --ablate past the context", "./dsv2cu --bench dsv2_tiny.bin --ctx 512 --prompt 64 --ablate 600",
+                 "--ablate 600 outside 1..575");
 }
 
 static void test_batch(void) {
