@@ -165,6 +165,18 @@ static void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
     launch_cluster(0, kernel, grid, block, smem, args...);
 }
 
+// what enqueue() puts on gpu.stream, captured as a CUDA graph and instantiated (the graph itself is freed)
+template <typename F> static cudaGraphExec_t capture_graph(F enqueue) {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
+    enqueue();
+    cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
+    cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+    cudaCheck(cudaGraphDestroy(graph));
+    return exec;
+}
+
 // blocks of `threads` threads that fit on the whole GPU at once (one wave), for kernels whose warps stride over their work
 template <typename... Params>
 static int one_wave(void (*kernel)(Params...), int threads, size_t smem) {
@@ -497,19 +509,15 @@ __global__ void step_advance_kernel(StepIO *io) {
 // (sample_forward: the token into StepIO, which then moves to the next position) and the copy of the
 // StepIO to pinned host memory: per token, 16 bytes cross to the host instead of the logits
 static cudaGraphExec_t decode_capture(const Sampler *sp) {
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
-    decode_step();
-    if (sp) {
-        StepIO *io = (StepIO *)gpu.step;
-        sample_forward(&io->token, gpu.logits, 1, gpu.c.vocab_size, sp->temperature, sp->topp, &io->rng);
-        launch(step_advance_kernel, 1, 32, 0, io);
-        cudaCheck(cudaMemcpyAsync(gpu.step_host, io, sizeof(StepIO), cudaMemcpyDeviceToHost, gpu.stream));
-    }
-    cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
-    cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
-    cudaCheck(cudaGraphDestroy(graph));
+    cudaGraphExec_t exec = capture_graph([&] {
+        decode_step();
+        if (sp) {
+            StepIO *io = (StepIO *)gpu.step;
+            sample_forward(&io->token, gpu.logits, 1, gpu.c.vocab_size, sp->temperature, sp->topp, &io->rng);
+            launch(step_advance_kernel, 1, 32, 0, io);
+            cudaCheck(cudaMemcpyAsync(gpu.step_host, io, sizeof(StepIO), cudaMemcpyDeviceToHost, gpu.stream));
+        }
+    });
     cudaCheck(cudaGraphUpload(exec, gpu.stream));
     return exec;
 }

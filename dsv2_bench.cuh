@@ -261,16 +261,10 @@ static int check_moe_batch(const Model *m, RunState *s, int l, int T, float *dx,
 // median ms of a CUDA graph of moe_batch_forward (shape v) over 10 replays after 3
 static double time_moe_batch(const GpuLayer *L, int T, int v, float *dx, const float *dxn) {
     moe_batch.shape = v;
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
-    moe_batch_forward(dx, dxn, L, T);
-    cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
-    cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+    cudaGraphExec_t exec = capture_graph([&] { moe_batch_forward(dx, dxn, L, T); });
     moe_batch.shape = -1;
     double ms = median_ms(3, 10, [&](int) { cudaCheck(cudaGraphLaunch(exec, gpu.stream)); });
     cudaCheck(cudaGraphExecDestroy(exec));
-    cudaCheck(cudaGraphDestroy(graph));
     return ms;
 }
 
@@ -342,12 +336,7 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int mode) {
         moe_batch_forward(dx, dxn, L, T);
         cudaCheck(cudaMemcpy(a.data(), dx, n * 4, cudaMemcpyDeviceToHost));
         fill_random(dx, n, 6, 0.1f);
-        cudaGraph_t graph;
-        cudaGraphExec_t exec;
-        cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
-        moe_batch_forward(dx, dxn, L, T);
-        cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
-        cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+        cudaGraphExec_t exec = capture_graph([&] { moe_batch_forward(dx, dxn, L, T); });
         cudaCheck(cudaGraphLaunch(exec, gpu.stream));
         cudaCheck(cudaMemcpy(b.data(), dx, n * 4, cudaMemcpyDeviceToHost));
         int same = !memcmp(a.data(), b.data(), n * 4);
@@ -355,7 +344,6 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int mode) {
                same ? "OK" : "NOT OK");
         all_ok &= same;
         cudaCheck(cudaGraphExecDestroy(exec));
-        cudaCheck(cudaGraphDestroy(graph));
     }
     printf("BENCH check_moe_batch_all %s\n", all_ok ? "OK" : "NOT OK");
     printf("BENCH moe_shape_failed");
@@ -390,18 +378,11 @@ static void bench_moe_batch(const Model *m, double copy_gbs, int mode) {
         // the same T tokens one at a time through the decode kernels (one graph of T x 3 launches)
         double one_ms = 0;
         if (T <= 512) {
-            cudaGraph_t graph;
-            cudaGraphExec_t exec;
-            cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
-            for (int t = 0; t < T; t++) {
-                float *xt = dx + (size_t)t * dim;
-                ffn_decode_forward(xt, L);
-            }
-            cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
-            cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+            cudaGraphExec_t exec = capture_graph([&] {
+                for (int t = 0; t < T; t++) ffn_decode_forward(dx + (size_t)t * dim, L);
+            });
             one_ms = median_ms(1, 4, [&](int) { cudaCheck(cudaGraphLaunch(exec, gpu.stream)); });
             cudaCheck(cudaGraphExecDestroy(exec));
-            cudaCheck(cudaGraphDestroy(graph));
         }
         double gbs = bytes / (ms * 1e-3) / 1e9;
         int sh = moe_shape_for(T, K, E, 1);
@@ -689,16 +670,10 @@ static void bench_ablate(const Config *c, int n_ctx, const std::vector<int> &ids
     int zero = 0;
     cudaCheck(cudaMemcpyToSymbol(prefetch_off, &zero, sizeof(int)));
     for (int blocks : {1, gpu.n_sm}) {
-        cudaGraph_t graph;
-        cudaGraphExec_t exec;
-        cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
-        for (int i = 0; i < n; i++) launch(empty_kernel, blocks, 256, 0, (int *)NULL);
-        cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
-        cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+        cudaGraphExec_t exec = capture_graph([&] { for (int i = 0; i < n; i++) launch(empty_kernel, blocks, 256, 0, (int *)NULL); });
         double t = median_ms(10, 50, [&](int) { cudaCheck(cudaGraphLaunch(exec, gpu.stream)); });
         printf("BENCH ablate floor %d empty launches of %d blocks ms %.3f us_per_launch %.2f\n", n, blocks, t, t * 1e3 / n);
         cudaCheck(cudaGraphExecDestroy(exec));
-        cudaCheck(cudaGraphDestroy(graph));
     }
     decode_graph_build();
 }

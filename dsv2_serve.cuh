@@ -460,14 +460,11 @@ static void serve_step(int T, int n_real, float temperature, float topp, int use
                 for (int j = 0; j < 16; j++)
                     if (sv.graphs[j]) { cudaCheck(cudaGraphExecDestroy(sv.graphs[j])); sv.graphs[j] = NULL; }
             sv.graph_temperature = temperature; sv.graph_topp = topp;
-            cudaGraph_t graph;
-            cudaCheck(cudaStreamBeginCapture(gpu.stream, cudaStreamCaptureModeGlobal));
-            forward_batch(T, 1);
-            sample_forward(sv.next, sv.logits, T, c->vocab_size, temperature, topp, sv.rng);
-            cudaCheck(cudaStreamEndCapture(gpu.stream, &graph));
             if (sv.graphs[i]) cudaCheck(cudaGraphExecDestroy(sv.graphs[i]));
-            cudaCheck(cudaGraphInstantiate(&sv.graphs[i], graph, 0));
-            cudaCheck(cudaGraphDestroy(graph));
+            sv.graphs[i] = capture_graph([&] {
+                forward_batch(T, 1);
+                sample_forward(sv.next, sv.logits, T, c->vocab_size, temperature, topp, sv.rng);
+            });
             sv.graph_T[i] = T;
         }
         cudaCheck(cudaGraphLaunch(sv.graphs[i], gpu.stream));
