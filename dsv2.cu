@@ -235,30 +235,80 @@ __device__ void rmsnorm_block(float *out, const float *x, const float *w, int n,
     float r = 1.0f / sqrtf(block_sum(ss) / n + eps);
     for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = w[i] * (x[i] * r);
 }
-// x (n floats) into this block's shared memory xs, with 16-byte loads (n % 4 == 0 and x aligned),
-// normalised on the way when w is given: xs = w * (x * rsqrt(mean(x^2) + eps)). Ends with a barrier.
+// Staging a vector into shared memory, the first thing most decode kernels do after pdl_wait, so it is
+// on every kernel's critical path. Trick: each thread issues all its loads of a round before its first
+// store to shared memory. A plain copy loop (load, store, load, store...) costs one round trip to memory
+// per 16 bytes a thread copies, because the compiler cannot move a global load above a shared-memory
+// store it cannot prove distinct: moe_down's 45 KB of hb took 11 round trips before its first weight load.
+#define STAGE_U 4  // 16-byte loads in flight per thread per round (one round: n <= 4096 at 256 threads)
+// dst (na + nb floats) = [a ; b], from global memory: U loads in flight per thread per round. dst, a, b
+// 16-byte aligned, na and nb multiples of 4. No barrier.
+template <int U>
+__device__ void stage_copy(float *dst, const float *a, int na, const float *b, int nb) {
+    const float4 *a4 = (const float4 *)a, *b4 = (const float4 *)b;
+    float4 *d4 = (float4 *)dst;
+    int na4 = na >> 2, n4 = na4 + (nb >> 2), bd = blockDim.x;
+    for (int i0 = threadIdx.x; i0 < n4; i0 += U * bd) {
+        float4 v[U];
+        #pragma unroll
+        for (int u = 0; u < U; u++) {
+            int i = i0 + u * bd;
+            if (i < n4) v[u] = *(i < na4 ? a4 + i : b4 + (i - na4));
+        }
+        #pragma unroll
+        for (int u = 0; u < U; u++)
+            if (i0 + u * bd < n4) d4[i0 + u * bd] = v[u];
+    }
+}
+// x (n floats) into this block's shared memory xs, normalised on the way when w is given:
+// xs = w * (x * rsqrt(mean(x^2) + eps)). When n <= 4 STAGE_U blockDim, one round: each thread loads its
+// x and w pieces at once and keeps them in registers across the sum. Ends with a barrier.
 __device__ void stage_vector(float *xs, const float *x, const float *w, int n, float eps) {
-    if ((n & 3) || ((uintptr_t)x & 15)) {
+    int n4 = n >> 2, bd = blockDim.x, tid = threadIdx.x;
+    if ((n & 3) || ((uintptr_t)x & 15) || ((uintptr_t)w & 15)) {
         if (w) rmsnorm_block(xs, x, w, n, eps);
-        else for (int i = threadIdx.x; i < n; i += blockDim.x) xs[i] = x[i];
+        else for (int i = tid; i < n; i += bd) xs[i] = x[i];
         __syncthreads();
         return;
     }
-    const float4 *x4 = (const float4 *)x;
+    if (!w) {
+        stage_copy<STAGE_U>(xs, x, n, NULL, 0);
+        __syncthreads();
+        return;
+    }
+    const float4 *x4 = (const float4 *)x, *w4 = (const float4 *)w;
     float4 *s4 = (float4 *)xs;
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < n / 4; i += blockDim.x) {
-        float4 v = x4[i];
-        s4[i] = v;
-        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    if (n4 <= STAGE_U * bd) {  // one round
+        float4 v[STAGE_U], g[STAGE_U];
+        #pragma unroll
+        for (int u = 0; u < STAGE_U; u++)
+            if (tid + u * bd < n4) { v[u] = x4[tid + u * bd]; g[u] = w4[tid + u * bd]; }
+        #pragma unroll
+        for (int u = 0; u < STAGE_U; u++)
+            if (tid + u * bd < n4) ss += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
+        float r = 1.0f / sqrtf(block_sum(ss) / n + eps);
+        #pragma unroll
+        for (int u = 0; u < STAGE_U; u++)
+            if (tid + u * bd < n4)
+                s4[tid + u * bd] = make_float4(g[u].x * (v[u].x * r), g[u].y * (v[u].y * r), g[u].z * (v[u].z * r), g[u].w * (v[u].w * r));
+        __syncthreads();
+        return;
     }
-    if (w) {
-        float r = 1.0f / sqrtf(block_sum(ss) / n + eps);  // block_sum's barriers also publish s4
-        for (int i = threadIdx.x; i < n / 4; i += blockDim.x) {
-            float4 v = s4[i];
-            v.x = w[4 * i] * (v.x * r); v.y = w[4 * i + 1] * (v.y * r); v.z = w[4 * i + 2] * (v.z * r); v.w = w[4 * i + 3] * (v.w * r);
-            s4[i] = v;
-        }
+    stage_copy<STAGE_U>(xs, x, n, NULL, 0);  // larger: x in rounds, then the norm in place
+    __syncthreads();
+    for (int i = tid; i < n4; i += bd) { float4 v = s4[i]; ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; }
+    float r = 1.0f / sqrtf(block_sum(ss) / n + eps);  // block_sum's barriers end the reads of s4 above
+    for (int i0 = tid; i0 < n4; i0 += STAGE_U * bd) {
+        float4 g[STAGE_U];
+        #pragma unroll
+        for (int u = 0; u < STAGE_U; u++) if (i0 + u * bd < n4) g[u] = w4[i0 + u * bd];
+        #pragma unroll
+        for (int u = 0; u < STAGE_U; u++)
+            if (i0 + u * bd < n4) {
+                float4 v = s4[i0 + u * bd];
+                s4[i0 + u * bd] = make_float4(g[u].x * (v.x * r), g[u].y * (v.y * r), g[u].z * (v.z * r), g[u].w * (v.w * r));
+            }
     }
     __syncthreads();
 }

@@ -218,9 +218,9 @@ __global__ void moe_down_kernel(float *x, const bf16 *Wd, const int *idx, const 
     if (Wsd && r < dim && lane == 0) prefetch_l2(Wsd + (size_t)r * si, (size_t)si * sizeof(bf16));
     pdl_wait();
     extern __shared__ float hs[];  // hb (K * mi) then hbs (si), when they fit
-    if ((size_t)(K * mi + si) * sizeof(float) <= STAGE_MAX_BYTES && !((K * mi) & 3)) {
-        if (K) stage_vector(hs, hb, NULL, K * mi, 0.0f);
-        if (si) stage_vector(hs + K * mi, hbs, NULL, si, 0.0f);
+    if ((size_t)(K * mi + si) * sizeof(float) <= STAGE_MAX_BYTES && !((K * mi) & 3) && !(si & 3)) {
+        stage_copy<12>(hs, hb, K * mi, hbs, si);  // both in one round (V2-Lite: 11 16-byte loads a thread)
+        __syncthreads();
         hb = hs; hbs = hs + K * mi;
     }
     if (r >= dim) return;

@@ -76,9 +76,11 @@ static size_t mla_smem_bytes(int W) {
     return (2 * (size_t)MLA_TILE * mla_stride(W) + (MLA_WARPS + 2) * MLA_HEADS * MLA_SP + 3 * MLA_HEADS) * 4;
 }
 // rows [t0, t0 + MLA_TILE) of the cache into a shared tile, zeros past `end`; warp w loads rows w, w + 8, ...
-__device__ __forceinline__ void mla_load_tile(float *tile, const float *cb, int t0, int end, int W, int S) {
+// (r0, r1: only the tile's rows t0 + r0 .. t0 + r1 - 1, one group of copies all the same)
+__device__ __forceinline__ void mla_load_tile(float *tile, const float *cb, int t0, int end, int W, int S, int r0 = 0,
+                                              int r1 = MLA_TILE) {
     int lane = threadIdx.x & 31;
-    for (int r = threadIdx.x >> 5; r < MLA_TILE; r += MLA_WARPS) {
+    for (int r = r0 + (((threadIdx.x >> 5) - r0) % MLA_WARPS + MLA_WARPS) % MLA_WARPS; r < r1; r += MLA_WARPS) {
         bool ok = t0 + r < end;
         const float *src = ok ? cb + (size_t)(t0 + r) * W : cb;
         for (int k = 4 * lane; k < W; k += 128) cp_async16(tile + r * S + k, ok ? src + k : cb, ok ? 16 : 0);
@@ -364,22 +366,27 @@ __global__ void __launch_bounds__(MLA_WARPS * 32, 1)
 mla_attention_kernel(float *part_o, float *part_ml, const float *q_lat, const float *cache, size_t seq_stride,
                      const int *lens, const int *pos0, int len_offset, int H, int W, int d_c, int n_split, float scale) {
     pdl_launch_next();
-    pdl_wait();
     const int S = mla_stride(W);
     int split = blockIdx.x, b = blockIdx.y, h0 = blockIdx.z * MLA_HEADS, tid = threadIdx.x;
     int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     int nh = min(MLA_HEADS, H - h0);
-    int len = lens ? lens[b] : *pos0 + len_offset + b + 1;
+    int len = lens ? lens[b] : *pos0 + len_offset + b + 1;  // (lens and pos0 come from the host, not from a kernel)
     int chunk = mla_chunk(len, n_split), start = split * chunk, end = min(start + chunk, len);
-    if (start >= end) return;  // past the end: mla_combine_kernel counts only the splits that ran
     extern __shared__ float smem[];
+    const float *cb = cache + b * seq_stride;
+    // The rows before *pos0 were written by earlier steps (or prefill passes); mla_prep, the kernel before
+    // this one, writes rows *pos0 on. So the first tile's old rows are asked for before pdl_wait: their trip
+    // from memory overlaps the end of mla_prep. The tile's other rows follow after it. (With lens: all after.)
+    int old_rows = lens || start >= end ? 0 : max(0, min(MLA_TILE, min(*pos0, end) - start));
+    if (old_rows) mla_load_tile(smem, cb, start, end, W, S, 0, old_rows);
+    pdl_wait();
+    if (start >= end) return;  // past the end: mla_combine_kernel counts only the splits that ran
     float *tiles = smem;                                  // 2 x (MLA_TILE, S) cache rows
     float *s_part = tiles + 2 * MLA_TILE * S;             // (MLA_WARPS, 16, MLA_SP) partial scores
     uint32_t *p_hi = (uint32_t *)(s_part + MLA_WARPS * MLA_HEADS * MLA_SP), *p_lo = p_hi + MLA_HEADS * MLA_SP;  // P split
     float *m_s = (float *)(p_lo + MLA_HEADS * MLA_SP), *l_s = m_s + MLA_HEADS, *a_s = l_s + MLA_HEADS;  // max, sum, rescale
-    const float *cb = cache + b * seq_stride;
     int n_tiles = (end - start + MLA_TILE - 1) / MLA_TILE;
-    mla_load_tile(tiles, cb, start, end, W, S);
+    mla_load_tile(tiles, cb, start, end, W, S, old_rows, MLA_TILE);  // (tiles == smem)
     // this warp's column steps of the scores, and its queries there as tensor-core fragments (hi, lo).
     // Fragment column t is latent column 8s + 2t and t + 4 is 8s + 2t + 1: one 8-byte load each.
     const int n_ks = W / 8, ksw = (n_ks + MLA_WARPS - 1) / MLA_WARPS, ks0 = warp * ksw, ks1 = min(n_ks, ks0 + ksw);
