@@ -240,7 +240,9 @@ __device__ void rmsnorm_block(float *out, const float *x, const float *w, int n,
 // store to shared memory. A plain copy loop (load, store, load, store...) costs one round trip to memory
 // per 16 bytes a thread copies, because the compiler cannot move a global load above a shared-memory
 // store it cannot prove distinct: moe_down's 45 KB of hb took 11 round trips before its first weight load.
-#define STAGE_U 4  // 16-byte loads in flight per thread per round (one round: n <= 4096 at 256 threads)
+#define STAGE_U 4       // 16-byte loads in flight per thread per round (one round: n <= 4096 at 256 threads)
+#define STAGE_NORM_U 2  // with the norm: x and w pieces per thread kept in registers (n <= 2048 at 256 threads;
+                        // more would cost the router a block per multiprocessor)
 // dst (na + nb floats) = [a ; b], from global memory: U loads in flight per thread per round. dst, a, b
 // 16-byte aligned, na and nb multiples of 4. No barrier.
 template <int U>
@@ -261,7 +263,7 @@ __device__ void stage_copy(float *dst, const float *a, int na, const float *b, i
     }
 }
 // x (n floats) into this block's shared memory xs, normalised on the way when w is given:
-// xs = w * (x * rsqrt(mean(x^2) + eps)). When n <= 4 STAGE_U blockDim, one round: each thread loads its
+// xs = w * (x * rsqrt(mean(x^2) + eps)). When n <= 4 STAGE_NORM_U blockDim, one round: each thread loads its
 // x and w pieces at once and keeps them in registers across the sum. Ends with a barrier.
 __device__ void stage_vector(float *xs, const float *x, const float *w, int n, float eps) {
     int n4 = n >> 2, bd = blockDim.x, tid = threadIdx.x;
@@ -279,17 +281,17 @@ __device__ void stage_vector(float *xs, const float *x, const float *w, int n, f
     const float4 *x4 = (const float4 *)x, *w4 = (const float4 *)w;
     float4 *s4 = (float4 *)xs;
     float ss = 0.0f;
-    if (n4 <= STAGE_U * bd) {  // one round
-        float4 v[STAGE_U], g[STAGE_U];
+    if (n4 <= STAGE_NORM_U * bd) {  // one round
+        float4 v[STAGE_NORM_U], g[STAGE_NORM_U];
         #pragma unroll
-        for (int u = 0; u < STAGE_U; u++)
+        for (int u = 0; u < STAGE_NORM_U; u++)
             if (tid + u * bd < n4) { v[u] = x4[tid + u * bd]; g[u] = w4[tid + u * bd]; }
         #pragma unroll
-        for (int u = 0; u < STAGE_U; u++)
+        for (int u = 0; u < STAGE_NORM_U; u++)
             if (tid + u * bd < n4) ss += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
         float r = 1.0f / sqrtf(block_sum(ss) / n + eps);
         #pragma unroll
-        for (int u = 0; u < STAGE_U; u++)
+        for (int u = 0; u < STAGE_NORM_U; u++)
             if (tid + u * bd < n4)
                 s4[tid + u * bd] = make_float4(g[u].x * (v[u].x * r), g[u].y * (v[u].y * r), g[u].z * (v[u].z * r), g[u].w * (v[u].w * r));
         __syncthreads();
