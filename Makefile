@@ -9,7 +9,8 @@ FIXTURE_TOKS = $(foreach f,$(FIXTURES),build/fixtures/$(f).tok.bin)
 
 NVCC := $(shell command -v nvcc 2>/dev/null)
 # dsv2cu is built (and so compiled in CI) wherever nvcc exists; test_all runs it when a GPU is there
-CUDA_TARGETS := $(if $(NVCC),dsv2cu,)
+# (and dsv2cu_timeline: the same with a per-block timeline of the decode step, --bench MODEL --timeline CTX)
+CUDA_TARGETS := $(if $(NVCC),dsv2cu dsv2cu_timeline,)
 
 .PHONY: all run test clean
 all: dsv2
@@ -22,8 +23,12 @@ run: dsv2
 dsv2: dsv2.c
 	$(CC) $(CFLAGS) $(OMP) -o $@ dsv2.c -lm
 
-dsv2cu: dsv2.cu dsv2_common.cuh dsv2_mla.cuh dsv2_mla_decode.cuh dsv2_moe.cuh dsv2_prefill.cuh dsv2_sample.cuh dsv2_bench.cuh dsv2_serve.cuh dsv2.c
+CUDA_SRC = dsv2.cu dsv2_common.cuh dsv2_mla.cuh dsv2_mla_decode.cuh dsv2_moe.cuh dsv2_prefill.cuh dsv2_sample.cuh dsv2_bench.cuh dsv2_serve.cuh dsv2.c
+dsv2cu: $(CUDA_SRC)
 	nvcc -O3 -arch=sm_90 -Xcompiler -fopenmp -o $@ dsv2.cu -lcublas -lgomp
+
+dsv2cu_timeline: $(CUDA_SRC)
+	nvcc -O3 -arch=sm_90 -DDSV2_TIMELINE -Xcompiler -fopenmp -o $@ dsv2.cu -lcublas -lgomp
 
 test_all: test_all.c dsv2.c
 	$(CC) $(CFLAGS) $(OMP) -o $@ test_all.c -lm
@@ -63,4 +68,4 @@ test: dsv2 test_all $(CUDA_TARGETS) $(FIXTURE_MODELS) $(FIXTURE_TOKS) build/dsv2
 	V2_TOKENIZER=$(V2_TOKENIZER) FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_PAIRS="$(FUZZ_PAIRS)" ./test_all
 
 clean:
-	rm -rf dsv2 dsv2cu test_all build
+	rm -rf dsv2 dsv2cu dsv2cu_timeline test_all build

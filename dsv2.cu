@@ -66,7 +66,8 @@
  * Build: nvcc -O3 -arch=sm_90 -o dsv2cu dsv2.cu -lcublas   (or make dsv2cu)
  * Extra modes (before the usual flags): ./dsv2cu --gpu-check   exit 0 if a GPU is usable
  *                                      ./dsv2cu --bench MODEL  benchmarks (tools/bench_cuda.sh; --ablate CTX: where
- *                                                              the decode step's time goes, kernel by kernel)
+ *                                                              the decode step's time goes, kernel by kernel;
+ *                                                              --timeline CTX in the dsv2cu_timeline build: block by block)
  *                                      ./dsv2cu --check-sampler  the GPU sampler against dsv2.c's sample()
  *                                      ./dsv2cu --bench-serve MODEL ...  batched decode steps (dsv2_serve.cuh)
  *                                      ./dsv2cu --serve-check MODEL [N]  the batch engine against dsv2.c
@@ -120,7 +121,6 @@ typedef struct {
     // decode activations (one token)
     float *x, *xb, *c_q, *q, *kv_a, *q_lat, *o_lat, *o, *hb, *hb_shared, *logits;
     int *topk_idx; float *topk_w;
-    int *route_ticket;        // blocks of the decode router that have finished (the last one picks the experts)
     float *route_logits;      // (PF_MAX, n_routed_experts) affinities u^T e_i for the router
     float *part_o, *part_ml;  // split-sequence partial results of the attention
     int dec_splits;
@@ -488,8 +488,6 @@ static void gpu_init(const Model *m, int seq_len) {
     g->hb = dev_floats((size_t)c->n_experts_per_tok * mi); g->hb_shared = dev_floats(g->ffn_max);
     g->logits = dev_floats(c->vocab_size);
     g->topk_idx = dev_ints(c->n_experts_per_tok); g->topk_w = dev_floats(c->n_experts_per_tok);
-    g->route_ticket = dev_ints(1);
-    cudaCheck(cudaMemset(g->route_ticket, 0, sizeof(int)));
     g->route_logits = dev_floats((size_t)PF_MAX * c->n_routed_experts);
     // decode attention: up to one block per multiprocessor (mla_chunk sizes the splits from the length)
     g->dec_splits = g->n_sm;

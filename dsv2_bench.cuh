@@ -4,7 +4,8 @@
 // last the batch attention over a paged cache (dsv2_mla_decode.cuh), checked and timed.
 // ./dsv2cu --bench-attn [CTX] runs only that last part, on V2-Lite's and V2's attention shapes, no model needed.
 // Options that run one part and stop: --checks-only 1 (the self-checks), --decode-only N (N decode steps, for a
-// profiler), --mla-only 1, --moe-only 1|2|3, --ablate CTX (the decode step without each kernel in turn: bench_ablate).
+// profiler), --mla-only 1, --moe-only 1|2|3, --ablate CTX (the decode step without each kernel in turn: bench_ablate),
+// --timeline CTX (dsv2cu_timeline only: the decode step block by block, bench_timeline).
 
 static double median(std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; }
 
@@ -678,9 +679,72 @@ static void bench_ablate(const Config *c, int n_ctx, const std::vector<int> &ids
     decode_graph_build();
 }
 
+#ifdef DSV2_TIMELINE
+// --timeline CTX (the dsv2cu_timeline build, DSV2_TIMELINE): three decode steps at context CTX recorded block by block
+// (TimelineScope, dsv2_common.cuh) into build/timeline_CTX.csv: step, kernel, block, multiprocessor, and when the
+// block started, its pdl_wait returned and it finished, in ns from the step's first block (-1: no wait).
+// tools/timeline_decode.py turns that into a table per kind of kernel.
+__global__ void timeline_names_kernel(char *out, const unsigned long long *fns, int n) {  // the kernels' __func__
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const char *name = (const char *)fns[i];
+    int k = 0;
+    for (; k < 63 && name[k]; k++) out[i * 64 + k] = name[k];
+    out[i * 64 + k] = 0;
+}
+static void bench_timeline(const Config *c, int n_ctx, const std::vector<int> &ids) {
+    fill_random(gpu.kv_cache, (size_t)c->n_layers * gpu.seq_len * gpu.W, 780, 1.0f);
+    decode_graph_build();
+    double plain = median_ms(10, 50, [&](int i) { decode_launch(ids[i % ids.size()], n_ctx); });
+    unsigned cap = 1 << 19, zero = 0;
+    TimelineRec *buf;
+    cudaCheck(cudaMalloc(&buf, cap * sizeof(TimelineRec)));
+    cudaCheck(cudaMemcpyToSymbol(timeline_buf, &buf, sizeof buf));
+    cudaCheck(cudaMemcpyToSymbol(timeline_cap, &cap, sizeof cap));
+    cudaCheck(cudaMemcpyToSymbol(timeline_n, &zero, sizeof zero));
+    double traced = median_ms(0, 3, [&](int i) { decode_launch(ids[i % ids.size()], n_ctx); });
+    unsigned n;
+    cudaCheck(cudaMemcpyFromSymbol(&n, timeline_n, sizeof n));
+    TimelineRec *none = NULL;
+    cudaCheck(cudaMemcpyToSymbol(timeline_buf, &none, sizeof none));
+    if (n > cap) die("--timeline: %u records, room for %u", n, cap);
+    std::vector<TimelineRec> rec(n);
+    cudaCheck(cudaMemcpy(rec.data(), buf, n * sizeof(TimelineRec), cudaMemcpyDeviceToHost));
+    std::vector<unsigned long long> fns;
+    for (auto &r : rec) if (std::find(fns.begin(), fns.end(), r.fn) == fns.end()) fns.push_back(r.fn);
+    unsigned long long *d_fns;
+    char *d_names;
+    cudaCheck(cudaMalloc(&d_fns, fns.size() * 8));
+    cudaCheck(cudaMalloc(&d_names, fns.size() * 64));
+    cudaCheck(cudaMemcpy(d_fns, fns.data(), fns.size() * 8, cudaMemcpyHostToDevice));
+    timeline_names_kernel<<<ceil_div(fns.size(), 64), 64>>>(d_names, d_fns, (int)fns.size());
+    std::vector<char> names(fns.size() * 64);
+    cudaCheck(cudaMemcpy(names.data(), d_names, names.size(), cudaMemcpyDeviceToHost));
+    // the three steps ran one after another (median_ms synchronises each), each beginning with embed_kernel
+    std::sort(rec.begin(), rec.end(), [](const TimelineRec &a, const TimelineRec &b) { return a.t0 < b.t0; });
+    char path[64];
+    snprintf(path, sizeof path, "build/timeline_%d.csv", n_ctx);
+    FILE *f = fopen(path, "w");
+    if (!f) die("--timeline: cannot write %s", path);
+    fprintf(f, "step,kernel,block,sm,start_ns,wait_end_ns,end_ns\n");
+    int step = -1;
+    unsigned long long base = rec.empty() ? 0 : rec[0].t0;
+    for (auto &r : rec) {
+        const char *name = &names[64 * (std::find(fns.begin(), fns.end(), r.fn) - fns.begin())];
+        if (!strcmp(name, "embed_kernel") || step < 0) { step++; base = r.t0; }
+        fprintf(f, "%d,%s,%u,%u,%llu,%lld,%llu\n", step, name, r.block, r.sm, r.t0 - base,
+                r.t1 ? (long long)(r.t1 - base) : -1LL, r.t2 - base);
+    }
+    fclose(f);
+    printf("BENCH timeline ctx %d steps %d records %u file %s step_ms %.3f traced_step_ms %.3f\n", n_ctx, step + 1, n, path,
+           plain, traced);
+    cudaCheck(cudaFree(buf)); cudaCheck(cudaFree(d_fns)); cudaCheck(cudaFree(d_names));
+}
+#endif
+
 static int bench_main(int argc, char **argv) {
     const char *path = argv[0];
-    int check_tokens = 4, ctx_max = 8192, prompt = 2048, decode_only = 0, mla_only = 0, moe_only = 0, ablate = 0, checks_only = 0;
+    int check_tokens = 4, ctx_max = 8192, prompt = 2048, decode_only = 0, mla_only = 0, moe_only = 0, ablate = 0, checks_only = 0, timeline = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--check")) check_tokens = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--decode-only")) decode_only = atoi(argv[i + 1]);  // N graph replays, nothing else (for ncu)
@@ -688,12 +752,17 @@ static int bench_main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--moe-only")) moe_only = atoi(argv[i + 1]);        // the batched MoE section alone (2: its checks only, 3: checks and the sweep of every shape)
         else if (!strcmp(argv[i], "--checks-only")) checks_only = atoi(argv[i + 1]);  // 1: the self-checks (1, 2) and stop
         else if (!strcmp(argv[i], "--ablate")) ablate = atoi(argv[i + 1]);            // the decode step at context N without each kernel in turn
+        else if (!strcmp(argv[i], "--timeline")) timeline = atoi(argv[i + 1]);        // the decode step at context N, block by block (dsv2cu_timeline)
         else if (!strcmp(argv[i], "--ctx")) ctx_max = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--prompt")) prompt = atoi(argv[i + 1]);
         else die("--bench: unknown option %s", argv[i]);
     }
     int room = (ctx_max > prompt ? ctx_max : prompt) + 64;  // the GPU context (seq_len below)
     if (ablate && (ablate < 1 || ablate >= room)) die("--bench: --ablate %d outside 1..%d (--ctx sets the room)", ablate, room - 1);
+    if (timeline && (timeline < 1 || timeline >= room)) die("--bench: --timeline %d outside 1..%d (--ctx sets the room)", timeline, room - 1);
+#ifndef DSV2_TIMELINE
+    if (timeline) die("--bench: --timeline needs the timeline build (make dsv2cu_timeline; run ./dsv2cu_timeline)");
+#endif
     Model m;
     model_load(&m, path);
     const Config *c = &m.config;
@@ -707,7 +776,7 @@ static int bench_main(int argc, char **argv) {
     uint64_t rng = 12345;
     std::vector<int> ids(prompt);
     for (int i = 0; i < prompt; i++) ids[i] = (int)(random_u32(&rng) % c->vocab_size);
-    if (decode_only || mla_only || moe_only || ablate) forward_gpu(&m, &s, ids[0], 0, ATTN_ABSORBED);  // sets the GPU up
+    if (decode_only || mla_only || moe_only || ablate || timeline) forward_gpu(&m, &s, ids[0], 0, ATTN_ABSORBED);  // sets the GPU up
     if (decode_only) {  // the decode step alone at context ctx_max, for a profiler
         fill_random(gpu.kv_cache, (size_t)c->n_layers * gpu.seq_len * gpu.W, 777, 1.0f);
         for (int i = 0; i < decode_only; i++) decode_launch(ids[i % prompt], ctx_max);
@@ -718,6 +787,12 @@ static int bench_main(int argc, char **argv) {
         bench_ablate(c, ablate, ids);
         return 0;
     }
+#ifdef DSV2_TIMELINE
+    if (timeline) {
+        bench_timeline(c, timeline, ids);
+        return 0;
+    }
+#endif
     if (mla_only) {
         bench_mla_kernel(c, ctx_max, bench_copy_bandwidth(), &rng);
         return 0;

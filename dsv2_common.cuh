@@ -131,6 +131,39 @@ __device__ __forceinline__ float silu_dev(float x) { return x / (1.0f + expf(-x)
 __device__ __forceinline__ void pdl_launch_next() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
+#ifdef DSV2_TIMELINE
+// A timeline of the decode step as it runs (make dsv2cu_timeline; ./dsv2cu_timeline --bench MODEL --timeline CTX;
+// tools/timeline_decode.py reads it). Nsight Compute times kernels one at a time, and --ablate gives only
+// what each kind costs in place; this records, per block, when it started, when its pdl_wait returned and
+// when its thread 0 finished (%globaltimer, ns), and on which multiprocessor. Only in that build: every
+// kernel begins with pdl_launch_next(), which there also declares a TimelineScope that lives until the kernel
+// returns (its destructor writes the record); pdl_wait() notes the time its wait ended.
+struct TimelineRec { unsigned long long fn, t0, t1, t2; unsigned block, sm; };
+__device__ TimelineRec *timeline_buf;  // NULL: not recording
+__device__ unsigned timeline_cap, timeline_n;
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+struct TimelineScope {
+    const char *fn;
+    unsigned long long t0, t1;
+    __device__ TimelineScope(const char *f) : fn(f), t0(global_ns()), t1(0) {}
+    __device__ ~TimelineScope() {  // (the end is read before the atomic: its trip delays the exit, not the record)
+        if (threadIdx.x || !timeline_buf) return;
+        unsigned long long t2 = global_ns();
+        unsigned i = atomicAdd(&timeline_n, 1), sm;
+        if (i >= timeline_cap) return;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        TimelineRec r = {(unsigned long long)fn, t0, t1, t2, blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z), sm};
+        timeline_buf[i] = r;
+    }
+};
+#define pdl_launch_next() TimelineScope timeline_scope_(__func__); pdl_launch_next()
+#define pdl_wait() do { pdl_wait(); timeline_scope_.t1 = global_ns(); } while (0)
+#endif
+
 // ask the copy engine to bring [p, p + bytes) into L2 (one instruction; the 16-byte-aligned inside of the range)
 __device__ int prefetch_off;  // DSV2_NO_PREFETCH=1 (and --bench --ablate): the prefetches off, to measure them
 __device__ __forceinline__ void prefetch_l2(const void *p, size_t bytes) {
@@ -138,6 +171,14 @@ __device__ __forceinline__ void prefetch_l2(const void *p, size_t bytes) {
     uintptr_t a = ((uintptr_t)p + 15) & ~(uintptr_t)15, e = ((uintptr_t)p + bytes) & ~(uintptr_t)15;
     if (e > a) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"((uint32_t)(e - a)) : "memory");
 }
+
+// Thread block clusters (sm_90): the blocks of a cluster (launch_cluster) run at once on one GPU processing
+// cluster and read each other's shared memory (cluster.map_shared_rank: distributed shared memory).
+// cluster_sync: every thread of the cluster's blocks arrives; shared-memory writes before it, local or
+// remote, are seen by every block after it.
+#include <cooperative_groups.h>
+namespace cg = cooperative_groups;
+__device__ __forceinline__ void cluster_sync() { cg::this_cluster().sync(); }
 
 // Asynchronous copies (cp.async, sm_80+): global -> shared without passing through registers, so a
 // thread can issue the copy of the next tile and go on computing on the current one. Copies issued by a

@@ -21,17 +21,22 @@ __device__ __forceinline__ void warp_argmax(float *v, int *i) {  // over the lan
 //   eq. (22) s_i = softmax_i(u^T e_i); device-limited routing zeroes the experts outside the topk_group
 //   best groups (method 1); eq. (21) the top K of s, their weights normalised (norm_topk_prob) or scaled
 //   by routed_scaling_factor, as in dsv2.c. Each lane holds experts lane, lane + 32, ...
-// logits are read past L1 (__ldcg): another block of the same launch may have written them.
+// logits in global memory are read past L1 (__ldcg): another block of the same launch may have written
+// them; logits_shared: they are in this block's shared memory.
 // rs: 2 E + 2 n_group words of shared memory (scores, chosen, group_score, taken).
 __device__ void route_token(int *topk_idx, float *topk_w, const float *logits, float *rs, int E, int K, int method,
-                            int n_group, int topk_group, int norm_topk_prob, float routed_scaling) {
+                            int n_group, int topk_group, int norm_topk_prob, float routed_scaling, bool logits_shared = false) {
     float *scores = rs;                            // (E)
     int *chosen = (int *)(scores + E);             // (E)
     float *group_score = (float *)(chosen + E);    // (n_group)
     int *taken = (int *)(group_score + n_group);   // (n_group)
     int lane = threadIdx.x & 31;
     float max = -INFINITY, sum = 0.0f;             // eq. (22) s_i,t = softmax_i(u_t^T e_i)
-    for (int i = lane; i < E; i += 32) { scores[i] = __ldcg(logits + i); max = fmaxf(max, scores[i]); chosen[i] = 0; }
+    for (int i = lane; i < E; i += 32) {
+        scores[i] = logits_shared ? logits[i] : __ldcg(logits + i);
+        max = fmaxf(max, scores[i]);
+        chosen[i] = 0;
+    }
     max = warp_max(max);
     for (int i = lane; i < E; i += 32) { scores[i] = expf(scores[i] - max); sum += scores[i]; }
     sum = warp_sum(sum);
@@ -96,22 +101,29 @@ __device__ void swiglu_rows(float *hb, const float *x, const bf16 *Wg, const bf1
 // half of the shared experts (they need the same normalised input and no routing):
 //   xn_out (dim) = RMSNorm(x) * norm_w;  logits (E) = gate (E, dim) @ xn;  topk_idx, topk_w (K) = route(logits)
 //   hbs (ws) = silu(Wsg @ xn) * (Wsu @ xn)   (swiglu_rows)
-// Blocks [0, RB = E / 8): one warp per expert computes u^T e_i (warp_dot). Blocks RB..: the shared rows.
-// Each block (8 warps) stages xn in shared memory. The last router block to finish picks the experts:
-// each counts itself on a ticket (atomicAdd after a __threadfence, so its affinities are visible first);
-// the one that draws RB - 1 knows all E affinities are written, resets the ticket for the next layer,
-// and runs route_token with its first warp. Why the shared experts are here: picking the experts is a
-// chain of latencies (the affinities, the ticket, one warp's top-K) that the routed experts must wait
-// for, and the shared experts' 23 MB (V2-Lite) stream from memory meanwhile (--bench --ablate: the router
-// alone cost 6.5 us a layer in place). Before pdl_wait each warp prefetches its first row into L2.
-__global__ void moe_router_kernel(int *topk_idx, float *topk_w, float *logits, const bf16 *gate, const float *x,
-                                  const float *norm_w, float eps, float *xn_out, int *ticket, int dim, int E, int K,
-                                  int method, int n_group, int topk_group, int norm_topk_prob, float routed_scaling,
-                                  float *hbs, const bf16 *Wsg, const bf16 *Wsu, int ws) {
+// Blocks [0, RB): the affinities, RB = min(8, E / 8) blocks of per = E / RB experts each, one warp per
+// expert (warp_dot; V2's 160 experts: 20 a block, 2 or 3 a warp). Blocks RB..: the shared rows. Each block
+// (8 warps) stages xn in shared memory. The launch is in clusters of RB blocks (launch_cluster), so the
+// router blocks are cluster 0: each keeps its affinities in its own shared memory; after a cluster barrier
+// block 0 reads all E of them from its neighbours' shared memory (distributed shared memory), a second
+// barrier lets the others leave, and block 0's first warp runs route_token. (Before: the last router
+// block to finish, found with a ticket, read them from global memory: a fence, the ticket and the read,
+// three trips to memory while the shared rows load it. The cluster saved 15 us a step in place, and it
+// takes any E up to 512, V2's 160 too, in one path. The launch's 5.8 us tail was not this pooling:
+// docs/BENCHMARKS.md, the decode step's timeline.)
+// Why the shared experts are here: picking the experts is a chain of latencies (the affinities, pooling
+// them, one warp's top-K) that the routed experts must wait for, and the shared experts' 23 MB (V2-Lite)
+// stream from memory meanwhile (--bench --ablate: the router alone cost 6.5 us a layer in place). Before
+// pdl_wait each warp prefetches its first row into L2.
+#define ROUTER_MAX_PER 64  // experts per router block (E <= 512)
+__global__ void moe_router_kernel(int *topk_idx, float *topk_w, const bf16 *gate, const float *x, const float *norm_w,
+                                  float eps, float *xn_out, int dim, int E, int RB, int K, int method, int n_group,
+                                  int topk_group, int norm_topk_prob, float routed_scaling, float *hbs, const bf16 *Wsg,
+                                  const bf16 *Wsu, int ws) {
     pdl_launch_next();
-    extern __shared__ float xs[];  // dim floats, then the router's 2 E + 2 n_group words
-    __shared__ int last;
-    int RB = ceil_div(E, 8), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    extern __shared__ float xs[];  // dim floats, then route_token's 2 E + 2 n_group words, then the E affinities
+    __shared__ float aff[ROUTER_MAX_PER];  // this block's affinities
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, per = ceil_div(E, RB);
     if ((int)blockIdx.x >= RB) {  // the shared experts
         int j0 = ((int)blockIdx.x - RB) * 8 + warp, stride = ((int)gridDim.x - RB) * 8;
         if (j0 < ws && lane == 0) {
@@ -123,23 +135,23 @@ __global__ void moe_router_kernel(int *topk_idx, float *topk_w, float *logits, c
         swiglu_rows(hbs, xs, Wsg, Wsu, ws, j0, stride, dim);
         return;
     }
-    int r = blockIdx.x * 8 + warp;  // this warp's expert
-    if (r < E && lane == 0) prefetch_l2(gate + (size_t)r * dim, (size_t)dim * sizeof(bf16));
+    int e0 = blockIdx.x * per, e1 = min(E, e0 + per);  // this block's experts
+    if (e0 + warp < e1 && lane == 0) prefetch_l2(gate + (size_t)(e0 + warp) * dim, (size_t)dim * sizeof(bf16));
     pdl_wait();
     stage_vector(xs, x, norm_w, dim, eps);
     if (blockIdx.x == 0)
         for (int i = threadIdx.x; i < dim; i += blockDim.x) xn_out[i] = xs[i];
-    if (r < E) {
-        float v = warp_dot(gate + (size_t)r * dim, xs, dim);
-        if (lane == 0) logits[r] = v;
+    for (int e = e0 + warp; e < e1; e += 8) {
+        float v = warp_dot(gate + (size_t)e * dim, xs, dim);
+        if (lane == 0) aff[e - e0] = v;
     }
-    __threadfence();  // this block's affinities are visible device-wide before it takes its ticket
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(ticket, 1) == RB - 1;
-    __syncthreads();
-    if (!last || threadIdx.x >= 32) return;
-    if (threadIdx.x == 0) *ticket = 0;  // ready for the next layer / step
-    route_token(topk_idx, topk_w, logits, xs + dim, E, K, method, n_group, topk_group, norm_topk_prob, routed_scaling);
+    float *all = xs + dim + 2 * E + 2 * n_group;
+    cluster_sync();  // every router block's aff[] is written
+    if (blockIdx.x == 0)
+        for (int e = threadIdx.x; e < E; e += blockDim.x) all[e] = *cg::this_cluster().map_shared_rank(&aff[e % per], e / per);
+    cluster_sync();  // block 0 has read them: the others may leave
+    if (blockIdx.x || threadIdx.x >= 32) return;
+    route_token(topk_idx, topk_w, all, xs + dim, E, K, method, n_group, topk_group, norm_topk_prob, routed_scaling, true);
 }
 static void moe_route_forward(int *topk_idx, float *topk_w, const float *logits, int T) {
     const Config *c = &gpu.c;
@@ -150,16 +162,18 @@ static void moe_route_forward(int *topk_idx, float *topk_w, const float *logits,
 // decode: x -> xn_out = RMSNorm(x), the token's experts (eqs. 21-22), and the shared experts' hbs, in one launch
 static void moe_router_forward(int *topk_idx, float *topk_w, const GpuLayer *L, const float *x, float *xn_out, float *hbs) {
     const Config *c = &gpu.c;
-    int E = c->n_routed_experts, RB = ceil_div(E, 8);
-    size_t smem = ((size_t)c->dim + 2 * E + 2 * c->n_group) * 4;
+    int E = c->n_routed_experts, RB = std::min(8, ceil_div(E, 8));
+    size_t smem = ((size_t)c->dim + 3 * E + 2 * c->n_group) * 4;
     if (smem > STAGE_MAX_BYTES) die("dsv2cu: hidden size %d is too large for the GPU router", c->dim);
+    if (ceil_div(E, RB) > ROUTER_MAX_PER) die("dsv2cu: %d routed experts are more than the GPU router takes (%d)", E, 8 * ROUTER_MAX_PER);
     static int wave = 0;
     if (!wave) wave = one_wave(moe_router_kernel, 256, smem);
     int shared_blocks = L->ffn_width ? std::max(1, std::min(ceil_div(L->ffn_width, 8), wave - RB)) : 0;
-    launch(moe_router_kernel, RB + shared_blocks, 256, smem, topk_idx, topk_w, gpu.route_logits, (const bf16 *)L->gate, x,
-           (const float *)L->post_attention_layernorm, c->rms_norm_eps, xn_out, gpu.route_ticket, c->dim, E,
-           c->n_experts_per_tok, c->topk_method, c->n_group, c->topk_group, c->norm_topk_prob, c->routed_scaling_factor,
-           hbs, (const bf16 *)L->ffn_gate, (const bf16 *)L->ffn_up, L->ffn_width);
+    if (shared_blocks) shared_blocks = std::max(RB, shared_blocks / RB * RB);  // the grid in whole clusters of RB
+    launch_cluster(RB, moe_router_kernel, RB + shared_blocks, 256, smem, topk_idx, topk_w, (const bf16 *)L->gate, x,
+                   (const float *)L->post_attention_layernorm, c->rms_norm_eps, xn_out, c->dim, E, RB,
+                   c->n_experts_per_tok, c->topk_method, c->n_group, c->topk_group, c->norm_topk_prob,
+                   c->routed_scaling_factor, hbs, (const bf16 *)L->ffn_gate, (const bf16 *)L->ffn_up, L->ffn_width);
 }
 
 // The first half of the routed experts' FFN_i of eq. (20) at decode (dsv2.c's ffn up to the SwiGLU, for the

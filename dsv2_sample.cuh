@@ -49,9 +49,6 @@
 //   holds most of the vocabulary) is sampled by two more radix selects, for cum and for r, with the
 //   fixed-point sums; there dsv2.c's own float running sum over tens of thousands of candidates
 //   drifts, and the tokens agree up to that rounding (./dsv2cu --check-sampler measures it).
-#include <cooperative_groups.h>
-namespace cg = cooperative_groups;
-
 #define SAMPLE_THREADS 256        // threads per block (several blocks share a multiprocessor: B rows at once)
 #ifndef SAMPLE_CLUSTER           // (-DSAMPLE_CLUSTER=8: the 8-block build docs/BENCHMARKS.md compares)
 #define SAMPLE_CLUSTER 16         // blocks per long row (fewer where the GPU cannot schedule that many together)
@@ -181,9 +178,6 @@ __device__ int warp_running_sum(int n, Load x, Stop stop, Keep keep, float *sum)
 
 // ---------------- the cluster's blocks agreeing on a value
 
-// every thread of the cluster's blocks arrives; shared-memory writes before it, local or remote, are
-// seen by every block after it
-__device__ __forceinline__ void cluster_sync() { cg::this_cluster().sync(); }
 
 typedef struct {
     int rank, n_ranks;  // this block's place in its row's cluster, and the cluster's size

@@ -2567,6 +2567,14 @@ static void test_batch_errors(void) {
                  "--ablate -5 outside 1..");
     expect_error("./dsv2cu --bench --ablate past the context", "./dsv2cu --bench dsv2_tiny.bin --ctx 512 --prompt 64 --ablate 600",
                  "--ablate 600 outside 1..575");
+    expect_error("./dsv2cu --bench --timeline outside the timeline build", "./dsv2cu --bench dsv2_tiny.bin --timeline 100",
+                 "--timeline needs the timeline build (make dsv2cu_timeline");
+    if (access("./dsv2cu_timeline", X_OK) != 0) {
+        printf("SKIPPED (not counted): ./dsv2cu_timeline refuses --timeline past the context: ./dsv2cu_timeline not built\n");
+        return;
+    }
+    expect_error("./dsv2cu_timeline --bench --timeline past the context", "./dsv2cu_timeline --bench dsv2_tiny.bin --ctx 512 --prompt 64 --timeline 600",
+                 "--timeline 600 outside 1..575");
 }
 
 static void test_batch(void) {
