@@ -262,6 +262,10 @@ __device__ void stage_copy(float *dst, const float *a, int na, const float *b, i
             if (i0 + u * bd < n4) d4[i0 + u * bd] = v[u];
     }
 }
+__device__ __forceinline__ float sumsq4(float4 v) { return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; }
+__device__ __forceinline__ float4 norm4(float4 g, float4 v, float r) {  // rmsnorm_block's w[i] * (x[i] * r), 4 at once
+    return make_float4(g.x * (v.x * r), g.y * (v.y * r), g.z * (v.z * r), g.w * (v.w * r));
+}
 // x (n floats) into this block's shared memory xs, normalised on the way when w is given:
 // xs = w * (x * rsqrt(mean(x^2) + eps)). When n <= 4 STAGE_NORM_U blockDim, one round: each thread loads its
 // x and w pieces at once and keeps them in registers across the sum. Ends with a barrier.
@@ -288,18 +292,17 @@ __device__ void stage_vector(float *xs, const float *x, const float *w, int n, f
             if (tid + u * bd < n4) { v[u] = x4[tid + u * bd]; g[u] = w4[tid + u * bd]; }
         #pragma unroll
         for (int u = 0; u < STAGE_NORM_U; u++)
-            if (tid + u * bd < n4) ss += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
+            if (tid + u * bd < n4) ss += sumsq4(v[u]);
         float r = 1.0f / sqrtf(block_sum(ss) / n + eps);
         #pragma unroll
         for (int u = 0; u < STAGE_NORM_U; u++)
-            if (tid + u * bd < n4)
-                s4[tid + u * bd] = make_float4(g[u].x * (v[u].x * r), g[u].y * (v[u].y * r), g[u].z * (v[u].z * r), g[u].w * (v[u].w * r));
+            if (tid + u * bd < n4) s4[tid + u * bd] = norm4(g[u], v[u], r);
         __syncthreads();
         return;
     }
     stage_copy<STAGE_U>(xs, x, n, NULL, 0);  // larger: x in rounds, then the norm in place
     __syncthreads();
-    for (int i = tid; i < n4; i += bd) { float4 v = s4[i]; ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; }
+    for (int i = tid; i < n4; i += bd) ss += sumsq4(s4[i]);
     float r = 1.0f / sqrtf(block_sum(ss) / n + eps);  // block_sum's barriers end the reads of s4 above
     for (int i0 = tid; i0 < n4; i0 += STAGE_U * bd) {
         float4 g[STAGE_U];
@@ -307,10 +310,7 @@ __device__ void stage_vector(float *xs, const float *x, const float *w, int n, f
         for (int u = 0; u < STAGE_U; u++) if (i0 + u * bd < n4) g[u] = w4[i0 + u * bd];
         #pragma unroll
         for (int u = 0; u < STAGE_U; u++)
-            if (i0 + u * bd < n4) {
-                float4 v = s4[i0 + u * bd];
-                s4[i0 + u * bd] = make_float4(g[u].x * (v.x * r), g[u].y * (v.y * r), g[u].z * (v.z * r), g[u].w * (v.w * r));
-            }
+            if (i0 + u * bd < n4) s4[i0 + u * bd] = norm4(g[u], s4[i0 + u * bd], r);
     }
     __syncthreads();
 }
