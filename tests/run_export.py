@@ -40,6 +40,9 @@ def disturb(how):
         resource.setrlimit(resource.RLIMIT_FSIZE, (200000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
         return
     sig, convert, calls = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM}[how], export.convert, [0]
+    # Ctrl-C as at a terminal: a shell's background job (make test &) starts with SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler, so the signal would do nothing
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def convert_then_signal(*args):
         calls[0] += 1
