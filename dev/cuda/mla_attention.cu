@@ -370,7 +370,7 @@ mla_attention_kernel(float *part_o, float *part_ml, const float *q_lat, const fl
     int split = blockIdx.x, b = blockIdx.y, h0 = blockIdx.z * MLA_HEADS, tid = threadIdx.x;
     int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     int nh = min(MLA_HEADS, H - h0);
-    int len = lens ? lens[b] : *pos0 + len_offset + b + 1;  // (lens and pos0 come from the host, not from a kernel)
+    int len = lens ? lens[b] : *pos0 + len_offset + b + 1;  // (both set before the launch: by the host, or by step_advance_kernel in the graph before)
     int chunk = mla_chunk(len, n_split), start = split * chunk, end = min(start + chunk, len);
     extern __shared__ float smem[];
     const float *cb = cache + b * seq_stride;
