@@ -2556,6 +2556,10 @@ static void test_batch_errors(void) {
         snprintf(cmd, sizeof cmd, "./dsv2 dsv2_tiny.bin %s", flags[i].args);
         expect_error(flags[i].what, cmd, flags[i].needle);
     }
+    expect_error("tools/timeline_decode.py on a missing file", "python3 tools/timeline_decode.py build/no_such_timeline.csv",
+                 "cannot read a timeline from build/no_such_timeline.csv");
+    expect_error("tools/timeline_decode.py on a file that is not a timeline", "python3 tools/timeline_decode.py tests/ppl.txt",
+                 "cannot read a timeline from tests/ppl.txt");
     if (access("./dsv2cu", X_OK) != 0) {
         printf("SKIPPED (not counted): ./dsv2cu refuses --kv outside -m batch: ./dsv2cu not built (no nvcc)\n");
         return;

@@ -102,4 +102,8 @@ def main(paths):
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit("usage: python3 tools/timeline_decode.py build/timeline_CTX.csv [more.csv]")
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (OSError, KeyError, ValueError, StopIteration) as e:  # a missing, truncated or foreign file
+        sys.exit(f"timeline_decode.py: error: cannot read a timeline from {' '.join(sys.argv[1:])} ({type(e).__name__}: {e}); "
+                 "it comes from ./dsv2cu_timeline --bench MODEL --timeline CTX")
