@@ -60,8 +60,8 @@
  *   (20) h' = u + FFNs        the shared experts' gate/up in moe_router_kernel's launch, the routed experts' in
  *                             moe_gate_up_kernel, every down projection in moe_down_kernel (ffn_decode_forward;
  *                             prefill: gemm_bf16, swiglu_split3_kernel, moe_combine_kernel)
- *   (21), (22) top-K of softmax(u^T e)  moe_router_kernel (prefill: linear_forward + moe_route_kernel), both
- *                             through route_token
+ *   (21), (22) top-K of softmax(u^T e)  the affinities in moe_router_kernel, the pick in moe_gate_up_kernel
+ *                             (prefill: linear_forward + moe_route_kernel), both through route_block
  *
  * Build: nvcc -O3 -arch=sm_90 -o dsv2cu dsv2.cu -lcublas   (or make dsv2cu)
  * Extra modes (before the usual flags): ./dsv2cu --gpu-check   exit 0 if a GPU is usable

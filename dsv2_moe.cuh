@@ -5,87 +5,83 @@
 // intermediate_size wide). The prefill's MoE is in dsv2_prefill.cuh and prefill_pass.
 
 // ---------------- The router (eqs. 21-22)
-// The affinities u^T e_i come from moe_router_kernel (decode) or the prefill's product; then one warp
-// per token takes dsv2.c's moe_route step by step: softmax, the topk_group best groups (route_groups,
-// device-limited routing), the top K_r experts, each choice a warp-wide argmax with the lowest index
-// winning ties, so the GPU picks the same experts as the CPU.
-// (A first version did all of this in one block with thread 0 running the loops: 51 us a layer.)
-__device__ __forceinline__ void warp_argmax(float *v, int *i) {  // over the lanes' (v, i) pairs
-    for (int o = 16; o > 0; o >>= 1) {
-        float v2 = __shfl_xor_sync(0xffffffffu, *v, o);
-        int i2 = __shfl_xor_sync(0xffffffffu, *i, o);
-        if (v2 > *v || (v2 == *v && i2 < *i)) { *v = v2; *i = i2; }
-    }
+// The affinities u^T e_i come from moe_router_kernel (decode) or the prefill's product; then one block per
+// token takes dsv2.c's moe_route: softmax, the topk_group best groups (route_groups, device-limited
+// routing), the top K_r experts. dsv2.c picks them one at a time, each the best of those left, lowest index
+// on ties; that order is a sort by (score descending, index ascending), so here each expert finds its own
+// place in it at once: its rank is the number of experts ahead of it, and the experts of rank < K are the
+// picks, rank k the k-th. The same experts, in the same order, as the CPU, in one pass of the block.
+// (Before: one warp picked them one at a time, each a warp-wide argmax. In the decode router's launch that
+// took 6 us a layer, behind the streaming loads of the warps beside it; moved to moe_gate_up, the two
+// versions cost the same. docs/BENCHMARKS.md, the third pass at issue 14.)
+// expert i is ahead of expert j (a strict total order: NaN counts as -inf, so ranks never collide)
+__device__ __forceinline__ bool route_ahead(float vi, int i, float vj, int j) {
+    vi = isnan(vi) ? -INFINITY : vi; vj = isnan(vj) ? -INFINITY : vj;
+    return vi > vj || (vi == vj && i < j);
 }
-// dsv2.c's moe_route for one token, by one warp: logits (E) = u^T e_i -> topk_idx (K), topk_w (K).
-//   eq. (22) s_i = softmax_i(u^T e_i); device-limited routing zeroes the experts outside the topk_group
-//   best groups (method 1); eq. (21) the top K of s, their weights normalised (norm_topk_prob) or scaled
-//   by routed_scaling_factor, as in dsv2.c. Each lane holds experts lane, lane + 32, ...
-// logits in global memory are read past L1 (__ldcg): another block of the same launch may have written
-// them; logits_shared: they are in this block's shared memory.
-// rs: 2 E + 2 n_group words of shared memory (scores, chosen, group_score, taken).
-__device__ void route_token(int *topk_idx, float *topk_w, const float *logits, float *rs, int E, int K, int method,
-                            int n_group, int topk_group, int norm_topk_prob, float routed_scaling, bool logits_shared = false) {
-    float *scores = rs;                            // (E)
-    int *chosen = (int *)(scores + E);             // (E)
-    float *group_score = (float *)(chosen + E);    // (n_group)
-    int *taken = (int *)(group_score + n_group);   // (n_group)
-    int lane = threadIdx.x & 31;
-    float max = -INFINITY, sum = 0.0f;             // eq. (22) s_i,t = softmax_i(u_t^T e_i)
-    for (int i = lane; i < E; i += 32) {
-        scores[i] = logits_shared ? logits[i] : __ldcg(logits + i);
-        max = fmaxf(max, scores[i]);
-        chosen[i] = 0;
+// dsv2.c's moe_route for one token, by the whole block: logits (E, shared memory) -> pick, pick_w (K,
+// shared memory): the chosen experts best first, and their weights g_i,t.
+//   eq. (22) s_i = softmax_i(u^T e_i) (by the first warp); device-limited routing (method 1) leaves as
+//   candidates only the experts of the topk_group best groups (a group's score is its best expert's), the
+//   others -inf; eq. (21) the top K of the candidates, their weights s_i normalised (norm_topk_prob) or
+//   scaled by routed_scaling_factor, as in dsv2.c.
+// rs: 2 E + 2 n_group words of shared memory (scores, candidates, group_score, kept). Ends with a barrier.
+__device__ void route_block(int *pick, float *pick_w, const float *logits, float *rs, int E, int K, int method,
+                            int n_group, int topk_group, int norm_topk_prob, float routed_scaling) {
+    float *scores = rs, *cand = rs + E, *group_score = cand + E;
+    int *kept = (int *)(group_score + n_group);
+    int tid = threadIdx.x, bd = blockDim.x;
+    if (tid < 32) {  // eq. (22) s_i,t = softmax_i(u_t^T e_i)
+        float max = -INFINITY, sum = 0.0f;
+        for (int i = tid; i < E; i += 32) max = fmaxf(max, logits[i]);
+        max = warp_max(max);
+        for (int i = tid; i < E; i += 32) { scores[i] = expf(logits[i] - max); sum += scores[i]; }
+        sum = warp_sum(sum);
+        for (int i = tid; i < E; i += 32) cand[i] = scores[i] /= sum;
     }
-    max = warp_max(max);
-    for (int i = lane; i < E; i += 32) { scores[i] = expf(scores[i] - max); sum += scores[i]; }
-    sum = warp_sum(sum);
-    for (int i = lane; i < E; i += 32) scores[i] /= sum;
-    __syncwarp();
-    if (method == 1) {  // group_limited_greedy: a group's score is its best expert's
+    __syncthreads();
+    if (method == 1) {  // group_limited_greedy: only the experts of the kept groups are candidates
         int per = E / n_group;
-        for (int g = lane; g < n_group; g += 32) {
-            taken[g] = 0;
+        for (int g = tid; g < n_group; g += bd) {
             group_score[g] = scores[g * per];
             for (int e = 1; e < per; e++) group_score[g] = fmaxf(group_score[g], scores[g * per + e]);
         }
-        __syncwarp();
-        for (int k = 0; k < topk_group; k++) {
-            float v = -INFINITY; int best = 0x7fffffff;
-            for (int g = lane; g < n_group; g += 32)
-                if (!taken[g] && (group_score[g] > v || best == 0x7fffffff)) { v = group_score[g]; best = g; }
-            warp_argmax(&v, &best);
-            if (lane == 0) taken[best] = 1;
-            __syncwarp();
+        __syncthreads();
+        for (int g = tid; g < n_group; g += bd) {
+            int rank = 0;
+            for (int h = 0; h < n_group; h++) rank += route_ahead(group_score[h], h, group_score[g], g);
+            kept[g] = rank < topk_group;
         }
-        for (int i = lane; i < E; i += 32) if (!taken[i / per]) scores[i] = 0.0f;  // dropped groups count as 0
-        __syncwarp();
+        __syncthreads();
+        for (int i = tid; i < E; i += bd) if (!kept[i / per]) cand[i] = -INFINITY;
+        __syncthreads();
     }
-    float wsum = 0.0f;
-    for (int k = 0; k < K; k++) {                  // eq. (21) g_i,t: the top K_r
-        float v = -INFINITY; int best = 0x7fffffff;
-        for (int i = lane; i < E; i += 32)
-            if (!chosen[i] && (scores[i] > v || best == 0x7fffffff)) { v = scores[i]; best = i; }
-        warp_argmax(&v, &best);
-        if (lane == 0) { chosen[best] = 1; topk_idx[k] = best; topk_w[k] = v; }
-        wsum += v;
-        __syncwarp();
+    for (int i = tid; i < E; i += bd) {  // eq. (21) g_i,t: the top K_r
+        int rank = 0;
+        for (int j = 0; j < E; j++) rank += route_ahead(cand[j], j, cand[i], i);
+        if (rank < K) { pick[rank] = i; pick_w[rank] = scores[i]; }
     }
-    if (lane < K) {
-        if (norm_topk_prob && K > 1) topk_w[lane] /= wsum + 1e-20f;
-        else topk_w[lane] *= routed_scaling;
-    }
+    __syncthreads();
+    float wsum = 0.0f;  // in pick order, as dsv2.c adds them
+    for (int k = 0; k < K; k++) wsum += pick_w[k];
+    __syncthreads();  // every thread has read pick_w
+    for (int k = tid; k < K; k += bd) pick_w[k] = norm_topk_prob && K > 1 ? pick_w[k] / (wsum + 1e-20f) : pick_w[k] * routed_scaling;
+    __syncthreads();
 }
 // the prefill's router, eqs. (21)-(22) for T tokens: logits (T, E) -> topk_idx, topk_w (T, K).
-// One block of one warp per token (route_token).
+// One block per token (route_block).
 __global__ void moe_route_kernel(int *topk_idx, float *topk_w, const float *logits, int E, int K, int method,
                                  int n_group, int topk_group, int norm_topk_prob, float routed_scaling) {
     pdl_launch_next();
     pdl_wait();
-    extern __shared__ float rs[];
+    extern __shared__ float lg[];  // the token's logits (E), route_block's 2 E + 2 n_group words, the picks (2 K)
+    float *rs = lg + E, *pick_w = rs + 2 * E + 2 * n_group;
+    int *pick = (int *)(pick_w + K);
     size_t t = blockIdx.x;
-    route_token(topk_idx + t * K, topk_w + t * K, logits + t * E, rs, E, K, method, n_group, topk_group, norm_topk_prob,
-                routed_scaling);
+    for (int i = threadIdx.x; i < E; i += blockDim.x) lg[i] = logits[t * E + i];
+    __syncthreads();
+    route_block(pick, pick_w, lg, rs, E, K, method, n_group, topk_group, norm_topk_prob, routed_scaling);
+    for (int k = threadIdx.x; k < K; k += blockDim.x) { topk_idx[t * K + k] = pick[k]; topk_w[t * K + k] = pick_w[k]; }
 }
 // rows r = j0, j0 + stride, ... < n of the first half of an FFN (one warp a row, x in shared memory):
 //   hb[r] = silu(Wg[r] . x) * (Wu[r] . x)      (the gate and up rows loaded together: warp_dot2)
@@ -96,36 +92,29 @@ __device__ void swiglu_rows(float *hb, const float *x, const bf16 *Wg, const bf1
         if ((threadIdx.x & 31) == 0) hb[r] = silu_dev(gv) * uv;
     }
 }
-// The decode step's router in one launch, eqs. (21)-(22) for one token, with the RMSNorm before the
-// FFN fused (dsv2.c forward's rmsnorm(post_attention_layernorm) + moe_route), and beside it the first
-// half of the shared experts (they need the same normalised input and no routing):
-//   xn_out (dim) = RMSNorm(x) * norm_w;  logits (E) = gate (E, dim) @ xn;  topk_idx, topk_w (K) = route(logits)
+// The decode step's router launch, with the RMSNorm before the FFN fused (dsv2.c forward's
+// rmsnorm(post_attention_layernorm)), and beside it the first half of the shared experts (they need the
+// same normalised input and no routing):
+//   xn_out (dim) = RMSNorm(x) * norm_w;  logits (E) = gate (E, dim) @ xn   (the affinities u^T e_i)
 //   hbs (ws) = silu(Wsg @ xn) * (Wsu @ xn)   (swiglu_rows)
-// Blocks [0, RB): the affinities, RB = min(8, E / 8) blocks of per = E / RB experts each, one warp per
-// expert (warp_dot; V2's 160 experts: 20 a block, 2 or 3 a warp). Blocks RB..: the shared rows. Each block
-// (8 warps) stages xn in shared memory. The launch is in clusters of RB blocks (launch_cluster), so the
-// router blocks are cluster 0: each keeps its affinities in its own shared memory; after a cluster barrier
-// block 0 reads all E of them from its neighbours' shared memory (distributed shared memory), a second
-// barrier lets the others leave, and block 0's first warp runs route_token. (Before: the last router
-// block to finish, found with a ticket, read them from global memory: a fence, the ticket and the read,
-// three trips to memory while the shared rows load it. The cluster saved 15 us a step in place, and it
-// takes any E up to 512, V2's 160 too, in one path. The launch's 5.8 us tail was not this pooling:
-// docs/BENCHMARKS.md, the decode step's timeline.)
-// Why the shared experts are here: picking the experts is a chain of latencies (the affinities, pooling
-// them, one warp's top-K) that the routed experts must wait for, and the shared experts' 23 MB (V2-Lite)
-// stream from memory meanwhile (--bench --ablate: the router alone cost 6.5 us a layer in place). Before
-// pdl_wait each warp prefetches its first row into L2.
-#define ROUTER_MAX_PER 64  // experts per router block (E <= 512)
-__global__ void moe_router_kernel(int *topk_idx, float *topk_w, const bf16 *gate, const float *x, const float *norm_w,
-                                  float eps, float *xn_out, int dim, int E, int RB, int K, int method, int n_group,
-                                  int topk_group, int norm_topk_prob, float routed_scaling, float *hbs, const bf16 *Wsg,
-                                  const bf16 *Wsu, int ws) {
+// Blocks [0, RB), RB = E / 8: the affinities, one expert a warp (warp_dot). Blocks RB..: the shared rows,
+// row j to block j % nsb (nsb shared blocks), so every block has as many rows (+-1) and, the grid being one
+// wave, every multiprocessor as many blocks. Each block (8 warps) stages xn in shared memory; before
+// pdl_wait each warp prefetches its first row into L2. The experts are picked from the affinities by the
+// next kernel (moe_gate_up_kernel), eqs. (21)-(22).
+// Why the shared experts are here: the routed experts must wait for the affinities, a chain of latencies
+// (the norm, one row a warp), and the shared experts' 23 MB (V2-Lite) stream from memory meanwhile.
+// (Measured otherwise, docs/BENCHMARKS.md, the third pass at issue 14: this launch also picked the experts,
+// in one warp of block 0 after a cluster barrier, and that warp's pick took 6 us, the launch's whole tail;
+// and with the shared rows in moe_gate_up instead, prefetched while this launch ran, the step was no faster.)
+__global__ void moe_router_kernel(float *logits, const bf16 *gate, const float *x, const float *norm_w, float eps,
+                                  float *xn_out, int dim, int E, int RB, float *hbs, const bf16 *Wsg, const bf16 *Wsu,
+                                  int ws) {
     pdl_launch_next();
-    extern __shared__ float xs[];  // dim floats, then route_token's 2 E + 2 n_group words, then the E affinities
-    __shared__ float aff[ROUTER_MAX_PER];  // this block's affinities
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, per = ceil_div(E, RB);
+    extern __shared__ float xs[];  // dim floats
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if ((int)blockIdx.x >= RB) {  // the shared experts
-        int j0 = ((int)blockIdx.x - RB) * 8 + warp, stride = ((int)gridDim.x - RB) * 8;
+        int nsb = (int)gridDim.x - RB, j0 = ((int)blockIdx.x - RB) + nsb * warp, stride = nsb * 8;
         if (j0 < ws && lane == 0) {
             prefetch_l2(Wsg + (size_t)j0 * dim, (size_t)dim * sizeof(bf16));
             prefetch_l2(Wsu + (size_t)j0 * dim, (size_t)dim * sizeof(bf16));
@@ -135,81 +124,95 @@ __global__ void moe_router_kernel(int *topk_idx, float *topk_w, const bf16 *gate
         swiglu_rows(hbs, xs, Wsg, Wsu, ws, j0, stride, dim);
         return;
     }
-    int e0 = blockIdx.x * per, e1 = min(E, e0 + per);  // this block's experts
-    if (e0 + warp < e1 && lane == 0) prefetch_l2(gate + (size_t)(e0 + warp) * dim, (size_t)dim * sizeof(bf16));
+    int e = blockIdx.x * 8 + warp;  // this warp's expert
+    if (e < E && lane == 0) prefetch_l2(gate + (size_t)e * dim, (size_t)dim * sizeof(bf16));
     pdl_wait();
     stage_vector(xs, x, norm_w, dim, eps);
     if (blockIdx.x == 0)
         for (int i = threadIdx.x; i < dim; i += blockDim.x) xn_out[i] = xs[i];
-    for (int e = e0 + warp; e < e1; e += 8) {
-        float v = warp_dot(gate + (size_t)e * dim, xs, dim);
-        if (lane == 0) aff[e - e0] = v;
-    }
-    float *all = xs + dim + 2 * E + 2 * n_group;
-    cluster_sync();  // every router block's aff[] is written
-    if (blockIdx.x == 0)
-        for (int e = threadIdx.x; e < E; e += blockDim.x) all[e] = *cg::this_cluster().map_shared_rank(&aff[e % per], e / per);
-    cluster_sync();  // block 0 has read them: the others may leave
-    if (blockIdx.x || threadIdx.x >= 32) return;
-    route_token(topk_idx, topk_w, all, xs + dim, E, K, method, n_group, topk_group, norm_topk_prob, routed_scaling, true);
+    if (e >= E) return;
+    float v = warp_dot(gate + (size_t)e * dim, xs, dim);
+    if (lane == 0) logits[e] = v;
 }
 static void moe_route_forward(int *topk_idx, float *topk_w, const float *logits, int T) {
     const Config *c = &gpu.c;
-    size_t smem = (2 * (size_t)c->n_routed_experts + 2 * c->n_group) * 4;
-    launch(moe_route_kernel, T, 32, smem, topk_idx, topk_w, logits, c->n_routed_experts, c->n_experts_per_tok,
+    size_t smem = (3 * (size_t)c->n_routed_experts + 2 * c->n_group + 2 * c->n_experts_per_tok) * 4;
+    launch(moe_route_kernel, T, 256, smem, topk_idx, topk_w, logits, c->n_routed_experts, c->n_experts_per_tok,
            c->topk_method, c->n_group, c->topk_group, c->norm_topk_prob, c->routed_scaling_factor);
 }
-// decode: x -> xn_out = RMSNorm(x), the token's experts (eqs. 21-22), and the shared experts' hbs, in one launch
-static void moe_router_forward(int *topk_idx, float *topk_w, const GpuLayer *L, const float *x, float *xn_out, float *hbs) {
+// decode: x -> xn_out = RMSNorm(x), the affinities logits (E), and the shared experts' hbs, in one launch
+static void moe_router_forward(float *logits, const GpuLayer *L, const float *x, float *xn_out, float *hbs) {
     const Config *c = &gpu.c;
-    int E = c->n_routed_experts, RB = std::min(8, ceil_div(E, 8));
-    size_t smem = ((size_t)c->dim + 3 * E + 2 * c->n_group) * 4;
+    int E = c->n_routed_experts, RB = ceil_div(E, 8);
+    size_t smem = (size_t)c->dim * 4;
     if (smem > STAGE_MAX_BYTES) die("dsv2cu: hidden size %d is too large for the GPU router", c->dim);
-    if (ceil_div(E, RB) > ROUTER_MAX_PER) die("dsv2cu: %d routed experts are more than the GPU router takes (%d)", E, 8 * ROUTER_MAX_PER);
     static int wave = 0;
     if (!wave) wave = one_wave(moe_router_kernel, 256, smem);
-    int shared_blocks = L->ffn_width ? std::max(1, std::min(ceil_div(L->ffn_width, 8), wave - RB)) : 0;
-    if (shared_blocks) shared_blocks = std::max(RB, shared_blocks / RB * RB);  // the grid in whole clusters of RB
-    launch_cluster(RB, moe_router_kernel, RB + shared_blocks, 256, smem, topk_idx, topk_w, (const bf16 *)L->gate, x,
-                   (const float *)L->post_attention_layernorm, c->rms_norm_eps, xn_out, c->dim, E, RB,
-                   c->n_experts_per_tok, c->topk_method, c->n_group, c->topk_group, c->norm_topk_prob,
-                   c->routed_scaling_factor, hbs, (const bf16 *)L->ffn_gate, (const bf16 *)L->ffn_up, L->ffn_width);
+    // more shared rows than 8 a multiprocessor: the rest of the wave (V2-Lite: 388 blocks of 7 or 8 rows)
+    int want = ceil_div(L->ffn_width, 8), shared_blocks = want <= gpu.n_sm ? want : std::max(1, wave - RB);
+    if (!L->ffn_width) shared_blocks = 0;
+    launch(moe_router_kernel, RB + shared_blocks, 256, smem, logits, (const bf16 *)L->gate, x,
+           (const float *)L->post_attention_layernorm, c->rms_norm_eps, xn_out, c->dim, E, RB, hbs,
+           (const bf16 *)L->ffn_gate, (const bf16 *)L->ffn_up, L->ffn_width);
 }
 
 // The first half of the routed experts' FFN_i of eq. (20) at decode (dsv2.c's ffn up to the SwiGLU, for the
-// K routed experts of moe_ffn), reading only the chosen experts' rows; or of a dense layer's FFN (idx NULL:
-// one "expert" of mi = intermediate_size rows). A MoE layer's shared experts run beside the router.
-//   hb (K, mi):  hb[k][r] = silu(gate_e[r] . x) * (up_e[r] . x),  e = idx[k]   (Wg, Wu (E, mi, dim))
+// K routed experts of moe_ffn), reading only the chosen experts' rows; or of a dense layer's FFN (one
+// "expert" of mi = intermediate_size rows, no routing). A MoE layer's shared experts run beside the router.
+//   topk_idx, topk_w (K) = route(logits)                          eqs. (21)-(22), route_block
+//   hb (K, mi):  hb[k][r] = silu(gate_e[r] . x) * (up_e[r] . x),  e = topk_idx[k]   (Wg, Wu (E, mi, dim))
+// Every block picks the experts itself from the E affinities (route_block: the same picks in every block,
+// the same code on the same numbers); block 0 writes them for moe_down. Here the pick runs before any
+// weight streams on the multiprocessor; in the router's launch it ran behind the shared experts' loads.
 // Work item j < K * mi is slot k = j / mi, row r = j % mi: one warp per item, the gate and up rows loaded
 // together (warp_dot2, 16-byte loads). One block stages x (dim) in shared memory, its warps stride over
 // the items. The grid is one wave of the GPU (no idle blocks, no partial last wave). A dense FFN's rows
 // depend on no earlier kernel: each warp prefetches them into L2 before pdl_wait.
-__global__ void moe_gate_up_kernel(float *hb, const float *x, const bf16 *Wg, const bf16 *Wu, const int *idx, int K,
-                                   int mi, int dim) {
+struct Routing {  // the pick of eqs. (21)-(22) (route_block's parameters); logits NULL: a dense FFN
+    const float *logits;
+    int *topk_idx; float *topk_w;
+    int E, method, n_group, topk_group, norm_topk_prob;
+    float routed_scaling;
+};
+__global__ void __launch_bounds__(256, 4) moe_gate_up_kernel(float *hb, const float *x, const bf16 *Wg, const bf16 *Wu,
+                                                            Routing rt, int K, int mi, int dim) {
     pdl_launch_next();
-    int warps = gridDim.x * (blockDim.x >> 5), lane = threadIdx.x & 31, total = K * mi;
-    int j0 = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (!idx && lane == 0)
+    int warps = gridDim.x * (blockDim.x >> 5), lane = threadIdx.x & 31, total = K * mi, tid = threadIdx.x;
+    int j0 = blockIdx.x * (blockDim.x >> 5) + (tid >> 5), E = rt.E;
+    if (!rt.logits && lane == 0)
         for (int j = j0; j < total; j += warps) {
             prefetch_l2(Wg + (size_t)j * dim, (size_t)dim * sizeof(bf16));
             prefetch_l2(Wu + (size_t)j * dim, (size_t)dim * sizeof(bf16));
         }
     pdl_wait();
-    extern __shared__ float xs[];
+    extern __shared__ float xs[];  // x (dim); routed: the affinities (E), route_block's 2 E + 2 n_group words, the picks
+    float *aff = xs + dim, *rs = aff + E, *pick_w = rs + 2 * E + 2 * rt.n_group;
+    int *pick = (int *)(pick_w + K);
+    float a0 = rt.logits && tid < E ? __ldcg(rt.logits + tid) : 0.0f;  // (requested with x's loads)
     stage_vector(xs, x, NULL, dim, 0.0f);
+    if (rt.logits) {
+        for (int i = tid; i < E; i += blockDim.x) aff[i] = i == tid ? a0 : __ldcg(rt.logits + i);
+        __syncthreads();
+        route_block(pick, pick_w, aff, rs, E, K, rt.method, rt.n_group, rt.topk_group, rt.norm_topk_prob, rt.routed_scaling);
+        if (blockIdx.x == 0)
+            for (int k = tid; k < K; k += blockDim.x) { rt.topk_idx[k] = pick[k]; rt.topk_w[k] = pick_w[k]; }
+    }
     for (int j = j0; j < total; j += warps) {
         int k = j / mi, r = j % mi;
-        size_t e = idx ? idx[k] : 0;
+        size_t e = rt.logits ? pick[k] : 0;
         float gv, uv;
         warp_dot2(Wg + (e * mi + r) * dim, Wu + (e * mi + r) * dim, xs, dim, &gv, &uv);
         if (lane == 0) hb[j] = silu_dev(gv) * uv;
     }
 }
-static void moe_gate_up_forward(float *hb, const float *x, const bf16 *Wg, const bf16 *Wu, const int *idx, int K, int mi) {
-    static int wave = 0;
-    if (!wave) wave = one_wave(moe_gate_up_kernel, 256, gpu.c.dim * sizeof(float));
-    launch(moe_gate_up_kernel, std::min(ceil_div(K * mi, 8), wave), 256, gpu.c.dim * sizeof(float), hb, x, Wg, Wu, idx, K,
-           mi, gpu.c.dim);
+static void moe_gate_up_forward(float *hb, const float *x, const bf16 *Wg, const bf16 *Wu, const Routing &rt, int K, int mi) {
+    const Config *c = &gpu.c;
+    size_t smem = (c->dim + (rt.logits ? 3 * (size_t)rt.E + 2 * rt.n_group + 2 * K : 0)) * sizeof(float);
+    if (smem > STAGE_MAX_BYTES) die("dsv2cu: hidden size %d with %d routed experts is too large for the GPU's gate/up", c->dim, rt.E);
+    static int wave = 0;  // (the grid of a MoE layer's shared memory, the larger, for the dense layers too)
+    if (!wave) wave = one_wave(moe_gate_up_kernel, 256, (c->dim + 3 * (size_t)c->n_routed_experts + 2 * c->n_group +
+                                                         2 * c->n_experts_per_tok) * sizeof(float));
+    launch(moe_gate_up_kernel, std::min(ceil_div(K * mi, 8), wave), 256, smem, hb, x, Wg, Wu, rt, K, mi, c->dim);
 }
 
 // The second half of eq. (20) at decode, with its residual: dsv2.c's down projections in moe_ffn / ffn,
@@ -284,18 +287,21 @@ static void moe_down_forward(float *x, const GpuLayer *L, const int *idx, const 
 }
 
 // eq. (20) for the decode step's token with the RMSNorm before it, x += FFN(RMSNorm(x)): a MoE layer's
-// router with the shared experts' first half, the routed experts' first half, then every down projection
-// and the residual; a dense layer's FFN in the same two kernels after an RMSNorm
+// router (the norm, the affinities) with the shared experts' first half, the routed experts' first half
+// (picked at its start), then every down projection and the residual; a dense layer's FFN in the same two
+// kernels after an RMSNorm
 static void ffn_decode_forward(float *x, const GpuLayer *L) {
     const Config *c = &gpu.c;
     if (L->is_moe) {
         int K = c->n_experts_per_tok;
-        moe_router_forward(gpu.topk_idx, gpu.topk_w, L, x, gpu.xb, gpu.hb_shared);  // eqs. (21)-(22); xb keeps the norm
-        moe_gate_up_forward(gpu.hb, gpu.xb, L->expert_gate, L->expert_up, gpu.topk_idx, K, c->moe_intermediate_size);
+        moe_router_forward(gpu.route_logits, L, x, gpu.xb, gpu.hb_shared);  // the affinities; xb keeps the norm
+        Routing rt = {gpu.route_logits, gpu.topk_idx, gpu.topk_w, c->n_routed_experts, c->topk_method, c->n_group,
+                      c->topk_group, c->norm_topk_prob, c->routed_scaling_factor};  // eqs. (21)-(22)
+        moe_gate_up_forward(gpu.hb, gpu.xb, L->expert_gate, L->expert_up, rt, K, c->moe_intermediate_size);
         moe_down_forward(x, L, gpu.topk_idx, gpu.topk_w, gpu.hb, K, gpu.hb_shared);
     } else {
         rmsnorm_forward(gpu.xb, x, L->post_attention_layernorm, c->dim, 1);
-        moe_gate_up_forward(gpu.hb_shared, gpu.xb, L->ffn_gate, L->ffn_up, NULL, 1, L->ffn_width);
+        moe_gate_up_forward(gpu.hb_shared, gpu.xb, L->ffn_gate, L->ffn_up, Routing{}, 1, L->ffn_width);
         moe_down_forward(x, L, gpu.topk_idx, gpu.topk_w, gpu.hb, 0, gpu.hb_shared);
     }
 }
@@ -305,7 +311,7 @@ static void ffn_decode_forward(float *x, const GpuLayer *L) {
 // step and the prefill, in seven launches and no host round trip (so a CUDA graph can hold it):
 //   1. split3        xn -> xs (T, 3, dim): each activation as three bf16 parts (dsv2_prefill.cuh)
 //   2. moe_grouped   the affinities u^T e_i (T, E) on the tensor cores (the gate as one dense group)
-//   3. moe_route     top-K per token (route_token, as the decode router: the same experts as dsv2.c)
+//   3. moe_route     top-K per token (route_block, as the decode step: the same experts as dsv2.c)
 //   4. moe_plan      the (token, slot) pairs grouped by expert on the GPU: counts, offsets, the
 //                    permutation, and the list of work units
 //   5. moe_grouped   gate and up of every unit, SwiGLU, split again: hs (rows, 3, piece)

@@ -1181,6 +1181,34 @@ static void test_q8(void) {
             check(system(cmd) == 0, "tools/make_random_model.py --config tests/fixtures/%s/config.json --dtype %s: ./dsv2 loads and runs it",
                   fixtures[f], q ? "q8" : "bf16");
         }
+    // --keep-routing and DeepSeek-V2's router (160 experts in 8 groups, the best 3 groups, 6 experts; test_gpu
+    // compares the GPU's picks with these): each token's 6 experts are distinct and lie in at most 3 groups
+    int rc = system("python3 tools/make_random_model.py build/random_router160.bin --config tests/fixtures/router160/config.json "
+                    "--keep-routing >/dev/null && ./dsv2 build/random_router160.bin -z build/fixtures/v2.tok.bin -n 6 "
+                    "-i 'Hello world' --routing-out build/routing160.csv >/dev/null 2>&1");
+    char *csv = rc == 0 ? tok_read_file("build/routing160.csv", (size_t[]){0}) : NULL;
+    int picks = 0, sets = 0, bad = 0, experts[6], n_e = 0;
+    for (char *l = csv ? strchr(csv, '\n') : NULL; l && l[1]; l = strchr(l + 1, '\n')) {
+        char *end = strchr(l + 1, '\n'), *c2 = NULL, *c1 = NULL;  // ...,rank,expert,weight: the last two commas
+        for (char *q = l + 1; q < (end ? end : l + strlen(l)); q++) if (*q == ',') { c2 = c1; c1 = q; }
+        if (!c2) { bad++; break; }
+        experts[n_e++] = atoi(c2 + 1);
+        picks++;
+        if (n_e == 6) {  // one token's picks in one layer
+            int groups = 0, seen[8] = {0};
+            for (int i = 0; i < 6; i++) {
+                for (int j = 0; j < i; j++) bad += experts[i] == experts[j];
+                if (experts[i] < 0 || experts[i] >= 160) { bad++; continue; }
+                groups += !seen[experts[i] / 20]++;
+            }
+            bad += groups > 3;
+            sets++;
+            n_e = 0;
+        }
+    }
+    check(rc == 0 && sets > 0 && picks == 6 * sets && !bad, "tools/make_random_model.py --keep-routing, V2's router on the "
+          "CPU: %d tokens x layers of 6 distinct experts in at most 3 of 8 groups (%d violations)", sets, bad);
+    free(csv);
 }
 
 // ---------------- the teaching kit: trace, perplexity, knobs, routing CSV, the workshop's commands
@@ -2799,6 +2827,13 @@ static void test_gpu(void) {
         test_gpu_case(fixtures[i], model, tok, "Hello world, this is a test", m.config.vocab_size);
         model_free(&m);
     }
+    // DeepSeek-V2's router at the fixtures' size: 160 experts in 8 groups, the best 3 groups, 6 experts (the
+    // fixtures have 8 and 12 experts; the GPU's pick is one thread per expert, so this is the shape it must hold)
+    int made = system("python3 tools/make_random_model.py build/random_router160.bin --config tests/fixtures/router160/config.json "
+                      "--keep-routing >/dev/null") == 0;
+    check(made, "tools/make_random_model.py --keep-routing: a random model with DeepSeek-V2's router (160 experts, 8 groups)");
+    if (made) test_gpu_case("router160", "build/random_router160.bin", "build/fixtures/v2.tok.bin",
+                            "Hello world, this is a test", 400);
     Model m;
     model_load(&m, "dsv2_tiny.bin");
     test_gpu_case("default", "dsv2_tiny.bin", "tokenizer.bin", "The jury said that the city", m.config.vocab_size);

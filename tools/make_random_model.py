@@ -3,7 +3,7 @@
 benchmarks: no 31 GB download, standard library only.
 
     python3 tools/make_random_model.py OUT.bin [--shape v2-lite|v2] [--layers N] [--dtype bf16|q8]
-                                       [--config CONFIG.json] [--config-out DIR]
+                                       [--config CONFIG.json] [--config-out DIR] [--keep-routing]
 
 The shapes are the hub's config.json (any other with --config), with two changes that make the
 model neutral for comparisons and cost nothing in speed: greedy routing over all experts (no
@@ -109,7 +109,8 @@ def model_config(args):
             sys.exit(f"make_random_model: {args.config}: cannot read ({e})")
     else:
         cfg = dict(SHAPES[args.shape])
-    cfg.update(NEUTRAL)
+    routing = ("topk_method", "n_group", "topk_group")
+    cfg.update({k: v for k, v in NEUTRAL.items() if not (args.keep_routing and k in routing)})
     if args.layers is not None:
         if args.layers < 1:
             sys.exit("make_random_model: --layers must be >= 1")
@@ -126,6 +127,8 @@ def main():
     ap.add_argument("--config", help="a config.json to take the shape from instead of --shape")
     ap.add_argument("--config-out", help="directory to write the model's config.json into")
     ap.add_argument("--seed", type=int, default=0, help="seed of the slice offsets (the pool is os.urandom)")
+    ap.add_argument("--keep-routing", action="store_true",
+                    help="keep the config's expert routing (topk_method, n_group, topk_group): for tests, not comparisons")
     args = ap.parse_args()
     cfg = model_config(args)
     with tempfile.TemporaryDirectory() as tmp:
