@@ -682,7 +682,8 @@ static void bench_ablate(const Config *c, int n_ctx, const std::vector<int> &ids
 #ifdef DSV2_TIMELINE
 // --timeline CTX (the dsv2cu_timeline build, DSV2_TIMELINE): three decode steps at context CTX recorded block by block
 // (TimelineScope, dsv2_common.cuh) into build/timeline_CTX.csv: step, kernel, block, multiprocessor, and when the
-// block started, its pdl_wait returned and it finished, in ns from the step's first block (-1: no wait).
+// block started, its pdl_wait returned, it finished and it passed its timeline_mark(), in ns from the step's
+// first block (-1: no wait, no mark).
 // tools/timeline_decode.py turns that into a table per kind of kernel.
 __global__ void timeline_names_kernel(char *out, const unsigned long long *fns, int n) {  // the kernels' __func__
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -726,14 +727,14 @@ static void bench_timeline(const Config *c, int n_ctx, const std::vector<int> &i
     snprintf(path, sizeof path, "build/timeline_%d.csv", n_ctx);
     FILE *f = fopen(path, "w");
     if (!f) die("--timeline: cannot write %s", path);
-    fprintf(f, "step,kernel,block,sm,start_ns,wait_end_ns,end_ns\n");
+    fprintf(f, "step,kernel,block,sm,start_ns,wait_end_ns,end_ns,mark_ns\n");
     int step = -1;
     unsigned long long base = rec.empty() ? 0 : rec[0].t0;
     for (auto &r : rec) {
         const char *name = &names[64 * (std::find(fns.begin(), fns.end(), r.fn) - fns.begin())];
         if (!strcmp(name, "embed_kernel") || step < 0) { step++; base = r.t0; }
-        fprintf(f, "%d,%s,%u,%u,%llu,%lld,%llu\n", step, name, r.block, r.sm, r.t0 - base,
-                r.t1 ? (long long)(r.t1 - base) : -1LL, r.t2 - base);
+        fprintf(f, "%d,%s,%u,%u,%llu,%lld,%llu,%lld\n", step, name, r.block, r.sm, r.t0 - base,
+                r.t1 ? (long long)(r.t1 - base) : -1LL, r.t2 - base, r.t3 ? (long long)(r.t3 - base) : -1LL);
     }
     fclose(f);
     printf("BENCH timeline ctx %d steps %d records %u file %s step_ms %.3f traced_step_ms %.3f\n", n_ctx, step + 1, n, path,

@@ -137,8 +137,10 @@ __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;"
 // what each kind costs in place; this records, per block, when it started, when its pdl_wait returned and
 // when its thread 0 finished (%globaltimer, ns), and on which multiprocessor. Only in that build: every
 // kernel begins with pdl_launch_next(), which there also declares a TimelineScope that lives until the kernel
-// returns (its destructor writes the record); pdl_wait() notes the time its wait ended.
-struct TimelineRec { unsigned long long fn, t0, t1, t2; unsigned block, sm; };
+// returns (its destructor writes the record); pdl_wait() notes the time its wait ended, and timeline_mark()
+// one point of the kernel's own (where thread 0 passes: the decode's MoE kernels and the attention mark the
+// end of their setup, before their weight or cache loop). In the default build timeline_mark() is nothing.
+struct TimelineRec { unsigned long long fn, t0, t1, t2, t3; unsigned block, sm; };
 __device__ TimelineRec *timeline_buf;  // NULL: not recording
 __device__ unsigned timeline_cap, timeline_n;
 __device__ __forceinline__ unsigned long long global_ns() {
@@ -148,20 +150,23 @@ __device__ __forceinline__ unsigned long long global_ns() {
 }
 struct TimelineScope {
     const char *fn;
-    unsigned long long t0, t1;
-    __device__ TimelineScope(const char *f) : fn(f), t0(global_ns()), t1(0) {}
+    unsigned long long t0, t1, t3;
+    __device__ TimelineScope(const char *f) : fn(f), t0(global_ns()), t1(0), t3(0) {}
     __device__ ~TimelineScope() {  // (the end is read before the atomic: its trip delays the exit, not the record)
         if (threadIdx.x || !timeline_buf) return;
         unsigned long long t2 = global_ns();
         unsigned i = atomicAdd(&timeline_n, 1), sm;
         if (i >= timeline_cap) return;
         asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-        TimelineRec r = {(unsigned long long)fn, t0, t1, t2, blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z), sm};
+        TimelineRec r = {(unsigned long long)fn, t0, t1, t2, t3, blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z), sm};
         timeline_buf[i] = r;
     }
 };
 #define pdl_launch_next() TimelineScope timeline_scope_(__func__); pdl_launch_next()
 #define pdl_wait() do { pdl_wait(); timeline_scope_.t1 = global_ns(); } while (0)
+#define timeline_mark() (timeline_scope_.t3 = global_ns())
+#else
+#define timeline_mark() ((void)0)
 #endif
 
 // ask the copy engine to bring [p, p + bytes) into L2 (one instruction; the 16-byte-aligned inside of the range)

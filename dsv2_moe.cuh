@@ -121,6 +121,7 @@ __global__ void moe_router_kernel(float *logits, const bf16 *gate, const float *
         }
         pdl_wait();
         stage_vector(xs, x, norm_w, dim, eps);
+        timeline_mark();  // xn staged
         swiglu_rows(hbs, xs, Wsg, Wsu, ws, j0, stride, dim);
         return;
     }
@@ -128,6 +129,7 @@ __global__ void moe_router_kernel(float *logits, const bf16 *gate, const float *
     if (e < E && lane == 0) prefetch_l2(gate + (size_t)e * dim, (size_t)dim * sizeof(bf16));
     pdl_wait();
     stage_vector(xs, x, norm_w, dim, eps);
+    timeline_mark();  // xn staged
     if (blockIdx.x == 0)
         for (int i = threadIdx.x; i < dim; i += blockDim.x) xn_out[i] = xs[i];
     if (e >= E) return;
@@ -197,6 +199,7 @@ __global__ void __launch_bounds__(256, 4) moe_gate_up_kernel(float *hb, const fl
         if (blockIdx.x == 0)
             for (int k = tid; k < K; k += blockDim.x) { rt.topk_idx[k] = pick[k]; rt.topk_w[k] = pick_w[k]; }
     }
+    timeline_mark();  // x staged, the experts picked
     for (int j = j0; j < total; j += warps) {
         int k = j / mi, r = j % mi;
         size_t e = rt.logits ? pick[k] : 0;
@@ -240,6 +243,7 @@ __global__ void moe_down_kernel(float *x, const bf16 *Wd, const int *idx, const 
         __syncthreads();
         hb = hs; hbs = hs + K * mi;
     }
+    timeline_mark();  // hb and hbs staged
     if (r >= dim) return;
     int piece = P ? si / P : 0, n_slots = K + P;
     float acc = 0.0f;

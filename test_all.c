@@ -2527,6 +2527,7 @@ static void test_batch_cli_case(const char *label, const char *model, const char
 }
 
 // a prompt file or flag -m batch cannot use: one error line naming the line (or the flag), before anything runs
+static char *run_capture(const char *cmd);  // (below, with the GPU tests)
 static void test_batch_errors(void) {
     const char *lite = "./dsv2 build/fixtures/lite.bf16.bin -z build/fixtures/lite.tok.bin -m batch -n 2";
     struct { const char *what, *content, *needle; } files[] = {
@@ -2588,6 +2589,15 @@ static void test_batch_errors(void) {
                  "cannot read a timeline from build/no_such_timeline.csv");
     expect_error("tools/timeline_decode.py on a file that is not a timeline", "python3 tools/timeline_decode.py tests/ppl.txt",
                  "cannot read a timeline from tests/ppl.txt");
+    // the decoder's columns on a hand-made timeline (tests/timeline_marks.csv: an embed block, two gate/up blocks
+    // waiting until 2 us, marking at 3 and 4 us, ending at 10 and 12; a down block waiting until 12.5, ending at
+    // 20): gap 2 - 1, busy 12 - 2, block median(8, 10), mark median(1, 2), tail 12 - 11, lead 2 - 0.5; the down
+    // launch has no mark
+    char *tl = run_capture("python3 tools/timeline_decode.py tests/timeline_marks.csv");
+    check(tl && strstr(tl, "| moe_gate_up > moe_down | 1 | 2 | 1.00 | 10.00 | 9.00 | 1.50 | 1.00 | 1.50 | 11 |") &&
+          strstr(tl, "| moe_down > end | 1 | 1 | 0.50 | 7.50 | 7.50 |  | 0.00 | 11.60 | 8 |"),
+          "tools/timeline_decode.py on tests/timeline_marks.csv: gap, busy, block, mark, tail and lead as computed by hand");
+    free(tl);
     if (access("./dsv2cu", X_OK) != 0) {
         printf("SKIPPED (not counted): ./dsv2cu refuses --kv outside -m batch: ./dsv2cu not built (no nvcc)\n");
         return;

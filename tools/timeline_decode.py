@@ -9,6 +9,8 @@ launches into kinds, and prints per kind (means over the layers and the recorded
           dependency costs (the grid's completion, the memory flush, the waiting blocks' release)
   busy    from that first wait returning to this launch's last block finishing
   block   the median block's own time after its wait (end - wait end)
+  mark    the median block's time from its wait to its timeline_mark() (the kernels that mark one: the end of
+          their setup, before the weight or cache loop; empty for the others and for files without marks)
   tail    last block's end - median block's end (stragglers)
   lead    first block's start to first wait end: how long the launch sat resident, waiting (PDL)
 
@@ -51,6 +53,8 @@ def launches_of(rows):
         ln["wait_min"] = min(r["wait"] for r in rs)
         ln["end_med"] = statistics.median(r["end"] for r in rs)
         ln["block_busy"] = statistics.median(r["end"] - r["wait"] for r in rs)
+        marked = [r["mark"] - r["wait"] for r in rs if r["mark"] >= 0]
+        ln["to_mark"] = statistics.median(marked) if marked else None
     launches.sort(key=lambda ln: ln["wait_min"])
     return launches
 
@@ -61,8 +65,9 @@ def main(paths):
         with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
             for r in csv.DictReader(f):
                 start, wait, end = int(r["start_ns"]), int(r["wait_end_ns"]), int(r["end_ns"])
+                mark = int(r.get("mark_ns") or -1)  # (files before the marks have no such column)
                 steps[int(r["step"])].append({"kernel": r["kernel"].replace("_kernel", ""), "start": start,
-                                              "wait": wait if wait >= 0 else start, "end": end})
+                                              "wait": wait if wait >= 0 else start, "end": end, "mark": mark})
         kinds = defaultdict(lambda: defaultdict(list))
         step_us, n_launches = [], []
         for s, rows in sorted(steps.items()):
@@ -75,6 +80,8 @@ def main(paths):
                 k["gap"].append((ln["wait_min"] - ls[i - 1]["end_max"]) / 1e3 if i else 0.0)
                 k["busy"].append((ln["end_max"] - ln["wait_min"]) / 1e3)
                 k["block"].append(ln["block_busy"] / 1e3)
+                if ln["to_mark"] is not None:
+                    k["mark"].append(ln["to_mark"] / 1e3)
                 k["tail"].append((ln["end_max"] - ln["end_med"]) / 1e3)
                 k["lead"].append((ln["wait_min"] - ln["start"]) / 1e3)
                 k["blocks"].append(ln["blocks"])
@@ -82,8 +89,8 @@ def main(paths):
         print(f"## {path}: {n_steps} steps, {statistics.mean(n_launches):.0f} launches a step, "
               f"step {statistics.mean(step_us):.1f} us (first block's start to last block's end)")
         print()
-        print("| launch (kernel > next kernel) | per step | blocks | gap us | busy us | block us | tail us | lead us | gap + busy, us per step |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| launch (kernel > next kernel) | per step | blocks | gap us | busy us | block us | mark us | tail us | lead us | gap + busy, us per step |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         total_gap = total_busy = 0.0
         order = sorted(kinds.items(), key=lambda kv: -(sum(kv[1]["gap"]) + sum(kv[1]["busy"])))
         for name, k in order:
@@ -91,10 +98,11 @@ def main(paths):
             g, b = statistics.mean(k["gap"]), statistics.mean(k["busy"])
             total_gap += sum(k["gap"]) / n_steps
             total_busy += sum(k["busy"]) / n_steps
+            mark = f"{statistics.mean(k['mark']):.2f}" if k["mark"] else ""
             print(f"| {name} | {per_step:.0f} | {statistics.median(k['blocks']):.0f} | {g:.2f} | {b:.2f} | "
-                  f"{statistics.mean(k['block']):.2f} | {statistics.mean(k['tail']):.2f} | {statistics.mean(k['lead']):.2f} | "
+                  f"{statistics.mean(k['block']):.2f} | {mark} | {statistics.mean(k['tail']):.2f} | {statistics.mean(k['lead']):.2f} | "
                   f"{(sum(k['gap']) + sum(k['busy'])) / n_steps:.0f} |")
-        print(f"| all | {statistics.mean(n_launches):.0f} | | | | | | | gaps {total_gap:.0f} + busy {total_busy:.0f} "
+        print(f"| all | {statistics.mean(n_launches):.0f} | | | | | | | | gaps {total_gap:.0f} + busy {total_busy:.0f} "
               f"= {total_gap + total_busy:.0f} |")
         print()
 
@@ -104,6 +112,8 @@ if __name__ == "__main__":
         sys.exit("usage: python3 tools/timeline_decode.py build/timeline_CTX.csv [more.csv]")
     try:
         main(sys.argv[1:])
+    except BrokenPipeError:  # the reader stopped early (| head): not an error of the file
+        sys.stdout = None
     except (OSError, KeyError, ValueError, StopIteration) as e:  # a missing, truncated or foreign file
         sys.exit(f"timeline_decode.py: error: cannot read a timeline from {' '.join(sys.argv[1:])} ({type(e).__name__}: {e}); "
                  "it comes from ./dsv2cu_timeline --bench MODEL --timeline CTX")
