@@ -417,6 +417,7 @@ mla_attention_kernel(float *part_o, float *part_ml, const float *q_lat, const fl
             cp_async_wait<0>();
         }
         __syncthreads();  // this tile (and, the first time, m_s and l_s) is visible to every thread
+        if (it == 0) timeline_mark();  // the first tile and the queries loaded
         {   // 1. partial scores over this warp's columns, rows 8n + g of the tile (n < 4)
             float big[4][4], small[4][4];
             #pragma unroll
