@@ -164,8 +164,9 @@ static void moe_router_forward(float *logits, const GpuLayer *L, const float *x,
 //   topk_idx, topk_w (K) = route(logits)                          eqs. (21)-(22), route_block
 //   hb (K, mi):  hb[k][r] = silu(gate_e[r] . x) * (up_e[r] . x),  e = topk_idx[k]   (Wg, Wu (E, mi, dim))
 // Every block picks the experts itself from the E affinities (route_block: the same picks in every block,
-// the same code on the same numbers); block 0 writes them for moe_down. Here the pick runs before any
-// weight streams on the multiprocessor; in the router's launch it ran behind the shared experts' loads.
+// the same code on the same numbers); block 0 writes them for moe_down. (In the router's launch, one warp's
+// pick took 6 us a layer, the launch's tail; moved here the step is only 16 us shorter at context 512, and
+// what this kernel's start now costs is measured by its timeline mark: docs/BENCHMARKS.md, third pass.)
 // Work item j < K * mi is slot k = j / mi, row r = j % mi: one warp per item, the gate and up rows loaded
 // together (warp_dot2, 16-byte loads). One block stages x (dim) in shared memory, its warps stride over
 // the items. The grid is one wave of the GPU (no idle blocks, no partial last wave). A dense FFN's rows
