@@ -123,7 +123,7 @@ typedef struct {
     int *topk_idx; float *topk_w;
     float *route_logits;      // (PF_MAX, n_routed_experts) affinities u^T e_i for the router
     float *part_o, *part_ml;  // split-sequence partial results of the attention
-    int dec_splits;
+    int dec_splits;           // the decode attention's splits of the cache (DSV2_DEC_SPLITS: fewer)
     cudaStream_t stream;
     const void *ablate;          // --bench --ablate: launch() skips this kernel (the step timed without it)
     int launches;                // launch() calls so far (--bench --ablate counts a decode step's)
@@ -491,6 +491,11 @@ static void gpu_init(const Model *m, int seq_len) {
     g->route_logits = dev_floats((size_t)PF_MAX * c->n_routed_experts);
     // decode attention: up to one block per multiprocessor (mla_chunk sizes the splits from the length)
     g->dec_splits = g->n_sm;
+    if (getenv("DSV2_DEC_SPLITS")) {  // fewer splits (tests: several 32-row tiles a split at short contexts)
+        int n = atoi(getenv("DSV2_DEC_SPLITS"));
+        if (n < 1 || n > g->dec_splits) die("dsv2cu: DSV2_DEC_SPLITS=%s outside 1..%d", getenv("DSV2_DEC_SPLITS"), g->dec_splits);
+        g->dec_splits = n;
+    }
     size_t heads = (size_t)ceil_div(H, MLA_HEADS) * MLA_HEADS;
     size_t parts = std::max((size_t)g->dec_splits * heads, (size_t)PF_QUERIES * ceil_div(seq_len, PF_CHUNK) * heads);
     g->part_o = dev_floats(parts * c->kv_lora_rank);

@@ -104,39 +104,62 @@ static void bench_mla_kernel(const Config *c, int ctx_max, double copy_gbs, uint
     double scale = gpu.softmax_scale;
     double ms = median_ms(3, 20, [&](int) { mla_attention_forward(o, q, cache, (size_t)L * W, lens, NULL, 0, B, n_split); });
     double bytes = (double)B * L * W * 4, gbs = bytes / (ms * 1e-3) / 1e9;
-    // check two sequences against a float64 reference
+    // check two sequences against a float64 reference: max |o - ref| / max |ref| over sequence b's heads, its
+    // first len rows (ho: the kernel's o of that sequence, H x d_c)
     std::vector<float> hc((size_t)L * W);
     std::vector<float> ho((size_t)B * H * d_c);
-    cudaCheck(cudaMemcpy(ho.data(), o, ho.size() * 4, cudaMemcpyDeviceToHost));
-    double worst = 0;
-    for (int b : {0, B - 1}) {
-        cudaCheck(cudaMemcpy(hc.data(), cache + (size_t)b * L * W, hc.size() * 4, cudaMemcpyDeviceToHost));
+    auto err_vs_float64 = [&](int b, int len, const float *ho_b) {
+        double worst = 0;
         for (int h = 0; h < H; h++) {
             const float *qh = hq.data() + ((size_t)b * H + h) * W;
-            std::vector<double> sc(L), ref(d_c, 0.0);
+            std::vector<double> sc(len), ref(d_c, 0.0);
             double mx = -1e300, sum = 0;
-            for (int j = 0; j < L; j++) {
+            for (int j = 0; j < len; j++) {
                 double d = 0;
                 for (int k = 0; k < W; k++) d += (double)qh[k] * hc[(size_t)j * W + k];
                 sc[j] = d * scale; mx = fmax(mx, sc[j]);
             }
-            for (int j = 0; j < L; j++) { sc[j] = exp(sc[j] - mx); sum += sc[j]; }
-            for (int j = 0; j < L; j++) for (int k = 0; k < d_c; k++) ref[k] += sc[j] / sum * hc[(size_t)j * W + k];
+            for (int j = 0; j < len; j++) { sc[j] = exp(sc[j] - mx); sum += sc[j]; }
+            for (int j = 0; j < len; j++) for (int k = 0; k < d_c; k++) ref[k] += sc[j] / sum * hc[(size_t)j * W + k];
             double dm = 0, rm = 0;
             for (int k = 0; k < d_c; k++) {
-                double g = ho[((size_t)b * H + h) * d_c + k];
+                double g = ho_b[(size_t)h * d_c + k];
                 dm = std::isnan(g) ? 1e30 : fmax(dm, fabs(g - ref[k])); rm = fmax(rm, fabs(ref[k]));
             }
             worst = fmax(worst, dm / rm);
         }
+        return worst;
+    };
+    cudaCheck(cudaMemcpy(ho.data(), o, ho.size() * 4, cudaMemcpyDeviceToHost));
+    double worst = 0;
+    for (int b : {0, B - 1}) {
+        cudaCheck(cudaMemcpy(hc.data(), cache + (size_t)b * L * W, hc.size() * 4, cudaMemcpyDeviceToHost));
+        worst = fmax(worst, err_vs_float64(b, L, ho.data() + (size_t)b * H * d_c));
     }
     // float32 accuracy expected (3xTF32 on the tensor cores): 1e-5 is well above float32 rounding, far below tf32's ~1e-3
     printf("BENCH check_mla_kernel_vs_float64 max_rel_err %.3e %s\n", worst, worst < 1e-5 ? "OK" : "NOT OK");
     printf("BENCH mla_kernel batch %d ctx %d heads %d ms %.3f GBps %.1f ratio_to_copy %.3f\n", B, L, H, ms, gbs,
            gbs / copy_gbs);
     cudaCheck(cudaFree(gpu.part_o)); cudaCheck(cudaFree(gpu.part_ml));
-    cudaCheck(cudaFree(cache)); cudaCheck(cudaFree(q)); cudaCheck(cudaFree(o)); cudaCheck(cudaFree(lens));
     gpu.part_o = po; gpu.part_ml = pml;
+    // the decode step's attention (decode_step's call: one sequence of *pos + 1 rows, gpu.dec_splits splits) on
+    // sequence B - 1's cache (hc) at lengths of one tile, several splits, and several tiles a split
+    int *pos = dev_ints(1);
+    worst = 0;
+    for (int len : {1, 33, 1000, 4099, L}) {
+        if (len > L) continue;
+        int p = len - 1;
+        cudaCheck(cudaMemcpy(pos, &p, sizeof(int), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemset(o, 0xff, (size_t)H * d_c * 4));
+        mla_attention_forward(o, q + (size_t)(B - 1) * H * W, cache + (size_t)(B - 1) * L * W, 0, NULL, pos, 0, 1, gpu.dec_splits);
+        cudaCheck(cudaMemcpy(ho.data(), o, (size_t)H * d_c * 4, cudaMemcpyDeviceToHost));
+        double e = err_vs_float64(B - 1, len, ho.data());
+        printf("BENCH check_decode_attention_vs_float64 len %d splits %d max_rel_err %.3e %s\n", len, gpu.dec_splits, e,
+               e < 1e-5 ? "OK" : "NOT OK");
+        worst = fmax(worst, e);
+    }
+    cudaCheck(cudaFree(pos));
+    cudaCheck(cudaFree(cache)); cudaCheck(cudaFree(q)); cudaCheck(cudaFree(o)); cudaCheck(cudaFree(lens));
 }
 
 // 7. the MoE over a batch of tokens (moe_batch_forward, dsv2_moe.cuh) on the model's first MoE layer.

@@ -172,7 +172,9 @@ __device__ __forceinline__ void mla_load_tile(float *tile, const float *cb, int 
 //      shared memory (s_part).
 //   2. online softmax: warp w sums the 8 partials of heads 2w and 2w+1, lane = row of the tile; updates
 //      m, l and the rescale a of its heads; stores P split hi/lo for the tensor cores.
-//   3. values: warp w accumulates latent columns 8w + 64j (j < MLA_NT) of O in registers (acc).
+//   3. values: warp w accumulates latent columns 8w + 64j (j < MLA_NT) of O in registers (acc). The three
+//      products of 3xTF32 run each over the 8 column tiles in turn, so no product waits on the one before
+//      (one after another into the same acc[j], the step took 1.15x as long: docs/BENCHMARKS.md).
 // Shared rows are padded to a stride = 8 (mod 32) words: both products then load without bank conflicts.
 __global__ void __launch_bounds__(MLA_WARPS * 32, 1)
 mla_attention_kernel(float *part_o, float *part_ml, const float *q_lat, const float *cache, size_t seq_stride,
@@ -284,14 +286,22 @@ mla_attention_kernel(float *part_o, float *part_ml, const float *q_lat, const fl
                 int i0 = g * MLA_SP + kr + t, i1 = (g + 8) * MLA_SP + kr + t;
                 uint32_t ah[4] = {p_hi[i0], p_hi[i1], p_hi[i0 + 4], p_hi[i1 + 4]};
                 uint32_t al[4] = {p_lo[i0], p_lo[i1], p_lo[i0 + 4], p_lo[i1 + 4]};
+                // the 8 column tiles' cache values, split; then the three products of 3xTF32 (mma_3xtf32's, in its
+                // order) each over all 8 tiles: 7 independent products between two that add into one acc[j]
+                uint32_t bh[MLA_NT][2], bl[MLA_NT][2];
                 #pragma unroll
                 for (int j = 0; j < MLA_NT; j++) {
                     int ct = warp + MLA_WARPS * j;
-                    if (ct < n_ct) {
-                        float bb[2] = {tile[(kr + t) * S + 8 * ct + g], tile[(kr + t + 4) * S + 8 * ct + g]};
-                        mma_3xtf32(acc[j], acc[j], ah, al, bb);
-                    }
+                    float b0 = ct < n_ct ? tile[(kr + t) * S + 8 * ct + g] : 0.0f, b1 = ct < n_ct ? tile[(kr + t + 4) * S + 8 * ct + g] : 0.0f;
+                    split_tf32(b0, &bh[j][0], &bl[j][0]);
+                    split_tf32(b1, &bh[j][1], &bl[j][1]);
                 }
+                #pragma unroll
+                for (int j = 0; j < MLA_NT; j++) if (warp + MLA_WARPS * j < n_ct) mma_tf32(acc[j], al, bh[j]);
+                #pragma unroll
+                for (int j = 0; j < MLA_NT; j++) if (warp + MLA_WARPS * j < n_ct) mma_tf32(acc[j], ah, bl[j]);
+                #pragma unroll
+                for (int j = 0; j < MLA_NT; j++) if (warp + MLA_WARPS * j < n_ct) mma_tf32(acc[j], ah, bh[j]);
             }
         }
         __syncthreads();  // every warp is done with this tile before the loader refills it

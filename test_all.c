@@ -2661,11 +2661,14 @@ static char *run_capture(const char *cmd) {
     return pclose(p) == 0 ? out : (free(out), (char *)NULL);
 }
 
-static void test_gpu_case(const char *name, const char *model, const char *tok, const char *prompt, int vocab) {
-    char cmd[1024], cpu_dump[256], gpu_dump[256];
+// gpu_env: environment settings for ./dsv2cu ("" for none)
+static void test_gpu_case_env(const char *name, const char *model, const char *tok, const char *prompt, int vocab,
+                              const char *gpu_env) {
+    char cmd[1024], cpu_dump[256], gpu_dump[256], gpu_bin[256];
     snprintf(cpu_dump, sizeof cpu_dump, "build/gpu_%s.cpu.bin", name);
     snprintf(gpu_dump, sizeof gpu_dump, "build/gpu_%s.gpu.bin", name);
-    const char *bins[2] = {"./dsv2", "./dsv2cu"}, *dumps[2] = {cpu_dump, gpu_dump};
+    snprintf(gpu_bin, sizeof gpu_bin, "%s ./dsv2cu", gpu_env);
+    const char *bins[2] = {"./dsv2", gpu_bin}, *dumps[2] = {cpu_dump, gpu_dump};
     char *text[2];
     for (int b = 0; b < 2; b++) {
         snprintf(cmd, sizeof cmd, "%s %s -z %s -t 0 -n 64 -i '%s' --dump-logits %s 2>/dev/null", bins[b], model, tok, prompt, dumps[b]);
@@ -2692,6 +2695,9 @@ static void test_gpu_case(const char *name, const char *model, const char *tok, 
     check(text[0] && text[1] && !strcmp(text[0], text[1]),
           "GPU vs CPU, %s: generated text with the GPU's batched prefill equals the CPU's", name);
     free(c); free(g); free(text[0]); free(text[1]);
+}
+static void test_gpu_case(const char *name, const char *model, const char *tok, const char *prompt, int vocab) {
+    test_gpu_case_env(name, model, tok, prompt, vocab, "");
 }
 
 // dev/cuda's last MLA version must stay the kernel dsv2.cu runs (no GPU needed: a text comparison)
@@ -2847,6 +2853,10 @@ static void test_gpu(void) {
     Model m;
     model_load(&m, "dsv2_tiny.bin");
     test_gpu_case("default", "dsv2_tiny.bin", "tokenizer.bin", "The jury said that the city", m.config.vocab_size);
+    // the decode attention with one split: every position's rows in one split, several 32-row tiles (online softmax
+    // across tiles; at these lengths the default splits hold one tile each)
+    test_gpu_case_env("default-1split", "dsv2_tiny.bin", "tokenizer.bin", "The jury said that the city", m.config.vocab_size,
+                      "DSV2_DEC_SPLITS=1");
     model_free(&m);
     test_gpu_sampling();
     test_gpu_batch("lite", "build/fixtures/lite.bf16.bin", "build/fixtures/lite.tok.bin", 12);

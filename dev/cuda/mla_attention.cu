@@ -17,8 +17,10 @@
  *      (mla_combine_kernel). One sequence now spreads over the whole GPU.
  *   4  tensor cores: the scores and the values as two mma.sync products per tile, in 3xTF32
  *      (float32 accuracy). One shared tile: load, wait, compute.
- *   5  double buffering: cp.async brings tile i+1 while tile i is used. This is dsv2_mla.cuh's
- *      mla_attention_kernel, copied verbatim below (run_mla.sh checks the copy with same_as_dsv2.py).
+ *   5  double buffering: cp.async brings tile i+1 while tile i is used; and the values' three
+ *      products each over all 8 column tiles in turn, not one after another into each tile's sum.
+ *      This is dsv2_mla.cuh's mla_attention_kernel, copied verbatim below (run_mla.sh checks the
+ *      copy with same_as_dsv2.py).
  *   6  the paged cache of the batch engine, float32 or bf16 elements, splits balanced by a plan, a
  *      deeper pipeline, bf16 read as tf32 (two products, not three): dsv2_mla_decode.cuh's
  *      mla_decode_kernel, included (it is what dsv2cu's batch engine runs).
@@ -215,7 +217,8 @@ __global__ void mla_attention_kernel3(float *part_o, float *part_ml, const float
 
 // Version 4: version 3's grid and partials, the two products of each tile on the tensor cores in
 // 3xTF32: version 5 (below, the kernel dsv2.cu runs) with one shared tile instead of two: each tile is
-// loaded (cp.async), waited for, then used, so the loads and the arithmetic do not overlap.
+// loaded (cp.async), waited for, then used, so the loads and the arithmetic do not overlap; and the values'
+// three products (mma_3xtf32) one after another into each column tile's sum.
 static size_t mla_smem_bytes_single(int W) {
     return ((size_t)MLA_TILE * mla_stride(W) + (MLA_WARPS + 2) * MLA_HEADS * MLA_SP + 3 * MLA_HEADS) * 4;
 }
@@ -360,7 +363,9 @@ mla_attention_kernel4(float *part_o, float *part_ml, const float *q_lat, const f
 //      shared memory (s_part).
 //   2. online softmax: warp w sums the 8 partials of heads 2w and 2w+1, lane = row of the tile; updates
 //      m, l and the rescale a of its heads; stores P split hi/lo for the tensor cores.
-//   3. values: warp w accumulates latent columns 8w + 64j (j < MLA_NT) of O in registers (acc).
+//   3. values: warp w accumulates latent columns 8w + 64j (j < MLA_NT) of O in registers (acc). The three
+//      products of 3xTF32 run each over the 8 column tiles in turn, so no product waits on the one before
+//      (one after another into the same acc[j], the step took 1.15x as long: docs/BENCHMARKS.md).
 // Shared rows are padded to a stride = 8 (mod 32) words: both products then load without bank conflicts.
 __global__ void __launch_bounds__(MLA_WARPS * 32, 1)
 mla_attention_kernel(float *part_o, float *part_ml, const float *q_lat, const float *cache, size_t seq_stride,
@@ -472,14 +477,22 @@ mla_attention_kernel(float *part_o, float *part_ml, const float *q_lat, const fl
                 int i0 = g * MLA_SP + kr + t, i1 = (g + 8) * MLA_SP + kr + t;
                 uint32_t ah[4] = {p_hi[i0], p_hi[i1], p_hi[i0 + 4], p_hi[i1 + 4]};
                 uint32_t al[4] = {p_lo[i0], p_lo[i1], p_lo[i0 + 4], p_lo[i1 + 4]};
+                // the 8 column tiles' cache values, split; then the three products of 3xTF32 (mma_3xtf32's, in its
+                // order) each over all 8 tiles: 7 independent products between two that add into one acc[j]
+                uint32_t bh[MLA_NT][2], bl[MLA_NT][2];
                 #pragma unroll
                 for (int j = 0; j < MLA_NT; j++) {
                     int ct = warp + MLA_WARPS * j;
-                    if (ct < n_ct) {
-                        float bb[2] = {tile[(kr + t) * S + 8 * ct + g], tile[(kr + t + 4) * S + 8 * ct + g]};
-                        mma_3xtf32(acc[j], acc[j], ah, al, bb);
-                    }
+                    float b0 = ct < n_ct ? tile[(kr + t) * S + 8 * ct + g] : 0.0f, b1 = ct < n_ct ? tile[(kr + t + 4) * S + 8 * ct + g] : 0.0f;
+                    split_tf32(b0, &bh[j][0], &bl[j][0]);
+                    split_tf32(b1, &bh[j][1], &bl[j][1]);
                 }
+                #pragma unroll
+                for (int j = 0; j < MLA_NT; j++) if (warp + MLA_WARPS * j < n_ct) mma_tf32(acc[j], al, bh[j]);
+                #pragma unroll
+                for (int j = 0; j < MLA_NT; j++) if (warp + MLA_WARPS * j < n_ct) mma_tf32(acc[j], ah, bl[j]);
+                #pragma unroll
+                for (int j = 0; j < MLA_NT; j++) if (warp + MLA_WARPS * j < n_ct) mma_tf32(acc[j], ah, bh[j]);
             }
         }
         __syncthreads();  // every warp is done with this tile before the loader refills it
@@ -568,7 +581,7 @@ __global__ void mla_combine_kernel(float *o_lat, const float *part_o, const floa
 static float g_scale;  // V2's softmax scale: mscale^2 / sqrt(192), mscale = 0.1 ln(40) + 1 (YaRN, factor 40)
 static int g_n_sm;
 static const char *g_what[6] = {"", "one warp per head, float32 (dsv2.c's loop)", "one cache read for 16 heads",
-                                "+ split-KV, log-sum-exp merge", "+ tensor cores, 3xTF32", "+ double buffering (dsv2.cu)"};
+                                "+ split-KV, log-sum-exp merge", "+ tensor cores, 3xTF32", "+ double buffering, values in 3 passes (dsv2.cu)"};
 
 // values in [-1, 1) from a hash of (i, seed): fresh inputs without host work, never zeros
 __global__ void fill_random_kernel(float *p, size_t n, uint32_t seed) {
