@@ -174,7 +174,8 @@ __device__ __forceinline__ void mla_load_tile(float *tile, const float *cb, int 
 //      m, l and the rescale a of its heads; stores P split hi/lo for the tensor cores.
 //   3. values: warp w accumulates latent columns 8w + 64j (j < MLA_NT) of O in registers (acc). The three
 //      products of 3xTF32 run each over the 8 column tiles in turn, so no product waits on the one before
-//      (one after another into the same acc[j], the step took 1.15x as long: docs/BENCHMARKS.md).
+//      (they went one after another into the same acc[j]: the values took 2.6 us of a 6.9 us tile at context
+//      512, the scores 1.4; docs/BENCHMARKS.md, sixth pass).
 // Shared rows are padded to a stride = 8 (mod 32) words: both products then load without bank conflicts.
 __global__ void __launch_bounds__(MLA_WARPS * 32, 1)
 mla_attention_kernel(float *part_o, float *part_ml, const float *q_lat, const float *cache, size_t seq_stride,
