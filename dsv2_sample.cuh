@@ -178,7 +178,6 @@ __device__ int warp_running_sum(int n, Load x, Stop stop, Keep keep, float *sum)
 
 // ---------------- the cluster's blocks agreeing on a value
 
-
 typedef struct {
     int rank, n_ranks;  // this block's place in its row's cluster, and the cluster's size
     int turn, round;    // cluster_share calls and radix rounds so far (the same in every thread)
