@@ -336,30 +336,54 @@ static void rmsnorm_forward(float *out, const float *x, const float *w, int n, i
 // One warp per output row: warp_dot over the row's n bf16 weights, two rows at a time (warp_dot2).
 // One block: stages xn (n floats, normalised on the way) in its shared memory, then its 8 warps stride
 // over the rows. The grid is one wave (as many blocks as fit on the GPU at once, one_wave), so each
-// warp takes several rows (lm_head: about 50) and few blocks repeat the norm. Before pdl_wait each
-// warp prefetches its first weight row into L2: the weights depend on no earlier kernel.
+// warp takes several rows (lm_head: about 50) and few blocks repeat the norm. The weights depend on no
+// earlier kernel, so before pdl_wait each warp either prefetches its first row into L2, or (pre > 0, every
+// row of every warp: at most pre) copies all its rows into shared memory (cp.async), after xn. The copy is
+// asked for where the kernel before is a weight stream (q and kv_a, after moe_down; in layer 0 after the
+// embedding): the blocks start as moe_down's leave, and their rows arrive during its tail. After a
+// latency-bound kernel the same copies slowed that kernel's own loads (o_proj after the attention chain:
+// docs/BENCHMARKS.md, issue 14's seventh pass).
 __device__ __forceinline__ const bf16 *matvec_row(int r, const bf16 *W1, int d1, const bf16 *W2, int d2, int n) {
     return r < d1 ? W1 + (size_t)r * n : r < d1 + d2 ? W2 + (size_t)(r - d1) * n : NULL;
 }
 __global__ void matvec_kernel(float *out1, const bf16 *W1, int d1, float *out2, const bf16 *W2, int d2, const float *x,
-                              int n, const float *norm_w, float eps, const float *residual) {
+                              int n, const float *norm_w, float eps, const float *residual, int pre) {
     pdl_launch_next();
-    extern __shared__ float xs[];
+    extern __shared__ float xs[];  // xn (n), then with pre each warp's rows (8 x pre x n bf16)
     int warps = gridDim.x * (blockDim.x >> 5), lane = threadIdx.x & 31;
     int r0 = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const bf16 *first = matvec_row(r0, W1, d1, W2, d2, n);
-    if (first && lane == 0) prefetch_l2(first, (size_t)n * sizeof(bf16));
+    bf16 *rows = (bf16 *)(xs + n) + (size_t)(threadIdx.x >> 5) * pre * n;  // this warp's rows r0, r0 + warps, ...
+    if (pre) {
+        for (int k = 0; k < pre; k++) {
+            const bf16 *w = matvec_row(r0 + k * warps, W1, d1, W2, d2, n);
+            if (w) for (int i = 8 * lane; i < n; i += 256) cp_async16(rows + (size_t)k * n + i, w + i, 16);
+        }
+        cp_async_commit();
+    } else {
+        const bf16 *first = matvec_row(r0, W1, d1, W2, d2, n);
+        if (first && lane == 0) prefetch_l2(first, (size_t)n * sizeof(bf16));
+    }
     pdl_wait();
     const float *xv = x;
-    if ((size_t)n * sizeof(float) <= STAGE_MAX_BYTES) {  // norm_w requires it (matvec_forward checks)
+    if ((size_t)n * sizeof(float) <= STAGE_MAX_BYTES) {  // norm_w and pre require it (matvec_forward checks)
         stage_vector(xs, x, norm_w, n, eps);
         xv = xs;
     }
-    for (int r = r0; r < d1 + d2; r += 2 * warps) {  // rows r and r + warps together when both exist
+    if (pre) {
+        cp_async_wait<0>();  // this lane's copies have landed
+        __syncwarp();        // and the other lanes' of this warp
+    }
+    for (int r = r0, k = 0; r < d1 + d2; r += 2 * warps, k += 2) {  // rows r and r + warps together when both exist
         float v[2];
         int rr[2] = {r, r + warps};
-        if (rr[1] < d1 + d2) warp_dot2(matvec_row(rr[0], W1, d1, W2, d2, n), matvec_row(rr[1], W1, d1, W2, d2, n), xv, n, &v[0], &v[1]);
-        else v[0] = warp_dot(matvec_row(r, W1, d1, W2, d2, n), xv, n);
+        const bf16 *a = pre ? rows + (size_t)k * n : matvec_row(rr[0], W1, d1, W2, d2, n);
+        const bf16 *b = rr[1] >= d1 + d2 ? NULL : pre ? rows + (size_t)(k + 1) * n : matvec_row(rr[1], W1, d1, W2, d2, n);
+        if (b) {
+            if (pre) warp_dot2<true>(a, b, xv, n, &v[0], &v[1]);
+            else warp_dot2(a, b, xv, n, &v[0], &v[1]);
+        } else {
+            v[0] = pre ? warp_dot<true>(a, xv, n) : warp_dot(a, xv, n);
+        }
         for (int i = 0; i < 2 && rr[i] < d1 + d2; i++)
             if (lane == 0) {
                 if (rr[i] < d1) out1[rr[i]] = (residual ? residual[rr[i]] : 0.0f) + v[i];
@@ -367,8 +391,10 @@ __global__ void matvec_kernel(float *out1, const bf16 *W1, int d1, float *out2, 
             }
     }
 }
+// preload: the kernel before is a weight stream, so the rows may go to shared memory before the wait
+// (when every warp's rows fit: at most 2 a warp)
 static void matvec_forward(float *out1, const bf16 *W1, int d1, float *out2, const bf16 *W2, int d2, const float *x,
-                           int n, const float *norm_w, const float *residual) {
+                           int n, const float *norm_w, const float *residual, bool preload) {
     static int wave = 0;
     if (!wave) wave = one_wave(matvec_kernel, 256, 16384);
     size_t smem = (size_t)n * sizeof(float);
@@ -377,8 +403,12 @@ static void matvec_forward(float *out1, const bf16 *W1, int d1, float *out2, con
         smem = 0;
     }
     int blocks = std::min(ceil_div(d1 + d2, 8), wave);
+    int pre = ceil_div(d1 + d2, blocks * 8);  // rows a warp, at most
+    size_t row_bytes = (size_t)8 * pre * n * sizeof(bf16);
+    if (!preload || !smem || (n & 7) || pre > 2 || smem + row_bytes > STAGE_MAX_BYTES) pre = 0;  // (16-byte copies)
+    else smem += row_bytes;
     launch(matvec_kernel, blocks, 256, smem, out1, W1, d1, out2, W2, d2, x, n, norm_w,
-           gpu.c.rms_norm_eps, residual);
+           gpu.c.rms_norm_eps, residual, pre);
 }
 
 #include "dsv2_mla.cuh"      // MLA: absorbed query, cache row, attention (split-KV), W^UV
@@ -538,19 +568,19 @@ static void decode_step(void) {
         // RMSNorm, then the query path (eqs. 12-13) and [c^KV ; k^R] (eqs. 9, 15) in one launch
         if (c->q_lora_rank) {
             matvec_forward(gpu.c_q, L->q_a_proj, c->q_lora_rank, gpu.kv_a, L->kv_a_proj_with_mqa, W, gpu.x, dim,
-                           L->input_layernorm, NULL);
-            matvec_forward(gpu.q, L->q_proj, H * gpu.qk_head, NULL, NULL, 0, gpu.c_q, c->q_lora_rank, L->q_a_layernorm, NULL);
+                           L->input_layernorm, NULL, true);
+            matvec_forward(gpu.q, L->q_proj, H * gpu.qk_head, NULL, NULL, 0, gpu.c_q, c->q_lora_rank, L->q_a_layernorm, NULL, false);
         } else {
             matvec_forward(gpu.q, L->q_proj, H * gpu.qk_head, gpu.kv_a, L->kv_a_proj_with_mqa, W, gpu.x, dim,
-                           L->input_layernorm, NULL);
+                           L->input_layernorm, NULL, true);
         }
         mla_prep_forward(gpu.q_lat, cache, gpu.q, gpu.kv_a, L->kv_b_proj, L->kv_a_layernorm, pos, 1, 1);  // W^UK absorbed
         mla_attention_forward(gpu.o_lat, gpu.q_lat, cache, 0, NULL, pos, 0, 1, gpu.dec_splits);        // eqs. (17)-(18)
         v_up_forward(gpu.o, gpu.o_lat, L->kv_b_proj);                                                // eq. (11) W^UV
-        matvec_forward(gpu.x, L->o_proj, dim, NULL, NULL, 0, gpu.o, H * c->v_head_dim, NULL, gpu.x);  // (19) + residual
+        matvec_forward(gpu.x, L->o_proj, dim, NULL, NULL, 0, gpu.o, H * c->v_head_dim, NULL, gpu.x, false);  // (19) + residual
         ffn_decode_forward(gpu.x, L);  // eqs. (20)-(22) + residual: router (and shared experts), gate/up, down
     }
-    matvec_forward(gpu.logits, gpu.lm_head, c->vocab_size, NULL, NULL, 0, gpu.x, dim, gpu.norm, NULL);
+    matvec_forward(gpu.logits, gpu.lm_head, c->vocab_size, NULL, NULL, 0, gpu.x, dim, gpu.norm, NULL, false);
 }
 
 // after a sampling step: the next step runs the drawn token (already in StepIO.token) at pos + 1

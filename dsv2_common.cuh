@@ -64,10 +64,14 @@ __device__ __forceinline__ float dot8_bf16(uint4 v, float4 xa, float4 xb) {
     return a.x * xa.x + a.y * xa.y + b.x * xa.z + b.y * xa.w + c.x * xb.x + c.y * xb.y + d.x * xb.z + d.y * xb.w;
 }
 
+// 16 bytes of weights: from global memory through the read-only path, or (SHARED) from shared memory
+template <bool SHARED> __device__ __forceinline__ uint4 load_w16(const uint4 *p) { return SHARED ? *p : __ldg(p); }
+
 // One warp: dot(w[0..n), x[0..n)), w bf16, x float32; every lane gets the result.
 // Trick: when n % 8 == 0 each lane loads 16 bytes (8 weights) at a time, and 8 such loads are
 // issued before the first is used, so a warp keeps 4 KB of weights in flight (a 2048-wide row
-// in one round trip to memory).
+// in one round trip to memory). SHARED: w is in shared memory (matvec_kernel's preloaded rows).
+template <bool SHARED = false>
 __device__ float warp_dot(const bf16 *w, const float *x, int n) {
     int lane = threadIdx.x & 31;
     float acc = 0.0f;
@@ -79,7 +83,7 @@ __device__ float warp_dot(const bf16 *w, const float *x, int n) {
             uint4 v[8];
             #pragma unroll
             for (int u = 0; u < 8; u++)
-                if (i + 32 * u < n8) v[u] = __ldg(w4 + i + 32 * u);
+                if (i + 32 * u < n8) v[u] = load_w16<SHARED>(w4 + i + 32 * u);
             #pragma unroll
             for (int u = 0; u < 8; u++)
                 if (i + 32 * u < n8) acc += dot8_bf16(v[u], x4[2 * (i + 32 * u)], x4[2 * (i + 32 * u) + 1]);
@@ -91,8 +95,10 @@ __device__ float warp_dot(const bf16 *w, const float *x, int n) {
 }
 
 // Two rows against the same x at once (8 loads of 16 bytes in flight per lane): *d1 = w1 . x, *d2 = w2 . x
+// (SHARED: both rows in shared memory)
+template <bool SHARED = false>
 __device__ void warp_dot2(const bf16 *w1, const bf16 *w2, const float *x, int n, float *d1, float *d2) {
-    if (n & 7) { *d1 = warp_dot(w1, x, n); *d2 = warp_dot(w2, x, n); return; }
+    if (n & 7) { *d1 = warp_dot<SHARED>(w1, x, n); *d2 = warp_dot<SHARED>(w2, x, n); return; }
     int lane = threadIdx.x & 31, n8 = n >> 3;
     const uint4 *a4 = (const uint4 *)w1, *b4 = (const uint4 *)w2;
     const float4 *x4 = (const float4 *)x;
@@ -101,7 +107,7 @@ __device__ void warp_dot2(const bf16 *w1, const bf16 *w2, const float *x, int n,
         uint4 va[4], vb[4];
         #pragma unroll
         for (int u = 0; u < 4; u++)
-            if (i + 32 * u < n8) { va[u] = __ldg(a4 + i + 32 * u); vb[u] = __ldg(b4 + i + 32 * u); }
+            if (i + 32 * u < n8) { va[u] = load_w16<SHARED>(a4 + i + 32 * u); vb[u] = load_w16<SHARED>(b4 + i + 32 * u); }
         #pragma unroll
         for (int u = 0; u < 4; u++) {
             if (i + 32 * u >= n8) break;

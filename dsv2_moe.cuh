@@ -99,9 +99,11 @@ __device__ void swiglu_rows(float *hb, const float *x, const bf16 *Wg, const bf1
 //   hbs (ws) = silu(Wsg @ xn) * (Wsu @ xn)   (swiglu_rows)
 // Blocks [0, RB), RB = E / 8: the affinities, one expert a warp (warp_dot). Blocks RB..: the shared rows,
 // row j to block j % nsb (nsb shared blocks), so every block has as many rows (+-1) and, the grid being one
-// wave, every multiprocessor as many blocks. Each block (8 warps) stages xn in shared memory; before
-// pdl_wait each warp prefetches its first row into L2. The experts are picked from the affinities by the
-// next kernel (moe_gate_up_kernel), eqs. (21)-(22).
+// wave, every multiprocessor as many blocks. Each block (8 warps) stages xn in shared memory. The rows
+// depend on no earlier kernel: before pdl_wait each warp copies its row pair into shared memory (pre: when
+// a warp has at most one, V2-Lite, and the wave still fits), else prefetches its first into L2 (issue 14's
+// seventh pass). The experts are picked from the affinities by the next kernel (moe_gate_up_kernel),
+// eqs. (21)-(22).
 // Why the shared experts are here: the routed experts must wait for the affinities, a chain of latencies
 // (the norm, one row a warp), and the shared experts' 23 MB (V2-Lite) stream from memory meanwhile.
 // (Measured otherwise, docs/BENCHMARKS.md, the third pass at issue 14: this launch also picked the experts,
@@ -109,19 +111,34 @@ __device__ void swiglu_rows(float *hb, const float *x, const bf16 *Wg, const bf1
 // and with the shared rows in moe_gate_up instead, prefetched while this launch ran, the step was no faster.)
 __global__ void moe_router_kernel(float *logits, const bf16 *gate, const float *x, const float *norm_w, float eps,
                                   float *xn_out, int dim, int E, int RB, float *hbs, const bf16 *Wsg, const bf16 *Wsu,
-                                  int ws) {
+                                  int ws, int pre) {
     pdl_launch_next();
-    extern __shared__ float xs[];  // dim floats
+    extern __shared__ float xs[];  // xn (dim floats); with pre, then each warp's shared row pair (2 x 8 x dim bf16)
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if ((int)blockIdx.x >= RB) {  // the shared experts
         int nsb = (int)gridDim.x - RB, j0 = ((int)blockIdx.x - RB) + nsb * warp, stride = nsb * 8;
-        if (j0 < ws && lane == 0) {
-            prefetch_l2(Wsg + (size_t)j0 * dim, (size_t)dim * sizeof(bf16));
-            prefetch_l2(Wsu + (size_t)j0 * dim, (size_t)dim * sizeof(bf16));
+        const bf16 *g = j0 < ws ? Wsg + (size_t)j0 * dim : NULL, *u = j0 < ws ? Wsu + (size_t)j0 * dim : NULL;
+        bf16 *gs = (bf16 *)(xs + dim) + (size_t)warp * 2 * dim, *us = gs + dim;  // with pre: this warp's row pair
+        if (pre && g) {
+            for (int i = 8 * lane; i < dim; i += 256) { cp_async16(gs + i, g + i, 16); cp_async16(us + i, u + i, 16); }
+            cp_async_commit();
+        } else if (g && lane == 0) {
+            prefetch_l2(g, (size_t)dim * sizeof(bf16));
+            prefetch_l2(u, (size_t)dim * sizeof(bf16));
         }
         pdl_wait();
         stage_vector(xs, x, norm_w, dim, eps);
         timeline_mark();  // xn staged
+        if (pre) {
+            cp_async_wait<0>();  // this lane's copies have landed
+            __syncwarp();        // and the other lanes' of this warp
+            if (g) {
+                float gv, uv;
+                warp_dot2<true>(gs, us, xs, dim, &gv, &uv);
+                if (lane == 0) hbs[j0] = silu_dev(gv) * uv;
+            }
+            return;
+        }
         swiglu_rows(hbs, xs, Wsg, Wsu, ws, j0, stride, dim);
         return;
     }
@@ -148,14 +165,20 @@ static void moe_router_forward(float *logits, const GpuLayer *L, const float *x,
     int E = c->n_routed_experts, RB = ceil_div(E, 8);
     size_t smem = (size_t)c->dim * 4;
     if (smem > STAGE_MAX_BYTES) die("dsv2cu: hidden size %d is too large for the GPU router", c->dim);
-    static int wave = 0;
+    static int wave = 0, wave_pre = 0;
+    size_t pair_bytes = (size_t)8 * 2 * c->dim * sizeof(bf16);
     if (!wave) wave = one_wave(moe_router_kernel, 256, smem);
+    if (!wave_pre && smem + pair_bytes <= STAGE_MAX_BYTES) wave_pre = one_wave(moe_router_kernel, 256, smem + pair_bytes);
     // more shared rows than 8 a multiprocessor: the rest of the wave (V2-Lite: 388 blocks of 7 or 8 rows)
     int want = ceil_div(L->ffn_width, 8), shared_blocks = want <= gpu.n_sm ? want : std::max(1, wave - RB);
     if (!L->ffn_width) shared_blocks = 0;
+    // at most one row pair a warp, and with the pairs beside xn the grid is still one wave: the pairs go to
+    // shared memory before the wait
+    int pre = shared_blocks * 8 >= L->ffn_width && !(c->dim & 7) && smem + pair_bytes <= STAGE_MAX_BYTES && wave_pre >= RB + shared_blocks;
+    if (pre) smem += pair_bytes;
     launch(moe_router_kernel, RB + shared_blocks, 256, smem, logits, (const bf16 *)L->gate, x,
            (const float *)L->post_attention_layernorm, c->rms_norm_eps, xn_out, c->dim, E, RB, hbs,
-           (const bf16 *)L->ffn_gate, (const bf16 *)L->ffn_up, L->ffn_width);
+           (const bf16 *)L->ffn_gate, (const bf16 *)L->ffn_up, L->ffn_width, pre);
 }
 
 // The first half of the routed experts' FFN_i of eq. (20) at decode (dsv2.c's ffn up to the SwiGLU, for the
@@ -231,24 +254,43 @@ static void moe_gate_up_forward(float *hb, const float *x, const bf16 *Wg, const
 // (moe_down_forward picks P: a dense FFN is cut into up to 8 pieces); otherwise slot by slot (warp_dot).
 // (A version whose lanes copied their pieces into shared memory by cp.async, two rounds ahead, kept twice
 // the bytes in flight per multiprocessor and was no faster: docs/BENCHMARKS.md, issue 14 item 2.)
+// The shared row depends on no earlier kernel: before pdl_wait each warp copies it into shared memory
+// (cp.async, when it fits), so it arrives during gate/up's tail (issue 14's seventh pass).
 #define DOWN_SLOTS 8
+// moe_down_kernel's shared memory: hb and hbs, and with rows the 8 warps' shared rows
+static __host__ __device__ size_t down_smem(int K, int mi, int si, bool rows) {
+    return (size_t)(K * mi + si) * sizeof(float) + (rows ? (size_t)8 * si * sizeof(bf16) : 0);
+}
 __global__ void moe_down_kernel(float *x, const bf16 *Wd, const int *idx, const float *w, const float *hb, int K, int mi,
                                 const bf16 *Wsd, const float *hbs, int si, int P, int dim) {
     pdl_launch_next();
     int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (Wsd && r < dim && lane == 0) prefetch_l2(Wsd + (size_t)r * si, (size_t)si * sizeof(bf16));
-    pdl_wait();
     extern __shared__ float hs[];  // hb (K * mi) then hbs (si), when they fit
+    int piece = P ? si / P : 0, n_slots = K + P;
+    bool fast = n_slots <= DOWN_SLOTS && (K == 0 || P == 0 || piece == mi) && ((K ? mi : piece) & 7) == 0;
+    // the shared row depends on no earlier kernel: into shared memory before the wait (pre), else into L2
+    bf16 *srow = (bf16 *)(hs + K * mi + si) + (size_t)(threadIdx.x >> 5) * si;  // this warp's shared row
+    bool pre = fast && Wsd && down_smem(K, mi, si, true) <= STAGE_MAX_BYTES;
+    if (pre && r < dim) {
+        for (int i = 8 * lane; i < si; i += 256) cp_async16(srow + i, Wsd + (size_t)r * si + i, 16);
+        cp_async_commit();
+    } else if (Wsd && r < dim && lane == 0) {
+        prefetch_l2(Wsd + (size_t)r * si, (size_t)si * sizeof(bf16));
+    }
+    pdl_wait();
     if ((size_t)(K * mi + si) * sizeof(float) <= STAGE_MAX_BYTES && !((K * mi) & 3) && !(si & 3)) {
         stage_copy<12>(hs, hb, K * mi, hbs, si);  // both in one round (V2-Lite: 11 16-byte loads a thread)
         __syncthreads();
         hb = hs; hbs = hs + K * mi;
     }
     timeline_mark();  // hb and hbs staged
+    if (pre) {
+        cp_async_wait<0>();  // this lane's copies of the shared row have landed
+        __syncwarp();        // and the other lanes' of this warp
+    }
     if (r >= dim) return;
-    int piece = P ? si / P : 0, n_slots = K + P;
     float acc = 0.0f;
-    if (n_slots <= DOWN_SLOTS && (K == 0 || P == 0 || piece == mi) && ((K ? mi : piece) & 7) == 0) {
+    if (fast) {
         int len8 = (K ? mi : piece) >> 3;
         const uint4 *rows[DOWN_SLOTS];
         const float4 *xs[DOWN_SLOTS];
@@ -260,6 +302,7 @@ __global__ void moe_down_kernel(float *x, const bf16 *Wd, const int *idx, const 
                 rows[s] = (const uint4 *)(Wd + ((size_t)idx[s] * dim + r) * mi); xs[s] = (const float4 *)(hb + (size_t)s * mi); wt[s] = w[s];
             } else if (s < n_slots) {
                 rows[s] = (const uint4 *)(Wsd + (size_t)r * si + (size_t)(s - K) * piece); xs[s] = (const float4 *)(hbs + (size_t)(s - K) * piece); wt[s] = 1.0f;
+                if (pre) rows[s] = (const uint4 *)(srow + (size_t)(s - K) * piece);
             } else {
                 rows[s] = NULL; xs[s] = NULL; wt[s] = 0.0f;
             }
@@ -267,7 +310,7 @@ __global__ void moe_down_kernel(float *x, const bf16 *Wd, const int *idx, const 
         for (int i = lane; i < len8; i += 32) {
             uint4 v[DOWN_SLOTS];
             #pragma unroll
-            for (int s = 0; s < DOWN_SLOTS; s++) if (s < n_slots) v[s] = __ldg(rows[s] + i);
+            for (int s = 0; s < DOWN_SLOTS; s++) if (s < n_slots) v[s] = pre && s >= K ? rows[s][i] : __ldg(rows[s] + i);
             #pragma unroll
             for (int s = 0; s < DOWN_SLOTS; s++) if (s < n_slots) part[s] += dot8_bf16(v[s], xs[s][2 * i], xs[s][2 * i + 1]);
         }
@@ -286,7 +329,7 @@ static void moe_down_forward(float *x, const GpuLayer *L, const int *idx, const 
     if (si && K && si % mi == 0) P = si / mi;                        // the shared experts, one slot each
     if (si && !K) for (P = DOWN_SLOTS; P > 1 && si % (8 * P); P--) {}  // a dense FFN, cut in P equal pieces
     if (si && !P) P = 1;
-    size_t smem = (size_t)(K * mi + si) * sizeof(float);
+    size_t smem = down_smem(K, mi, si, si && down_smem(K, mi, si, true) <= STAGE_MAX_BYTES);
     launch(moe_down_kernel, ceil_div(gpu.c.dim, 8), 256, smem <= STAGE_MAX_BYTES ? smem : 0, x, (const bf16 *)L->expert_down, idx, w, hb, K, mi,
            (const bf16 *)(si ? L->ffn_down : NULL), hbs, si, P, gpu.c.dim);
 }
