@@ -338,11 +338,11 @@ static void rmsnorm_forward(float *out, const float *x, const float *w, int n, i
 // over the rows. The grid is one wave (as many blocks as fit on the GPU at once, one_wave), so each
 // warp takes several rows (lm_head: about 50) and few blocks repeat the norm. The weights depend on no
 // earlier kernel, so before pdl_wait each warp either prefetches its first row into L2, or (pre > 0, every
-// row of every warp: at most pre) copies all its rows into shared memory (cp.async), after xn. The copy is
+// row of every warp: at most pre) copies all its rows into shared memory behind xn (cp.async). The copy is
 // asked for where the kernel before is a weight stream (q and kv_a, after moe_down; in layer 0 after the
-// embedding): the blocks start as moe_down's leave, and their rows arrive during its tail. After a
-// latency-bound kernel the same copies slowed that kernel's own loads (o_proj after the attention chain:
-// docs/BENCHMARKS.md, issue 14's seventh pass).
+// embedding): the blocks start as moe_down's leave, and their rows arrive during its tail. For o_proj,
+// whose blocks start during the latency-bound attention chain, the same copies gained nothing at context
+// 512 and cost about 15 us a step at 8192 (docs/BENCHMARKS.md, issue 14's seventh pass).
 __device__ __forceinline__ const bf16 *matvec_row(int r, const bf16 *W1, int d1, const bf16 *W2, int d2, int n) {
     return r < d1 ? W1 + (size_t)r * n : r < d1 + d2 ? W2 + (size_t)(r - d1) * n : NULL;
 }
