@@ -569,7 +569,8 @@ static void decode_step(void) {
         if (c->q_lora_rank) {
             matvec_forward(gpu.c_q, L->q_a_proj, c->q_lora_rank, gpu.kv_a, L->kv_a_proj_with_mqa, W, gpu.x, dim,
                            L->input_layernorm, NULL, true);
-            matvec_forward(gpu.q, L->q_proj, H * gpu.qk_head, NULL, NULL, 0, gpu.c_q, c->q_lora_rank, L->q_a_layernorm, NULL, false);
+            matvec_forward(gpu.q, L->q_proj, H * gpu.qk_head, NULL, NULL, 0, gpu.c_q, c->q_lora_rank, L->q_a_layernorm, NULL,
+                           false);
         } else {
             matvec_forward(gpu.q, L->q_proj, H * gpu.qk_head, gpu.kv_a, L->kv_a_proj_with_mqa, W, gpu.x, dim,
                            L->input_layernorm, NULL, true);

@@ -174,7 +174,8 @@ static void moe_router_forward(float *logits, const GpuLayer *L, const float *x,
     if (!L->ffn_width) shared_blocks = 0;
     // at most one row pair a warp, and with the pairs beside xn the grid is still one wave: the pairs go to
     // shared memory before the wait
-    int pre = shared_blocks * 8 >= L->ffn_width && !(c->dim & 7) && smem + pair_bytes <= STAGE_MAX_BYTES && wave_pre >= RB + shared_blocks;
+    int pre = shared_blocks * 8 >= L->ffn_width && !(c->dim & 7) && smem + pair_bytes <= STAGE_MAX_BYTES &&
+              wave_pre >= RB + shared_blocks;
     if (pre) smem += pair_bytes;
     launch(moe_router_kernel, RB + shared_blocks, 256, smem, logits, (const bf16 *)L->gate, x,
            (const float *)L->post_attention_layernorm, c->rms_norm_eps, xn_out, c->dim, E, RB, hbs,
