@@ -434,6 +434,16 @@ static void gpu_init(const Model *m, int seq_len) {
         return;
     }
     gpu_check_model(m);
+    // DSV2_DEC_SPLITS=N: the decode attention in at most N splits (tests: several 32-row tiles a split at short
+    // contexts); a whole number, checked here, and against the GPU's split count below
+    const char *dec_env = getenv("DSV2_DEC_SPLITS");
+    long dec_want = 0;
+    if (dec_env) {
+        char *end;
+        dec_want = strtol(dec_env, &end, 10);
+        if (end == dec_env || *end || dec_want < 1 || dec_want > INT_MAX)
+            die("dsv2cu: DSV2_DEC_SPLITS=%s is not a whole number of at least 1", dec_env);
+    }
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) die("dsv2cu: no CUDA GPU found");
     mla_config_check(c);
@@ -521,11 +531,8 @@ static void gpu_init(const Model *m, int seq_len) {
     g->route_logits = dev_floats((size_t)PF_MAX * c->n_routed_experts);
     // decode attention: up to one block per multiprocessor (mla_chunk sizes the splits from the length)
     g->dec_splits = g->n_sm;
-    if (getenv("DSV2_DEC_SPLITS")) {  // fewer splits (tests: several 32-row tiles a split at short contexts)
-        int n = atoi(getenv("DSV2_DEC_SPLITS"));
-        if (n < 1 || n > g->dec_splits) die("dsv2cu: DSV2_DEC_SPLITS=%s outside 1..%d", getenv("DSV2_DEC_SPLITS"), g->dec_splits);
-        g->dec_splits = n;
-    }
+    if (dec_want > g->dec_splits) die("dsv2cu: DSV2_DEC_SPLITS=%s outside 1..%d", dec_env, g->dec_splits);
+    if (dec_want) g->dec_splits = (int)dec_want;
     size_t heads = (size_t)ceil_div(H, MLA_HEADS) * MLA_HEADS;
     size_t parts = std::max((size_t)g->dec_splits * heads, (size_t)PF_QUERIES * ceil_div(seq_len, PF_CHUNK) * heads);
     g->part_o = dev_floats(parts * c->kv_lora_rank);

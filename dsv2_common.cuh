@@ -7,6 +7,7 @@
 #include <cublas_v2.h>
 #include <vector>
 #include <algorithm>
+#include <climits>
 
 typedef __nv_bfloat16 bf16;
 

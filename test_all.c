@@ -2609,6 +2609,11 @@ static void test_batch_errors(void) {
                  "--ablate -5 outside 1..");
     expect_error("./dsv2cu --bench --ablate past the context", "./dsv2cu --bench dsv2_tiny.bin --ctx 512 --prompt 64 --ablate 600",
                  "--ablate 600 outside 1..575");
+    // checked before the GPU is looked for, so this runs here too
+    expect_error("./dsv2cu with DSV2_DEC_SPLITS not a number", "DSV2_DEC_SPLITS=3abc ./dsv2cu dsv2_tiny.bin -n 1",
+                 "DSV2_DEC_SPLITS=3abc is not a whole number of at least 1");
+    expect_error("./dsv2cu with DSV2_DEC_SPLITS=0", "DSV2_DEC_SPLITS=0 ./dsv2cu dsv2_tiny.bin -n 1",
+                 "DSV2_DEC_SPLITS=0 is not a whole number of at least 1");
     expect_error("./dsv2cu --bench --timeline outside the timeline build", "./dsv2cu --bench dsv2_tiny.bin --timeline 100",
                  "--timeline needs the timeline build (make dsv2cu_timeline");
     if (access("./dsv2cu_timeline", X_OK) != 0) {
@@ -2857,6 +2862,8 @@ static void test_gpu(void) {
     // across tiles; at these lengths the default splits hold one tile each)
     test_gpu_case_env("default-1split", "dsv2_tiny.bin", "tokenizer.bin", "The jury said that the city", m.config.vocab_size,
                       "DSV2_DEC_SPLITS=1");
+    expect_error("./dsv2cu with DSV2_DEC_SPLITS above the GPU's splits", "DSV2_DEC_SPLITS=100000 ./dsv2cu dsv2_tiny.bin -n 1",
+                 "DSV2_DEC_SPLITS=100000 outside 1..");
     model_free(&m);
     test_gpu_sampling();
     test_gpu_batch("lite", "build/fixtures/lite.bf16.bin", "build/fixtures/lite.tok.bin", 12);
